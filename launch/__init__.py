@@ -1,0 +1,1 @@
+"""Part of vidtrain (installed as vidtrain.launch)."""
