@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 # kernels/, data_tools/ and launch/ live at the top of the repository (as the product card
 # asks) but install inside the package, so they claim no generic top-level import names.
-_MAPPED = {"vidtrain.kernels": "kernels", "vidtrain.data_tools": "data_tools", "vidtrain.launch": "launch"}
+_MAPPED = {"vidtrain": "vidtrain", "vidtrain.kernels": "kernels", "vidtrain.data_tools": "data_tools", "vidtrain.launch": "launch"}
 
 setup(
     name="vidtrain",
@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["vidtrain", "vidtrain.*"]) + list(_MAPPED),
+    packages=sorted(set(find_packages(include=["vidtrain", "vidtrain.*"])) | set(_MAPPED)),
     package_dir=_MAPPED,
     include_package_data=True,
     package_data={"vidtrain": ["py.typed", "assets/*"]},

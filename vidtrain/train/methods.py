@@ -1,0 +1,112 @@
+"""Training methods plug into the one trainer loop by overriding its step, never by copying it.
+
+A method decides what one optimisation step computes (teacher forcing, QAT, DMD); the trainer
+owns the loop, data, strategy, optimizer, schedule, EMA, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vidtrain.forcing.flow import frames_sigma, sample_chunk_sigmas
+from vidtrain.forcing.meta import MaskRule
+from vidtrain.forcing.teacher import tf_loss_terms
+from vidtrain.models.wan.attention import AttentionContext
+from vidtrain.registry import Registry
+
+METHODS: Registry[type] = Registry("training method")
+
+
+class Method:
+    """Base method: one optimizer over the trainable parameters, gradient accumulation."""
+
+    name = "base"
+
+    def __init__(self, recipe) -> None:
+        self.recipe = recipe
+
+    def prepare_model(self, model: torch.nn.Module, trainer) -> torch.nn.Module:
+        """Transform the plain model before the strategy wraps it (convert, adapters)."""
+        return model
+
+    def loss(self, trainer, batch: dict, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def train_step(self, trainer, step: int) -> dict[str, float]:
+        """One optimizer step: `grad_accum` micro-batches, backward through the strategy, step."""
+        accum = self.recipe.train.grad_accum
+        logs: dict[str, float] = {}
+        for micro in range(accum):
+            batch = trainer.next_batch()
+            with trainer.autocast():
+                loss, extra = self.loss(trainer, batch, micro)
+            trainer.strategy.backward(loss / accum, trainer.model)
+            for k, v in extra.items():
+                logs[k] = logs.get(k, 0.0) + v / accum
+        logs["grad_norm"] = trainer.strategy.clip_and_step(
+            trainer.model, trainer.optimizer, self.recipe.optim.grad_clip
+        )
+        trainer.scheduler.step()
+        return logs
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@METHODS.register("teacher_forcing")
+class TeacherForcing(Method):
+    """Clean history + noisy targets in one sequence; flow-matching loss on noisy tokens."""
+
+    name = "teacher_forcing"
+
+    def mask_rule(self) -> MaskRule:
+        m = self.recipe.model
+        return MaskRule(
+            "teacher_forcing", m.frames_per_chunk, window_frames=m.window_frames,
+            sink_frames=m.sink_frames, shot_sink=m.shot_sink,
+        )  # fmt: skip
+
+    def kv_hook(self, trainer):
+        return None
+
+    def noise(self, trainer, batch: dict, micro: int):
+        """Noise and per-frame sigmas, identical on every rank of a sequence-parallel group."""
+        x0 = batch["latents"]
+        b, _, f = x0.shape[:3]
+        fpc = self.recipe.model.frames_per_chunk
+        if f % fpc:
+            raise ValueError(f"latents have {f} frames, not a multiple of model.frames_per_chunk={fpc}")
+        g = trainer.step_generator(micro)
+        fc = self.recipe.method.forcing
+        sigma_BK = sample_chunk_sigmas(
+            b, f // fpc, shift=fc.timestep_shift, min_t=fc.min_timestep, max_t=fc.max_timestep, generator=g
+        )
+        noise = torch.randn(x0.shape, generator=g)
+        return noise, frames_sigma(sigma_BK, fpc)
+
+    def loss(self, trainer, batch: dict, micro: int):
+        x0 = batch["latents"]
+        noise, sigma_BF = self.noise(trainer, batch, micro)
+        dev = trainer.device
+        seq, global_meta = trainer.strategy.tf_sequence(
+            x0, noise, sigma_BF, self.recipe.model.frames_per_chunk
+        )
+        attn = AttentionContext(
+            rule=self.mask_rule(), meta=global_meta.to(dev), kv_hook=self.kv_hook(trainer)
+        )
+        mask = batch.get("text_mask")
+        pred = trainer.model(
+            seq.x_BLP.to(dev), seq.t_BL.to(dev), batch["text"].to(dev),
+            meta=seq.meta.to(dev), attn=attn, context_mask_BS=None if mask is None else mask.to(dev),
+        )  # fmt: skip
+        sq, count = tf_loss_terms(pred, seq)
+        total = trainer.strategy.sp_sum(count.detach())
+        loss = sq / total
+        return loss, {"loss": float(trainer.strategy.sp_sum(loss.detach()))}
+
+
+def make_method(recipe) -> Method:
+    return METHODS.get(recipe.method.name)(recipe)
