@@ -66,6 +66,10 @@ class Strategy:
         seq = build_tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
         return seq, seq.meta
 
+    def step_report(self, step_time_s: float) -> dict[str, float]:
+        """Extra per-step figures to log (per-rank balance figures in parallel strategies)."""
+        return {}
+
     def sp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the sequence-parallel group (loss numerators and denominators)."""
         return t
