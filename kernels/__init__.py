@@ -1,1 +1,23 @@
 """Part of vidtrain (installed as vidtrain.kernels)."""
+
+from vidtrain.kernels.nvfp4 import (
+    BACKENDS,
+    dequantize,
+    dequantize_kv_blocks,
+    quantize,
+    quantize_blocks,
+    quantize_with_amax,
+    resolve_backend,
+    stack_blocks,
+)
+
+__all__ = [
+    "BACKENDS",
+    "dequantize",
+    "dequantize_kv_blocks",
+    "quantize",
+    "quantize_blocks",
+    "quantize_with_amax",
+    "resolve_backend",
+    "stack_blocks",
+]

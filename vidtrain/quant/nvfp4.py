@@ -88,7 +88,9 @@ def encode_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def block_scale_e4m3(block_amax: torch.Tensor, s_enc: torch.Tensor) -> torch.Tensor:
     """s_b = e4m3_rne(clamp(block_amax * (S_enc / 6), +-448)) as float8_e4m3fn."""
-    return torch.clamp(block_amax * (s_enc / E2M1_MAX), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal.
+    six = torch.full_like(s_enc, E2M1_MAX)
+    return torch.clamp(block_amax * (s_enc / six), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
