@@ -1,0 +1,533 @@
+"""Causal video VAE with the Wan2.1 architecture, a temporal frame cache, streaming and range encode.
+
+Shape legend:
+    B batch, C channels, T pixel (or intermediate-rate) frames, F latent frames, H, W height, width,
+    N = B*T frames folded into the batch, L = H*W positions of one frame.
+
+The network is causal in time. Every temporal operator keeps its left context in a `StreamState`:
+    - `CausalConv3d`: the last k-1 input frames (zeros at the start of a clip);
+    - temporal downsampling (kernel 3, stride 2): the input frames not yet consumed by a window; the
+      first frame of a clip passes through alone, so 1 + 2n frames give 1 + n;
+    - temporal upsampling: a causal conv that doubles channels into two output frames; the first
+      frame of a clip passes through alone, so 1 + n frames give 1 + 2n.
+Norms are per position and attention is per frame, so one pass over a whole clip, Wan's schedule
+(first frame, then 4 frames per pass) and any split of the frames into passes give the same result.
+Nothing is recurrent: each output depends on a bounded window of inputs, which
+`CausalVideoVAE.temporal_receptive_field` computes from the modules (`lookback` methods).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Published per-channel statistics of Wan2.1's 16-channel latent (diffusers config `latents_mean/std`).
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Sizes of a Wan2.1-style VAE. Latent statistics default to Wan2.1's (needs z_dim 16)."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] = field(default=WAN21_LATENTS_MEAN)
+    latents_std: tuple[float, ...] = field(default=WAN21_LATENTS_STD)
+
+    def __post_init__(self) -> None:
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temporal_downsample needs {len(self.dim_mult) - 1} entries, got {self.temporal_downsample}"
+            )
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(
+                f"latents_mean/std need z_dim={self.z_dim} entries, got "
+                f"{len(self.latents_mean)}/{len(self.latents_std)}"
+            )
+
+
+VAE_FLAVORS: dict[str, VAEConfig] = {
+    "debug": VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+    "wan2.1": VAEConfig(),
+}
+
+
+class StreamState:
+    """Temporal caches of one video stream, one slot per module.
+
+    `mid_clip=True` starts a stream in the middle of a clip (used by `encode_range`): the first
+    frame is not treated as the clip's lone first frame, and caches start as zeros.
+    """
+
+    def __init__(self, mid_clip: bool = False) -> None:
+        self.mid_clip = mid_clip
+        self.slots: dict[int, object] = {}
+
+    def get(self, module: nn.Module) -> object:
+        return self.slots.get(id(module))
+
+    def set(self, module: nn.Module, value: object) -> None:
+        self.slots[id(module)] = value
+
+
+def _per_frame(fn: nn.Module, x_BCTHW: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D module to every frame."""
+    B, _, T = x_BCTHW.shape[:3]
+    x_NCHW = x_BCTHW.transpose(1, 2).flatten(0, 1)
+    y_NCHW = fn(x_NCHW)
+    return y_NCHW.unflatten(0, (B, T)).transpose(1, 2)  # [B, C', T, H', W']
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D conv, zero-padded symmetrically in space and causally in time through the stream cache."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int, int], **kw: object) -> None:
+        k = (kernel,) * 3 if isinstance(kernel, int) else kernel
+        super().__init__(c_in, c_out, k, padding=(0, k[1] // 2, k[2] // 2), **kw)
+        self.time_pad = k[0] - 1
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
+        if self.time_pad == 0:
+            return super().forward(x_BCTHW)
+        prev = state.get(self) if state is not None else None
+        if prev is None:
+            prev = x_BCTHW.new_zeros(*x_BCTHW.shape[:2], self.time_pad, *x_BCTHW.shape[3:])
+        x_BCTHW = torch.cat([prev, x_BCTHW], dim=2)
+        if state is not None:  # clone: a view would keep the whole concatenated tensor alive
+            state.set(self, x_BCTHW[:, :, -self.time_pad :].clone())
+        return super().forward(x_BCTHW)
+
+    def lookback(self, frames: int) -> int:
+        return frames + self.time_pad
+
+
+class RMSNorm(nn.Module):
+    """L2 norm over channels at every position, times sqrt(C) and a learned gain."""
+
+    def __init__(self, dim: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
+        self.scale = dim**0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        x_n = F.normalize(x.float() if low else x, dim=1).to(x.dtype)
+        return x_n * self.scale * self.gamma
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> causal conv, twice, plus a (1x1x1 conv) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(c_in, 3)
+        self.conv1 = CausalConv3d(c_in, c_out, 3)
+        self.norm2 = RMSNorm(c_out, 3)
+        self.conv2 = CausalConv3d(c_out, c_out, 3)
+        self.shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x_BCTHW)), state)
+        h = self.conv2(F.silu(self.norm2(h)), state)
+        return h + self.shortcut(x_BCTHW)
+
+    def lookback(self, frames: int) -> int:
+        return self.conv1.lookback(self.conv2.lookback(frames))
+
+
+class FrameAttention(nn.Module):
+    """Single-head self-attention over the positions of each frame (no mixing across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, 2)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def _attend(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        N, C, H, W = x_NCHW.shape
+        qkv_N1L3C = self.to_qkv(self.norm(x_NCHW)).flatten(2).transpose(1, 2).unsqueeze(1)
+        q, k, v = qkv_N1L3C.chunk(3, dim=-1)  # each [N, 1, L, C]
+        o_NCL = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2)
+        return self.proj(o_NCL.reshape(N, C, H, W))
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        return x_BCTHW + _per_frame(self._attend, x_BCTHW)
+
+    def lookback(self, frames: int) -> int:
+        return frames
+
+
+class Resample(nn.Module):
+    """Spatial 2x down/up sampling per frame, optionally with 2x temporal down/up sampling.
+
+    modes: "down2d", "down3d" (spatial first, then time), "up2d", "up3d" (time first, then space);
+    the up modes halve the channels, as in Wan2.1.
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("down"):
+            self.spatial = nn.Conv2d(dim, dim, 3, stride=2)
+        else:
+            self.spatial = nn.Conv2d(dim, dim // 2, 3, padding=1)
+        if mode == "down3d":
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        elif mode == "up3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
+
+    def _space(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        if self.mode.startswith("down"):
+            return self.spatial(F.pad(x_NCHW, (0, 1, 0, 1)))
+        up = F.interpolate(x_NCHW.float(), scale_factor=2.0, mode="nearest-exact").type_as(x_NCHW)
+        return self.spatial(up)
+
+    def _time_down(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        buf = state.get(self)
+        head = x_BCTHW[:, :, :0]
+        if buf is None and state.mid_clip:  # stand-in for the unseen frame left of the first window
+            buf = torch.cat([torch.zeros_like(x_BCTHW[:, :, :1]), x_BCTHW], dim=2)
+        elif buf is None:  # a clip's first frame passes through alone
+            head, buf = x_BCTHW[:, :, :1], x_BCTHW
+        else:
+            buf = torch.cat([buf, x_BCTHW], dim=2)
+        n = (buf.shape[2] - 1) // 2  # windows of 3 frames at stride 2 that are complete
+        state.set(self, buf[:, :, 2 * n :].clone())
+        if n == 0:
+            return head
+        return torch.cat([head, self.time_conv(buf[:, :, : 2 * n + 1])], dim=2)  # [B, C, T', H, W]
+
+    def _time_up(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        head = x_BCTHW[:, :, :0]
+        if state.get(self) is None and not state.mid_clip:  # a clip's first frame passes through alone
+            head, x_BCTHW = x_BCTHW[:, :, :1], x_BCTHW[:, :, 1:]
+        state.set(self, True)
+        if x_BCTHW.shape[2] == 0:
+            return head
+        B, C, T, H, W = x_BCTHW.shape
+        y_B2CTHW = self.time_conv(x_BCTHW, state).view(B, 2, C, T, H, W)
+        y_BCTHW = y_B2CTHW.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)  # interleave pairs
+        return torch.cat([head, y_BCTHW], dim=2)
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        if self.mode == "up3d":
+            x_BCTHW = self._time_up(x_BCTHW, state)
+        x_BCTHW = _per_frame(self._space, x_BCTHW)
+        if self.mode == "down3d":
+            x_BCTHW = self._time_down(x_BCTHW, state)
+        return x_BCTHW
+
+    def lookback(self, frames: int) -> int:
+        if self.mode == "down3d":  # output j reads inputs 2j-2 .. 2j
+            return 2 * frames + 2
+        if self.mode == "up3d":
+            raise NotImplementedError("lookback is computed for the encoder only")
+        return frames
+
+
+def _run(layers: Sequence[nn.Module], x: torch.Tensor, state: StreamState) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, state)
+    return x
+
+
+def _lookback(layers: Sequence[nn.Module], frames: int) -> int:
+    for layer in reversed(layers):
+        frames = layer.lookback(frames)
+    return frames
+
+
+def _middle(dim: int) -> nn.ModuleList:
+    return nn.ModuleList([ResBlock(dim, dim), FrameAttention(dim), ResBlock(dim, dim)])
+
+
+class Encoder(nn.Module):
+    """Pixels [B,3,T,H,W] -> mean and log-variance [B, 2*z_dim, F, H/8, W/8]."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        self.conv_in = CausalConv3d(3, dims[0], 3)
+        down: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(dims)):
+            for j in range(cfg.num_res_blocks):
+                down.append(ResBlock(c_in if j == 0 else c_out, c_out))
+            if i < len(cfg.dim_mult) - 1:
+                down.append(Resample(c_out, "down3d" if cfg.temporal_downsample[i] else "down2d"))
+        self.down = nn.ModuleList(down)
+        self.mid = _middle(dims[-1])
+        self.norm_out = RMSNorm(dims[-1], 3)
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3)
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        x = self.conv_in(x_BCTHW, state)
+        x = _run(self.down, x, state)  # [B, C, F, H/8, W/8]
+        x = _run(self.mid, x, state)
+        return self.conv_out(F.silu(self.norm_out(x)), state)
+
+    def lookback(self, frames: int) -> int:
+        frames = self.conv_out.lookback(frames)
+        return self.conv_in.lookback(_lookback([*self.down, *self.mid], frames))
+
+
+class Decoder(nn.Module):
+    """Latents [B, z_dim, F, h, w] -> pixels [B, 3, 1+4(F-1), 8h, 8w] (unclamped)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.base_dim * m for m in (mult[-1], *mult[::-1])]
+        temporal_up = cfg.temporal_downsample[::-1]
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3)
+        self.mid = _middle(dims[0])
+        up: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(dims)):
+            c_in = c_in // 2 if i > 0 else c_in  # each upsampler halved the channels
+            for j in range(cfg.num_res_blocks + 1):
+                up.append(ResBlock(c_in if j == 0 else c_out, c_out))
+            if i < len(mult) - 1:
+                up.append(Resample(c_out, "up3d" if temporal_up[i] else "up2d"))
+        self.up = nn.ModuleList(up)
+        self.norm_out = RMSNorm(dims[-1], 3)
+        self.conv_out = CausalConv3d(dims[-1], 3, 3)
+
+    def forward(self, z_BCFHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        x = self.conv_in(z_BCFHW, state)
+        x = _run(self.mid, x, state)
+        x = _run(self.up, x, state)  # [B, C, T, H, W]
+        return self.conv_out(F.silu(self.norm_out(x)), state)
+
+
+class CausalVideoVAE(nn.Module):
+    """Wan2.1 causal video VAE. `encode`/`decode` work on normalised latents ((mu - mean) / std)."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder(config)
+        stats_shape = (1, config.z_dim, 1, 1, 1)
+        self.register_buffer("latents_mean", torch.tensor(config.latents_mean).view(stats_shape), False)
+        self.register_buffer("latents_std", torch.tensor(config.latents_std).view(stats_shape), False)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_flavor(cls, name: str, **overrides: object) -> CausalVideoVAE:
+        """Random-initialised VAE of a named size (`VAE_FLAVORS`); fields may be overridden."""
+        if name not in VAE_FLAVORS:
+            raise ValueError(f"unknown VAE flavor {name!r}; known: {', '.join(sorted(VAE_FLAVORS))}")
+        return cls(replace(VAE_FLAVORS[name], **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, flavor: str | None = None) -> CausalVideoVAE:
+        """Load Wan2.1 weights: an original-layout `.pth`/`.safetensors` file or a diffusers folder.
+
+        Sizes come from the diffusers `config.json`, or are read off the original state dict
+        (or taken from `flavor` when given).
+        """
+        from vidtrain.models.vae.weights import load_pretrained
+
+        return load_pretrained(cls, Path(path), flavor)
+
+    # ---- geometry -----------------------------------------------------------------------------
+    @property
+    def z_dim(self) -> int:
+        return self.config.z_dim
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(self.config.temporal_downsample)
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.config.dim_mult) - 1)
+
+    def num_latent_frames(self, pixel_frames: int) -> int:
+        return 1 + (pixel_frames - 1) // self.temporal_compression
+
+    def check_video(self, video_BCTHW: torch.Tensor) -> None:
+        """ValueError unless the video is [B, 3, 1+4k, H, W] with H, W divisible by 8."""
+        tc, sc = self.temporal_compression, self.spatial_compression
+        shape = tuple(video_BCTHW.shape)
+        if video_BCTHW.dim() != 5 or shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, T, H, W], got {shape}")
+        if shape[2] < 1 or (shape[2] - 1) % tc:
+            raise ValueError(f"video needs 1 + {tc}k frames, got T={shape[2]} (shape {shape})")
+        if shape[3] % sc or shape[4] % sc:
+            raise ValueError(f"video H and W must be divisible by {sc}, got {shape[3]}x{shape[4]}")
+
+    # ---- latent statistics --------------------------------------------------------------------
+    def normalize_latents(self, mu_BCFHW: torch.Tensor) -> torch.Tensor:
+        return (mu_BCFHW - self.latents_mean.to(mu_BCFHW)) / self.latents_std.to(mu_BCFHW)
+
+    def denormalize_latents(self, z_BCFHW: torch.Tensor) -> torch.Tensor:
+        return z_BCFHW * self.latents_std.to(z_BCFHW) + self.latents_mean.to(z_BCFHW)
+
+    # ---- one pass of the networks -------------------------------------------------------------
+    def _encode_pass(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        h_BCFHW = self.quant_conv(self.encoder(x_BCTHW, state))
+        return self.normalize_latents(h_BCFHW[:, : self.z_dim])
+
+    def _decode_pass(self, z_BCFHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        x_BCTHW = self.decoder(self.post_quant_conv(self.denormalize_latents(z_BCFHW)), state)
+        return x_BCTHW.clamp(-1.0, 1.0)
+
+    # ---- public encode / decode ---------------------------------------------------------------
+    def encode(self, video_BCTHW: torch.Tensor, latents_per_pass: int | None = 1) -> torch.Tensor:
+        """Pixels in [-1, 1], [B,3,1+4k,H,W] -> normalised latent mean [B, z_dim, 1+k, H/8, W/8].
+
+        `latents_per_pass` latent frames are computed per network pass (1 = Wan's schedule: the
+        first frame, then 4 frames per pass; None = the whole clip in one pass). All agree.
+        """
+        self.check_video(video_BCTHW)
+        enc = self.stream_encoder(latents_per_pass)
+        z = enc.feed(video_BCTHW)
+        enc.flush()
+        return z
+
+    def decode(self, z_BCFHW: torch.Tensor, latents_per_pass: int | None = 1) -> torch.Tensor:
+        """Normalised latents [B, z_dim, F, h, w] -> pixels in [-1, 1], [B, 3, 1+4(F-1), 8h, 8w]."""
+        dec = self.stream_decoder(latents_per_pass)
+        return dec.feed(z_BCFHW)
+
+    def stream_encoder(self, latents_per_pass: int | None = 1) -> StreamEncoder:
+        return StreamEncoder(self, latents_per_pass)
+
+    def stream_decoder(self, latents_per_pass: int | None = 1) -> StreamDecoder:
+        return StreamDecoder(self, latents_per_pass)
+
+    # ---- chunk-halo encode --------------------------------------------------------------------
+    def temporal_receptive_field(self) -> int:
+        """Latent frames of left context that make `encode_range` exact.
+
+        Computed from the encoder's modules: pixel frames a latent frame looks back over, rounded
+        up to whole latent chunks (latent j >= 1 covers pixel frames 4j-3 .. 4j).
+        """
+        tc = self.temporal_compression
+        pixel_lookback = self.encoder.lookback(0)
+        return max(0, math.ceil((pixel_lookback - (tc - 1)) / tc))
+
+    def pixel_range(self, start: int, end: int, halo: int) -> tuple[int, int]:
+        """Pixel frames [p0, p1) that `encode_range(video, start, end, halo)` reads."""
+        first = max(0, start - halo)
+        tc = self.temporal_compression
+        return (0 if first == 0 else tc * first - (tc - 1)), tc * (end - 1) + 1
+
+    def encode_range(
+        self, video_BCTHW: torch.Tensor, start: int, end: int, halo: int, latents_per_pass: int | None = 1
+    ) -> torch.Tensor:
+        """Latent frames [start, end) of `encode(video)`, computed from pixel frames of that range
+        plus `halo` latent frames of left context (dropped). Exact when `halo >=
+        temporal_receptive_field()` or the halo reaches the clip's first frame; approximate below.
+        """
+        self.check_video(video_BCTHW)
+        n_lat = self.num_latent_frames(video_BCTHW.shape[2])
+        if not 0 <= start < end <= n_lat or halo < 0:
+            raise ValueError(f"need 0 <= start < end <= {n_lat} and halo >= 0, got {start}, {end}, {halo}")
+        p0, p1 = self.pixel_range(start, end, halo)
+        enc = StreamEncoder(self, latents_per_pass, mid_clip=p0 > 0)
+        z = enc.feed(video_BCTHW[:, :, p0:p1])
+        enc.flush()
+        return z[:, :, start - max(0, start - halo) :]
+
+
+class StreamEncoder:
+    """Encodes a video fed in pieces of any size; returns each latent frame once it is complete.
+
+    The first piece starts at the clip's first frame (or, with `mid_clip`, at the first pixel
+    frame of a latent chunk). Caches are carried between calls, so the concatenated output equals
+    the one-shot `encode`.
+    """
+
+    def __init__(self, vae: CausalVideoVAE, latents_per_pass: int | None = 1, mid_clip: bool = False) -> None:
+        if latents_per_pass is not None and latents_per_pass < 1:
+            raise ValueError(f"latents_per_pass must be >= 1 or None, got {latents_per_pass}")
+        self.vae = vae
+        self.latents_per_pass = latents_per_pass
+        self.state = StreamState(mid_clip=mid_clip)
+        self.started = mid_clip  # a mid-clip stream has no lone first frame
+        self.pending: torch.Tensor | None = None
+
+    def _empty(self, like_BCTHW: torch.Tensor) -> torch.Tensor:
+        B, _, _, H, W = like_BCTHW.shape
+        sc = self.vae.spatial_compression
+        return like_BCTHW.new_zeros(B, self.vae.z_dim, 0, H // sc, W // sc)
+
+    def _next_pass(self) -> int:
+        """Pixel frames of the next pass out of the pending ones (0: wait for more)."""
+        assert self.pending is not None
+        n, tc = self.pending.shape[2], self.vae.temporal_compression
+        if n == 0:
+            return 0
+        lead = 0 if self.started else 1  # a clip's first frame is a latent frame of its own
+        groups = (n - lead) // tc
+        if self.latents_per_pass is not None:
+            groups = min(groups, self.latents_per_pass - lead)
+        return lead + tc * groups
+
+    def feed(self, frames_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Add pixel frames; return the latent frames completed by them ([B, z_dim, F', h, w])."""
+        if frames_BCTHW.dim() != 5 or frames_BCTHW.shape[1] != 3:
+            raise ValueError(f"frames must be [B, 3, T, H, W], got {tuple(frames_BCTHW.shape)}")
+        sc = self.vae.spatial_compression
+        if frames_BCTHW.shape[3] % sc or frames_BCTHW.shape[4] % sc:
+            raise ValueError(f"frame H and W must be divisible by {sc}, got {tuple(frames_BCTHW.shape)}")
+        pending = self.pending
+        self.pending = frames_BCTHW if pending is None else torch.cat([pending, frames_BCTHW], dim=2)
+        out = [self._empty(frames_BCTHW)]
+        while (n := self._next_pass()) > 0:
+            x_BCTHW, self.pending = self.pending[:, :, :n], self.pending[:, :, n:]
+            out.append(self.vae._encode_pass(x_BCTHW, self.state))
+            self.started = True
+        return torch.cat(out, dim=2)
+
+    def flush(self) -> None:
+        """End the stream; ValueError if frames are left that do not complete a latent frame."""
+        left = 0 if self.pending is None else self.pending.shape[2]
+        if left:
+            tc = self.vae.temporal_compression
+            raise ValueError(f"{left} pixel frames left over: a video needs 1 + {tc}k frames")
+        self.state = StreamState(mid_clip=self.state.mid_clip)
+        self.started, self.pending = self.state.mid_clip, None
+
+
+class StreamDecoder:
+    """Decodes latents fed chunk by chunk (the first chunk starts at latent frame 0)."""
+
+    def __init__(self, vae: CausalVideoVAE, latents_per_pass: int | None = 1) -> None:
+        if latents_per_pass is not None and latents_per_pass < 1:
+            raise ValueError(f"latents_per_pass must be >= 1 or None, got {latents_per_pass}")
+        self.vae = vae
+        self.latents_per_pass = latents_per_pass
+        self.state = StreamState()
+
+    def feed(self, z_BCFHW: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, z_dim, F, h, w] -> the pixel frames they complete."""
+        if z_BCFHW.dim() != 5 or z_BCFHW.shape[1] != self.vae.z_dim:
+            raise ValueError(f"latents must be [B, {self.vae.z_dim}, F, h, w], got {tuple(z_BCFHW.shape)}")
+        if z_BCFHW.shape[2] == 0:
+            B, _, _, h, w = z_BCFHW.shape
+            sc = self.vae.spatial_compression
+            return z_BCFHW.new_zeros(B, 3, 0, h * sc, w * sc)
+        step = self.latents_per_pass or z_BCFHW.shape[2]
+        return torch.cat([self.vae._decode_pass(z, self.state) for z in z_BCFHW.split(step, dim=2)], dim=2)
