@@ -1,0 +1,173 @@
+"""NVFP4 quantization-aware training: `convert(model)` swaps linears for fake-quant ones.
+
+W4A4 as DESIGN section 7: weights are fake-quantized in 16x16 tiles, activations in 1x16 blocks
+along in_features, both with a per-tensor amax; the gradient is straight-through (the backward
+of quantize->dequantize is the identity), so the matmul's gradients are those of
+`F.linear(x_hat, w_hat)` with x_hat, w_hat passed straight to x and w.
+
+Quantizers are registered by name (`QUANTIZERS`): "nvfp4" (torch emulation, any device) and
+"nvfp4_te" (Transformer Engine's NVFP4BlockScaling recipe; needs TE and a Blackwell GPU).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidtrain.quant import nvfp4
+from vidtrain.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# Module names (fnmatch patterns on the qualified name) kept in high precision by default:
+# embeddings, time embedding/projection, the output head and norms.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "patch_embedding",
+    "patch_embedding.*",
+    "text_embedding.*",
+    "time_embedding.*",
+    "time_projection.*",
+    "head",
+    "head.*",
+    "*norm*",
+)
+
+QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """quantize -> dequantize forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tile_2d: bool) -> torch.Tensor:
+        return nvfp4.fake_quantize(x, tile_2d=tile_2d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def fake_quantize_ste(x: torch.Tensor, tile_2d: bool = False) -> torch.Tensor:
+    """NVFP4 fake-quant with a straight-through gradient."""
+    return _FakeQuantSTE.apply(x, tile_2d)
+
+
+class _FakeQuantKVSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kv: torch.Tensor, chunk_len: int) -> torch.Tensor:
+        return nvfp4.fake_quantize_kv_chunks(kv, chunk_len)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def fake_quantize_kv_history(kv_BHLD: torch.Tensor, chunk_len: int) -> torch.Tensor:
+    """Clean-history K or V [B, H, L, D] as the NVFP4 KV cache stores it (amax per (batch,
+    chunk), 16-blocks along D), with a straight-through gradient. Same bytes as the sampler's
+    `nvfp4.quantize_blocks(chunk, group_dims=(0,))` for each chunk."""
+    return _FakeQuantKVSTE.apply(kv_BHLD, chunk_len)
+
+
+class NVFP4Linear(nn.Linear):
+    """nn.Linear whose forward fake-quantizes weight (16x16 tiles) and input (1x16 blocks).
+
+    Parameters keep their names (`weight`, `bias`), so state dicts load either way.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw) -> None:
+        if in_features % nvfp4.BLOCK:
+            raise ValueError(f"NVFP4Linear needs in_features % {nvfp4.BLOCK} == 0, got {in_features}")
+        super().__init__(in_features, out_features, bias, **kw)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> NVFP4Linear:
+        """Wrap an existing linear, sharing (not copying) its parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.register_parameter("weight", lin.weight)
+        new.register_parameter("bias", lin.bias)
+        new.train(lin.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat = fake_quantize_ste(self.weight, tile_2d=True)
+        x_hat = fake_quantize_ste(x, tile_2d=False)
+        return F.linear(x_hat, w_hat, self.bias)
+
+
+def _excluded(name: str, exclude: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@QUANTIZERS.register("nvfp4")
+def convert_nvfp4(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> nn.Module:
+    """Swap every nn.Linear (not excluded, in_features % 16 == 0) for an NVFP4Linear, in place."""
+    swaps = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or _excluded(name, exclude):
+            continue
+        if mod.in_features % nvfp4.BLOCK:
+            log.info("NVFP4 QAT: %s stays high precision (in_features=%d)", name, mod.in_features)
+            continue
+        swaps.append(name)
+    for name in swaps:
+        _set_submodule(model, name, NVFP4Linear.from_linear(model.get_submodule(name)))
+    log.info("NVFP4 QAT: %d linears converted", len(swaps))
+    return model
+
+
+@QUANTIZERS.register("nvfp4_te")
+def convert_nvfp4_te(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> nn.Module:
+    """Transformer Engine NVFP4BlockScaling: TE linears run under `te.fp8_autocast(recipe)`.
+
+    Only where transformer_engine imports and a Blackwell (sm_100+) GPU is present.
+    """
+    te_available_or_raise()
+    raise NotImplementedError(
+        "the Transformer Engine NVFP4 backend is not wired in yet: use quantizer 'nvfp4' "
+        "(torch emulation; identical arithmetic)"
+    )
+
+
+def te_available_or_raise() -> None:
+    """Raise a clear ValueError unless TE imports and a Blackwell GPU is present."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:
+        raise ValueError(
+            "quantizer 'nvfp4_te' needs transformer_engine[pytorch] (a CUDA build); "
+            "use quantizer 'nvfp4' (torch emulation) instead"
+        ) from e
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 10:
+        raise ValueError("quantizer 'nvfp4_te' needs a Blackwell GPU (sm_100+); use 'nvfp4' elsewhere")
+
+
+def convert(
+    model: nn.Module, quantizer: str = "nvfp4", exclude: Sequence[str] = DEFAULT_EXCLUDE
+) -> nn.Module:
+    """QAT convert step, by registered quantizer name (in place; returns the model)."""
+    return QUANTIZERS.get(quantizer)(model, exclude=tuple(exclude))
+
+
+def export_weights(model: nn.Module) -> dict[str, nvfp4.NVFP4Tensor]:
+    """Deployment export: packed NVFP4 weights (16x16 tiles) of every NVFP4Linear, by state-dict key.
+
+    Biases and unconverted modules stay in the ordinary state dict.
+    """
+    return {
+        f"{name}.weight": nvfp4.quantize(mod.weight.detach(), tile_2d=True)
+        for name, mod in model.named_modules()
+        if isinstance(mod, NVFP4Linear)
+    }
