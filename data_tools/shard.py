@@ -20,6 +20,7 @@ finished shards; bad inputs are skipped and listed in manifest.json, which is wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -28,7 +29,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from vidtrain.data_tools._shards import (
 
 TOOL = "vidtrain-shard"
 VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg")
-CLIPS_PER_TASK = 8
+CLIPS_PER_TASK = 2  # clips per worker task: small enough to spread one long video
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,15 @@ def encode_mp4(frames_THWC: np.ndarray, fps: float, crf: int) -> bytes:
     os.close(fd)
     try:
         writer = imageio_ffmpeg.write_frames(
-            tmp, (w, h), fps=fps, codec="libx264", quality=None, macro_block_size=16,
+            tmp,
+            (w, h),
+            fps=fps,
+            codec="libx264",
+            quality=None,
+            macro_block_size=16,
             output_params=["-crf", str(crf), "-preset", "medium", "-threads", "1"],
             ffmpeg_log_level="error",
-        )  # fmt: skip
+        )
         writer.send(None)
         for f in frames_THWC:
             writer.send(np.ascontiguousarray(f))
@@ -245,13 +251,14 @@ def _sample(
 # ---------------------------------------------------------------- driver
 
 
-def _pool_map(fn, items: list, workers: int) -> Iterator:
-    """Ordered map, in-process for one worker, else over a spawn pool."""
+@contextlib.contextmanager
+def _ordered_map(workers: int) -> Iterator[Callable]:
+    """An ordered map: in-process for one worker, else over one spawn pool for the whole run."""
     if workers <= 1:
-        yield from map(fn, items)
+        yield map
         return
     with mp.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(fn, items, chunksize=1)
+        yield lambda fn, items: pool.imap(fn, items, chunksize=1)
 
 
 def _probe_one(args: tuple[VideoInput, ClipSpec]) -> dict[str, Any]:
@@ -277,46 +284,54 @@ def run(args: argparse.Namespace) -> int:
 
     done_shards = finished_shards(out)
     done_keys = {k for p in done_shards.values() for k in shard_keys(p)}
-    skipped: list[dict[str, str]] = []
-    tasks = []
-    probes = _pool_map(_probe_one, [(v, spec) for v in inputs], args.workers)
-    for video, meta in zip(inputs, probes):
-        if "error" in meta:
-            skipped.append({"input": video.path, "reason": meta["error"]})
-            continue
-        todo = [c for c in range(meta["clips"]) if clip_key(video, c) not in done_keys]
-        for i in range(0, len(todo), CLIPS_PER_TASK):
-            tasks.append((video, meta, spec, todo[i : i + CLIPS_PER_TASK]))
-
-    n_todo = sum(len(t[3]) for t in tasks)
-    if done_shards:
-        print(
-            f"{TOOL}: resuming: {len(done_shards)} finished shard(s), {len(done_keys)} clip(s) kept, {n_todo} to do",
-            file=sys.stderr,
-        )
     writer = RollingShardWriter(
         out,
         start_index=max(done_shards, default=-1) + 1,
         samples_per_shard=args.samples_per_shard,
         max_bytes=int(args.shard_size_mb * 2**20) if args.shard_size_mb else None,
     )
-    _write_all(tasks, writer, skipped, args)
+    with _ordered_map(args.workers) as pmap:
+        tasks, skipped = _plan(inputs, spec, done_keys, pmap)
+        if done_shards:
+            n_todo = sum(len(t[3]) for t in tasks)
+            print(
+                f"{TOOL}: resuming: {len(done_shards)} finished shard(s), {n_todo} clip(s) to do",
+                file=sys.stderr,
+            )
+        _write_all(tasks, writer, skipped, pmap, args)
     writer.close()
     report_skipped(TOOL, skipped)
     manifest = write_manifest(
-        out, "vidtrain-video-shards", vars(args) | {"input": str(args.input), "out": str(out)}, skipped,
+        out,
+        "vidtrain-video-shards",
+        vars(args) | {"input": str(args.input), "out": str(out)},
+        skipped,
         extra={"clip": {"frames": spec.frames, "height": spec.height, "width": spec.width, "fps": spec.fps}},
-    )  # fmt: skip
-    print(f"{TOOL}: {manifest['num_samples']} clips in {manifest['num_shards']} shard(s) in {out}; "
-          f"{len(skipped)} input(s) skipped")  # fmt: skip
-    return 0 if manifest["num_samples"] > 0 else 1
+    )
+    n, k = manifest["num_samples"], manifest["num_shards"]
+    print(f"{TOOL}: {n} clips in {k} shard(s) in {out}; {len(skipped)} input(s) skipped")
+    return 0 if n > 0 else 1
 
 
-def _write_all(tasks: list, writer: RollingShardWriter, skipped: list[dict[str, str]], args) -> None:
+def _plan(inputs: list[VideoInput], spec: ClipSpec, done_keys: set[str], pmap: Callable) -> tuple[list, list]:
+    """Probe every input; return the clip tasks still to do and the skipped inputs."""
+    tasks, skipped = [], []
+    for video, meta in zip(inputs, pmap(_probe_one, [(v, spec) for v in inputs])):
+        if "error" in meta:
+            skipped.append({"input": video.path, "reason": meta["error"]})
+            continue
+        todo = [c for c in range(meta["clips"]) if clip_key(video, c) not in done_keys]
+        tasks += [
+            (video, meta, spec, todo[i : i + CLIPS_PER_TASK]) for i in range(0, len(todo), CLIPS_PER_TASK)
+        ]
+    return tasks, skipped
+
+
+def _write_all(tasks: list, writer: RollingShardWriter, skipped: list, pmap: Callable, args) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(t[3]) for t in tasks), unit="clip", desc=TOOL, disable=args.no_progress)
-    for task, results in zip(tasks, _pool_map(make_clips, tasks, args.workers)):
+    for task, results in zip(tasks, pmap(make_clips, tasks)):
         for r in results:
             if "error" in r:
                 skipped.append({"input": task[0].path, "reason": r["error"]})

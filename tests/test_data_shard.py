@@ -145,7 +145,7 @@ def test_resume_skips_finished_shards_and_cleans_killed_run(tmp_path: Path, caps
     # A second run redoes nothing.
     assert shard.main(args) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == stamps
-    assert "0 to do" in capsys.readouterr().err
+    assert "0 clip(s) to do" in capsys.readouterr().err
 
     # A killed run: the last shard never got renamed, a temp file and no manifest remain.
     (out / "shard-000002.tar").rename(out / "shard-000002.tar.tmp")

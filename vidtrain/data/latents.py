@@ -345,9 +345,12 @@ class LatentLoader:
     def __iter__(self) -> Iterator[Any]:
         self.dataset.load_state_dict(self.dataset._state(self._consumed, self._next_role))
         loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-            collate_fn=self.collate_fn, **self.loader_kwargs,
-        )  # fmt: skip
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            **self.loader_kwargs,
+        )
         for batch in loader:
             self._consumed[self._next_role] += self.batch_size
             self._next_role = (self._next_role + 1) % self.roles
