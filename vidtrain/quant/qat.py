@@ -40,21 +40,30 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")
 
 
+def _fake_quantize(x: torch.Tensor, tile_2d: bool, backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return nvfp4.fake_quantize(x, tile_2d=tile_2d)
+    from vidtrain import kernels  # Triton kernels: same bytes as the torch reference
+
+    return kernels.dequantize(kernels.quantize(x, tile_2d, backend), x.dtype, backend)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """quantize -> dequantize forward, identity backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tile_2d: bool) -> torch.Tensor:
-        return nvfp4.fake_quantize(x, tile_2d=tile_2d)
+    def forward(ctx, x: torch.Tensor, tile_2d: bool, backend: str) -> torch.Tensor:
+        return _fake_quantize(x, tile_2d, backend)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
 
 
-def fake_quantize_ste(x: torch.Tensor, tile_2d: bool = False) -> torch.Tensor:
-    """NVFP4 fake-quant with a straight-through gradient."""
-    return _FakeQuantSTE.apply(x, tile_2d)
+def fake_quantize_ste(x: torch.Tensor, tile_2d: bool = False, backend: str = "torch") -> torch.Tensor:
+    """NVFP4 fake-quant with a straight-through gradient; `backend` as in `vidtrain.kernels`
+    ("torch" reference, "triton" on CUDA, "interpret" for Triton on CPU)."""
+    return _FakeQuantSTE.apply(x, tile_2d, backend)
 
 
 class _FakeQuantKVSTE(torch.autograd.Function):
@@ -78,7 +87,10 @@ class NVFP4Linear(nn.Linear):
     """nn.Linear whose forward fake-quantizes weight (16x16 tiles) and input (1x16 blocks).
 
     Parameters keep their names (`weight`, `bias`), so state dicts load either way.
+    `backend` picks the fake-quant implementation (see `fake_quantize_ste`); all give one result.
     """
+
+    backend: str = "torch"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw) -> None:
         if in_features % nvfp4.BLOCK:
@@ -97,8 +109,8 @@ class NVFP4Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_hat = fake_quantize_ste(self.weight, tile_2d=True)
-        x_hat = fake_quantize_ste(x, tile_2d=False)
+        w_hat = fake_quantize_ste(self.weight, tile_2d=True, backend=self.backend)
+        x_hat = fake_quantize_ste(x, tile_2d=False, backend=self.backend)
         return F.linear(x_hat, w_hat, self.bias)
 
 

@@ -109,4 +109,6 @@ class TeacherForcing(Method):
 
 
 def make_method(recipe) -> Method:
+    import vidtrain.quant.method  # noqa: F401  (registers "qat")
+
     return METHODS.get(recipe.method.name)(recipe)
