@@ -1,0 +1,288 @@
+"""The reference streaming sampler: chunk-by-chunk few-step denoising over a KV cache.
+
+Per chunk c (C latent frames):
+  1. start from fresh noise at the first timestep (per-sample torch.Generator: same seed, same
+     video; different seeds, different videos, whatever the batch holds);
+  2. few-step denoising over `timesteps` (default 1000, 750, 500, 250, shifted like training);
+     update "x0" (default, Self-Forcing / CausVid): predict x0 = x_t - sigma*v, then re-noise it
+     to the next timestep with *fresh* noise; update "euler": x <- x + (sigma' - sigma) * v.
+     Either way the chunk's output is the x0 prediction of the last step;
+  3. one pass of the clean chunk at t=0 whose K/V the cache stores (skipped after the last chunk).
+History enters every pass through `AttentionContext.kv_hook` (kv_cache.KVCache), so the same
+model code serves teacher forcing and streaming.
+
+`StreamingSampler.stream` is the one chunk loop; `generate_latents` collects it, and the DMD
+stage calls it with `grad_exit=k` for self-forcing rollouts: denoising of each chunk stops at
+step k, whose x0 prediction keeps its graph (for chunks in `grad_chunks`); all other passes,
+including the cache writes, run under no_grad.
+
+Legend: B batch, C channels, F frames, H/W latent size, L tokens, S text tokens, T text dim,
+D model dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
+from vidtrain.forcing.meta import MaskRule, TokenMeta, grid_meta
+from vidtrain.models.wan.attention import AttentionContext
+from vidtrain.sample.kv_cache import KV_DTYPES, KVCache
+
+UPDATES = ("x0", "euler")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Everything that decides what the sampler computes (defaults live here only)."""
+
+    timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # before the shift, 0..1000
+    shift: float = 5.0  # Wan/SD3 timestep shift applied to `timesteps` (1 = as listed)
+    update: str = "x0"  # "x0" (predict x0, re-noise with fresh noise) or "euler"
+    frames_per_chunk: int = 3
+    window_frames: int | None = None  # None = all history (no eviction)
+    sink_frames: int = 0  # global sink: first G latent frames of the video
+    shot_sink: bool = False  # keep the first chunk of the current shot
+    kv_cache: str = "bf16"  # fp32 | bf16 | fp16 | nvfp4
+    shot_rope_offset: int = 0  # temporal RoPE offset added per shot (shot s: s * offset)
+    recache_on_cut: bool = False  # LongLive: recompute the kept K/V under the new prompt at a cut
+
+    def __post_init__(self) -> None:
+        ts = list(self.timesteps)
+        if not ts or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in ts):
+            raise ValueError(f"timesteps must be in (0, {NUM_TRAIN_TIMESTEPS}], got {ts}")
+        if any(a <= b for a, b in itertools.pairwise(ts)):
+            raise ValueError(f"timesteps must be strictly decreasing, got {ts}")
+        if self.update not in UPDATES:
+            raise ValueError(f"unknown update {self.update!r}; known: {', '.join(UPDATES)}")
+        if self.kv_cache not in KV_DTYPES:
+            raise ValueError(f"unknown kv_cache {self.kv_cache!r}; known: {', '.join(KV_DTYPES)}")
+        if self.frames_per_chunk < 1 or self.sink_frames < 0 or self.shift <= 0:
+            raise ValueError("frames_per_chunk must be >= 1, sink_frames >= 0, shift > 0")
+        self.rule()  # validates window_frames
+
+    def rule(self) -> MaskRule:
+        """The training mask rule this cache mirrors (use the same in teacher forcing)."""
+        return MaskRule("causal", self.frames_per_chunk, self.window_frames, self.sink_frames, self.shot_sink)
+
+    def sigmas(self) -> list[float]:
+        """Shifted sigmas of the denoising steps (the model sees t = 1000 * sigma)."""
+        s = shift_sigma(torch.tensor(self.timesteps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS, self.shift)
+        return [float(x) for x in s]
+
+
+@dataclass
+class Conditioning:
+    """Text context of one shot for the whole batch: [B, S, T] encoder states and optional mask."""
+
+    context_BST: torch.Tensor
+    mask_BS: torch.Tensor | None = None
+
+
+@dataclass
+class ChunkOut:
+    index: int
+    shot: int
+    x0_BCFHW: torch.Tensor
+    gen_start: float  # perf_counter seconds
+    gen_end: float
+    kv_bytes: int  # cache bytes the chunk attended to (after eviction)
+    trace: list[dict] | None = None  # per step: t, x_t, v (when asked for)
+
+
+@dataclass
+class SampleResult:
+    latents_BCFHW: torch.Tensor
+    chunks: list[ChunkOut] = field(default_factory=list)
+
+    @property
+    def kv_bytes_per_chunk(self) -> list[int]:
+        return [c.kv_bytes for c in self.chunks]
+
+
+def debug_text_context(prompts: Sequence[str], text_dim: int, length: int = 16) -> Conditioning:
+    """Stand-in text states when no text encoder is given: a fixed random vector per prompt.
+
+    Seeded by the prompt's sha256, so a prompt always maps to the same context; it carries no
+    meaning (a real run passes `--text-encoder`).
+    """
+    rows = []
+    for p in prompts:
+        seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little") & (2**63 - 1)
+        rows.append(torch.randn(1, length, text_dim, generator=torch.Generator().manual_seed(seed)))
+    return Conditioning(torch.cat(rows))
+
+
+def shot_of_chunks(chunks_per_shot: Sequence[int]) -> list[int]:
+    if not chunks_per_shot or any(n < 1 for n in chunks_per_shot):
+        raise ValueError(f"every shot needs >= 1 chunk, got {list(chunks_per_shot)}")
+    return [s for s, n in enumerate(chunks_per_shot) for _ in range(n)]
+
+
+class StreamingSampler:
+    """Streams latent chunks from a CausalWanDiT with a KV cache (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: SamplerConfig | None = None) -> None:
+        self.model = model
+        self.config = config or SamplerConfig()
+        self._text_cache: dict[int, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def new_cache(self, tokens_per_frame: int) -> KVCache:
+        n = len(self.model.blocks)
+        return KVCache(n, self.config.rule(), tokens_per_frame, self.config.kv_cache)
+
+    # ---- one model pass ------------------------------------------------------------------------
+    def _embed(self, shot: int, cond: Conditioning) -> torch.Tensor:
+        """Embedded text context, computed once per shot (the model accepts `context_BSD`)."""
+        if shot not in self._text_cache:
+            with torch.no_grad():
+                self._text_cache[shot] = self.model.embed_text(cond.context_BST.to(self.device))
+        return self._text_cache[shot]
+
+    def _forward(self, x_BCFHW, t: float, meta: TokenMeta, shot: int, cond: Conditioning, cache: KVCache):
+        """Velocity prediction [B, C, F, H, W] for one chunk at timestep t (0..1000)."""
+        model = self.model
+        b, _, f, h, w = x_BCFHW.shape
+        t_BL = torch.full((b, len(meta)), float(t), device=x_BCFHW.device)
+        attn = AttentionContext(rule=MaskRule("full"), meta=meta, kv_hook=cache.hook)
+        mask = None if cond.mask_BS is None else cond.mask_BS.to(x_BCFHW.device)
+        out_BLP = model(
+            model.patchify(x_BCFHW), t_BL, None, meta=meta, attn=attn,
+            context_BSD=self._embed(shot, cond), context_mask_BS=mask,
+        )  # fmt: skip
+        return model.unpatchify(out_BLP, f, h, w).float()
+
+    # ---- one chunk -----------------------------------------------------------------------------
+    @staticmethod
+    def _noise(gens: Sequence[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+        return torch.cat([torch.randn(shape, generator=g, device=g.device).to(device) for g in gens])
+
+    def denoise_chunk(
+        self, meta, shot, cond, cache, gens, shape, *, grad_exit: int | None = None, with_grad: bool = False,
+        trace: bool = False,
+    ) -> tuple[torch.Tensor, list[dict] | None]:  # fmt: skip
+        """Few-step denoising of one chunk; returns its x0 [B, C, F, H, W] (and the step trace)."""
+        sigmas = self.config.sigmas()
+        last = len(sigmas) - 1 if grad_exit is None else grad_exit
+        steps: list[dict] | None = [] if trace else None
+        x = self._noise(gens, shape, self.device)  # pure noise, whatever the first timestep
+        x0 = x
+        for i, s in enumerate(sigmas[: last + 1]):
+            grad = with_grad and i == last
+            with torch.set_grad_enabled(grad):
+                v = self._forward(x, s * NUM_TRAIN_TIMESTEPS, meta, shot, cond, cache)
+                x0 = x - s * v
+            if steps is not None:
+                steps.append({"t": s * NUM_TRAIN_TIMESTEPS, "x_t": x.detach(), "v": v.detach()})
+            if i == last:
+                break
+            s_next = sigmas[i + 1]
+            if self.config.update == "x0":
+                x = (1 - s_next) * x0.detach() + s_next * self._noise(gens, shape, self.device)
+            else:
+                x = x + (s_next - s) * v.detach()
+        return x0, steps
+
+    # ---- the chunk loop ------------------------------------------------------------------------
+    def stream(
+        self,
+        conds: Sequence[Conditioning],
+        chunks_per_shot: Sequence[int],
+        latent_hw: tuple[int, int],
+        seeds: Sequence[int],
+        *,
+        grad_exit: int | None = None,
+        grad_chunks: Sequence[int] | None = None,
+        trace: bool = False,
+    ) -> Iterator[ChunkOut]:
+        """Yield each chunk's clean latents as soon as they exist (the one chunk loop).
+
+        conds: one Conditioning per shot ([B, S, T], row b = sample b's prompt for that shot).
+        chunks_per_shot: chunks of each shot. seeds: one per sample (B = len(seeds)).
+        grad_exit: stop each chunk's denoising at this step index and keep the graph of that x0
+        prediction (for the chunks in `grad_chunks`, default all); None = inference.
+        """
+        cfg, model = self.config, self.model
+        shots = shot_of_chunks(chunks_per_shot)
+        if len(conds) != len(chunks_per_shot):
+            raise ValueError(f"{len(conds)} conditionings for {len(chunks_per_shot)} shots")
+        if grad_exit is not None and not 0 <= grad_exit < len(cfg.timesteps):
+            raise ValueError(f"grad_exit must index the {len(cfg.timesteps)} steps, got {grad_exit}")
+        h, w = latent_hw
+        if h % 2 or w % 2:
+            raise ValueError(f"latent height and width must be even (patch 1x2x2), got {h}x{w}")
+        for cond in conds:
+            if cond.context_BST.shape[0] != len(seeds):
+                raise ValueError(f"context batch {cond.context_BST.shape[0]} != {len(seeds)} seeds")
+        self._text_cache = {}
+        gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        c, hp, wp = cfg.frames_per_chunk, h // 2, w // 2
+        cache = self.new_cache(hp * wp)
+        shape = (1, model.cfg.in_channels, c, h, w)
+        kept: dict[int, tuple[torch.Tensor, TokenMeta]] = {}  # clean latents for LongLive re-cache
+        for idx, shot in enumerate(shots):
+            sync(self.device)
+            start = time.perf_counter()
+            meta = grid_meta(
+                c, hp, wp, c, frame_offset=idx * c, shot=shot, rope_offset=shot * cfg.shot_rope_offset,
+                device=self.device,
+            )  # fmt: skip
+            if cfg.recache_on_cut and idx > 0 and shot != shots[idx - 1]:
+                self._recache(cache, kept, shots, shot, conds[shot])
+            cache.begin(idx, shot, write=False)
+            kv_bytes = cache.nbytes()
+            with_grad = grad_exit is not None and (grad_chunks is None or idx in grad_chunks)
+            with torch.no_grad():
+                x0, steps = self.denoise_chunk(
+                    meta, shot, conds[shot], cache, gens, shape, grad_exit=grad_exit, with_grad=with_grad,
+                    trace=trace,
+                )  # fmt: skip
+                if idx + 1 < len(shots):  # the clean pass at t=0 writes this chunk's K/V
+                    cache.begin(idx, shot, write=True)
+                    self._forward(x0.detach(), 0.0, meta, shot, conds[shot], cache)
+            if cfg.recache_on_cut:
+                kept[idx] = (x0.detach(), meta)
+                kept = {j: kept[j] for j in [*cache.chunks, idx] if j in kept}
+            sync(self.device)
+            yield ChunkOut(idx, shot, x0, start, time.perf_counter(), kv_bytes, steps)
+
+    def _recache(self, cache: KVCache, kept: dict, shots: list[int], shot: int, cond: Conditioning) -> None:
+        """LongLive: recompute the kept chunks' K/V under the new shot's prompt, oldest first."""
+        chunks = cache.chunks
+        cache.clear()
+        for j in chunks:
+            x0, meta = kept[j]
+            cache.begin(j, shots[j], write=True)
+            with torch.no_grad():
+                self._forward(x0, 0.0, meta, shot, cond, cache)
+
+    def generate_latents(
+        self,
+        conds: Conditioning | Sequence[Conditioning],
+        chunks_per_shot: int | Sequence[int],
+        latent_hw: tuple[int, int],
+        seeds: Sequence[int],
+        **kw,
+    ) -> SampleResult:
+        """Run the whole chunk loop; latents [B, C, F, H, W] (F = chunks * frames_per_chunk)."""
+        if isinstance(conds, Conditioning):
+            conds = [conds]
+        if isinstance(chunks_per_shot, int):
+            chunks_per_shot = [chunks_per_shot]
+        chunks = list(self.stream(conds, chunks_per_shot, latent_hw, seeds, **kw))
+        return SampleResult(torch.cat([ch.x0_BCFHW for ch in chunks], dim=2), chunks)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
