@@ -144,6 +144,8 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # None disables EMA
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
     progress: bool = True
+    # deterministic kernels (bit-exact resume); None: on for CPU runs, off on GPU (speed)
+    deterministic: bool | None = None
 
 
 @dataclass
@@ -216,6 +218,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

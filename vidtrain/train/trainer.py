@@ -54,6 +54,9 @@ class Trainer:
         self.strategy = make_strategy(recipe)
         self.strategy.setup()
         self.device = self.strategy.device
+        det = recipe.train.deterministic
+        if det if det is not None else self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.run_dir = Path(recipe.run.dir)
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
