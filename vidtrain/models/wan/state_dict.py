@@ -145,12 +145,28 @@ def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: 
     model.load_state_dict(sd, strict=True)
 
 
-def load_pretrained(cls, path: str | Path, attn_backend: str = "auto"):
-    from vidtrain.models.wan.config import WanConfig
-
+def resolve_model_folder(path: str | Path) -> Path:
+    """A model folder from: a model folder, a checkpoint step folder (has model/), or a run
+    folder (its checkpoints/latest)."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint not found: {folder}")
+    if (folder / "checkpoints").is_dir():
+        from vidtrain.train.checkpoint import latest_checkpoint
+
+        step = latest_checkpoint(folder)
+        if step is None:
+            raise FileNotFoundError(f"run folder {folder} has no complete checkpoint yet")
+        folder = step
+    if (folder / "model" / OURS_CONFIG).exists():
+        folder = folder / "model"
+    return folder
+
+
+def load_pretrained(cls, path: str | Path, attn_backend: str = "auto"):
+    from vidtrain.models.wan.config import WanConfig
+
+    folder = resolve_model_folder(path)
     layout, cfg = detect_layout(folder)
     if layout == "vidtrain":
         config = WanConfig.from_dict(cfg)
