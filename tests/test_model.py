@@ -130,3 +130,25 @@ def test_causal_rule_makes_early_chunks_ignore_later_ones():
         full_a, full_b = m(x, torch.tensor([300.0]), ctx), m(y, torch.tensor([300.0]), ctx)
     torch.testing.assert_close(a[:, :, :3], b[:, :, :3], rtol=0, atol=0)
     assert (full_a[:, :, :3] - full_b[:, :, :3]).abs().max() > 1e-4
+
+
+def test_flex_backend_equals_dense_masks():
+    """FlexAttention block masks from metadata (the GPU path) equal dense SDPA masks."""
+    from vidtrain.forcing.flow import frames_sigma
+    from vidtrain.forcing.teacher import build_tf_sequence
+    from vidtrain.models.wan.attention import AttentionContext
+
+    sdpa_model = CausalWanDiT.from_flavor("debug", attn_backend="sdpa").eval()
+    flex_model = CausalWanDiT.from_flavor("debug", attn_backend="flex").eval()
+    flex_model.load_state_dict(sdpa_model.state_dict())
+    x0, eps, ctx = torch.randn(1, 16, 12, 4, 4), torch.randn(1, 16, 12, 4, 4), torch.randn(1, 4, 32)
+    seq = build_tf_sequence(
+        x0, eps, frames_sigma(torch.rand(1, 4), 3), 3, shot_F=torch.tensor([0] * 6 + [1] * 6)
+    )
+    rule = MaskRule("teacher_forcing", 3, window_frames=3, sink_frames=3, shot_sink=True)
+    with torch.no_grad():
+        outs = [
+            m(seq.x_BLP, seq.t_BL, ctx, meta=seq.meta, attn=AttentionContext(rule=rule, meta=seq.meta))
+            for m in (sdpa_model, flex_model)
+        ]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ class ModelConfig:
     in_channels: int | None = None  # override the flavor's latent channels (must match the VAE)
     text_dim: int | None = None  # override the flavor's text embedding size
     frames_per_chunk: int = 3
-    attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    attn_backend: Literal["auto", "sdpa", "flash", "flex"] = "auto"
     activation_checkpointing: bool = False
     # attention restriction mirroring the sampler's KV cache (None = all history)
     window_frames: int | None = None

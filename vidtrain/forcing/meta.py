@@ -152,3 +152,33 @@ def build_mask(rule: MaskRule, meta_q: TokenMeta, meta_k: TokenMeta) -> torch.Te
             keep |= ck == _shot_start_chunk(meta_k, meta_q.shot)[:, None]
         allowed = allowed & (~history | keep)
     return allowed
+
+
+def flex_mask_mod(rule: MaskRule, meta_q: TokenMeta, meta_k: TokenMeta):
+    """The rule as a FlexAttention `mask_mod(b, h, q_idx, kv_idx)` reading metadata by index.
+
+    Equals `build_mask` element by element without materialising an [Lq, Lk] tensor, so block
+    masks at production lengths (tens of thousands of tokens) stay small.
+    """
+    cq_all, ck_all = meta_q.chunk, meta_k.chunk
+    nq_all, nk_all = meta_q.noisy, meta_k.noisy
+    fk_all = meta_k.frame
+    shot_start = _shot_start_chunk(meta_k, meta_q.shot) if rule.shot_sink else None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        cq, ck = cq_all[q_idx], ck_all[kv_idx]
+        if rule.kind == "causal":
+            allowed, history = ck <= cq, ck < cq
+        else:
+            nq, nk = nq_all[q_idx], nk_all[kv_idx]
+            history = ~nk & (ck < cq)
+            allowed = history | (~nq & ~nk & (ck == cq)) | (nq & nk & (ck == cq))
+        if rule.restricted:
+            fk = fk_all[kv_idx]
+            keep = (fk >= cq * rule.frames_per_chunk - rule.window_frames) | (fk < rule.sink_frames)
+            if shot_start is not None:
+                keep = keep | (ck == shot_start[q_idx])
+            allowed = allowed & (~history | keep)
+        return allowed
+
+    return mask_mod

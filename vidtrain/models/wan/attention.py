@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
+from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask, flex_mask_mod
 
 # (layer_idx, q, k, v, ctx) -> (k, v, mask): lets a KV cache prepend history or QAT fake-quantize.
 KVHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext"], tuple]
@@ -35,6 +35,7 @@ class AttentionContext:
     kv_hook: KVHook | None = None
     _mask: torch.Tensor | None = None
     _mask_built: bool = False
+    _block_mask: object = None
 
     def mask(self) -> torch.Tensor | None:
         """Dense [L, L] boolean mask, built once per forward and shared by all layers."""
@@ -44,6 +45,32 @@ class AttentionContext:
             self._mask = None if self.rule.kind == "full" else build_mask(self.rule, self.meta, self.meta)
             self._mask_built = True
         return self._mask
+
+    def block_mask(self, device: torch.device):
+        """FlexAttention block mask from metadata (no dense [L, L] tensor), built once per forward."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            meta = self.meta.to(device)
+            n = len(meta)
+            mod = flex_mask_mod(self.rule, meta, meta)
+            self._block_mask = create_block_mask(mod, None, None, n, n, device=str(device))
+        return self._block_mask
+
+
+_compiled_flex = None
+
+
+def flex_attention(q_BHLD, k_BHLD, v_BHLD, block_mask):
+    """FlexAttention; compiled on GPU (fused kernel), eager elsewhere (forward only on CPU)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q_BHLD.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex, dynamic=False)
+        return _compiled_flex(q_BHLD, k_BHLD, v_BHLD, block_mask=block_mask)
+    return flex(q_BHLD, k_BHLD, v_BHLD, block_mask=block_mask)
 
 
 def _flash_attn_available() -> bool:
@@ -66,12 +93,18 @@ class AttentionCore(nn.Module):
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        if backend not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"unknown attention backend {backend!r}; known: auto, flash, sdpa")
+        if backend not in ("auto", "sdpa", "flash", "flex"):
+            raise ValueError(f"unknown attention backend {backend!r}; known: auto, flash, flex, sdpa")
         self.backend = backend
         self.layer_idx = -1
 
     def forward(self, q_BHLD, k_BHLD, v_BHLD, ctx: AttentionContext) -> torch.Tensor:
+        """auto: flash-attn for full attention on GPU when installed; FlexAttention block masks
+        for masked attention on GPU (memory stays linear in length); dense SDPA masks on CPU
+        (FlexAttention has no backward on CPU)."""
+        use_flex = self.backend == "flex" or (self.backend == "auto" and q_BHLD.is_cuda)
+        if use_flex and ctx.kv_hook is None and ctx.rule.kind != "full":
+            return flex_attention(q_BHLD, k_BHLD, v_BHLD, ctx.block_mask(q_BHLD.device))
         mask = ctx.mask()
         if ctx.kv_hook is not None:
             k_BHLD, v_BHLD, mask = ctx.kv_hook(self.layer_idx, q_BHLD, k_BHLD, v_BHLD, ctx)
