@@ -284,5 +284,6 @@ class StreamingSampler:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for this thread's stream only (a side decode stream keeps running)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()

@@ -1,0 +1,195 @@
+"""`vidtrain sample`: stream a multi-shot video from a checkpoint into an mp4 + metrics + timeline.
+
+    vidtrain sample --checkpoint runs/debug --shots recipes/shots_example.yaml --out video.mp4 \\
+        --kv-cache nvfp4 --decode async --window-frames 6 --sink-frames 3 --height 64 --width 64
+
+Writes video.mp4 (libx264, yuv420p), video.metrics.json and video.timeline.png. Every input is
+checked (checkpoint, shots file, output path, sizes, VAE / text encoder against the model)
+before any generation starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from vidtrain.sample.decode import DECODE_MODES, VideoWriter, plot_timeline, stream_video, write_metrics
+from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
+from vidtrain.sample.shots import Shot, load_shots
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model folder, a checkpoint step folder (has model/), or a run folder (latest checkpoint)."""
+    from vidtrain.train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if (p / "vidtrain_model.json").is_file() or (p / "config.json").is_file():
+        return p
+    if (p / "model").is_dir():
+        return p / "model"
+    if (p / "checkpoints").is_dir():
+        step = latest_checkpoint(p)
+        if step is None:
+            raise ValueError(f"run folder {p} has no complete checkpoint under checkpoints/")
+        return step / "model"
+    raise ValueError(f"{p} is neither a model folder, a checkpoint step folder (model/) nor a run folder")
+
+
+def load_vae(spec: str, z_dim: int, device, dtype):
+    """'debug' / 'wan2.1': random-initialised VAE of that size (seeded; for tests and timing);
+    anything else: a path to Wan2.1 VAE weights."""
+    from vidtrain.models.vae import VAE_FLAVORS, CausalVideoVAE
+
+    if spec in VAE_FLAVORS:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            vae = CausalVideoVAE.from_flavor(spec)
+    else:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"VAE weights not found: {spec} (or use one of {sorted(VAE_FLAVORS)})")
+        vae = CausalVideoVAE.from_pretrained(spec)
+    if vae.z_dim != z_dim:
+        raise ValueError(f"VAE latent channels {vae.z_dim} != model in_channels {z_dim}")
+    return vae.to(device, dtype).eval()
+
+
+def shot_conditionings(prompts: list[list[str]], text_encoder, text_dim: int) -> list[Conditioning]:
+    """prompts[shot][sample] -> one Conditioning per shot."""
+    if text_encoder is None:
+        return [debug_text_context(p, text_dim) for p in prompts]
+    out = []
+    for p in prompts:
+        emb, mask = text_encoder.encode(p)
+        out.append(Conditioning(emb, mask))
+    return out
+
+
+def load_text_encoder(path: str | None, text_dim: int, device):
+    if path is None:
+        print("[vidtrain] no --text-encoder: using fixed random contexts per prompt (debug stand-in)")
+        return None
+    from vidtrain.models.text import TextEncoder
+
+    enc = TextEncoder.from_pretrained(path, device=device)
+    if enc.dim != text_dim:
+        raise ValueError(f"text encoder width {enc.dim} != model text_dim {text_dim}")
+    return enc
+
+
+def parse_steps(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError as e:
+        raise ValueError(f"--steps must be comma-separated numbers, got {s!r}") from e
+
+
+def check_output(out: Path) -> None:
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must end in .mp4, got {out}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"cannot write {out}")
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp16", "fp32", "nvfp4"])
+    p.add_argument("--steps", default="1000,750,500,250", help="denoising timesteps (before the shift)")
+    p.add_argument("--shift", type=float, default=SamplerConfig.shift)
+    p.add_argument("--update", default="x0", choices=["x0", "euler"])
+    p.add_argument("--frames-per-chunk", type=int, default=3)
+    p.add_argument("--window-frames", type=int, default=None, help="rolling window W (latent frames)")
+    p.add_argument("--sink-frames", type=int, default=0, help="global sink G (first latent frames)")
+    p.add_argument("--no-shot-sink", action="store_true", help="do not pin each shot's first chunk")
+    p.add_argument("--height", type=int, default=480, help="pixels (multiple of 16)")
+    p.add_argument("--width", type=int, default=832, help="pixels (multiple of 16)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sampler_config(args) -> SamplerConfig:
+    return SamplerConfig(
+        timesteps=parse_steps(args.steps), shift=args.shift, update=args.update,
+        frames_per_chunk=args.frames_per_chunk, window_frames=args.window_frames,
+        sink_frames=args.sink_frames, shot_sink=not args.no_shot_sink and args.window_frames is not None,
+        kv_cache=args.kv_cache, shot_rope_offset=getattr(args, "shot_rope_offset", 0),
+        recache_on_cut=getattr(args, "recache_on_cut", False),
+    )  # fmt: skip
+
+
+def latent_size(height: int, width: int, spatial: int = 8) -> tuple[int, int]:
+    if height % (2 * spatial) or width % (2 * spatial) or height <= 0 or width <= 0:
+        raise ValueError(
+            f"--height/--width must be positive multiples of {2 * spatial}, got {height}x{width}"
+        )
+    return height // spatial, width // spatial
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vidtrain sample", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="model folder, checkpoint step folder, or run folder")
+    p.add_argument("--shots", required=True, help="shots YAML (see recipes/shots_example.yaml)")
+    p.add_argument("--out", required=True, help="output .mp4 (metrics and timeline written beside it)")
+    p.add_argument("--decode", default="async", choices=list(DECODE_MODES))
+    p.add_argument("--lora", default=None, help="peft LoRA folder from the DMD stage")
+    p.add_argument("--vae", default="debug", help="debug | wan2.1 (random init, for timing) | PATH")
+    p.add_argument("--text-encoder", default=None, help="local umT5/T5 encoder folder")
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--shot-rope-offset", type=int, default=0, help="temporal RoPE offset per shot")
+    p.add_argument("--recache-on-cut", action="store_true", help="LongLive: re-cache K/V at each cut")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_sampler_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # 1. everything that can be wrong, before compute
+    out = Path(args.out)
+    check_output(out)
+    cfg = sampler_config(args)
+    shots: list[Shot] = load_shots(args.shots, fps=args.fps, frames_per_chunk=cfg.frames_per_chunk)
+    latent_hw = latent_size(args.height, args.width)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from vidtrain.models.wan import CausalWanDiT
+
+    model = CausalWanDiT.from_pretrained(str(resolve_checkpoint(args.checkpoint)))
+    if args.lora:
+        from vidtrain.sample.lora import load_lora
+
+        model = load_lora(model, args.lora)
+    model = model.to(device, dtype).eval().requires_grad_(False)
+    vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)
+    text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)
+    # 2. generate + decode
+    conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim)
+    writer = VideoWriter(out, args.fps)
+    try:
+        metrics = stream_video(
+            StreamingSampler(model, cfg), conds, [s.chunks for s in shots], latent_hw, [args.seed], vae,
+            args.decode, writer,
+        )  # fmt: skip
+    finally:
+        writer.close()
+    # 3. metrics and timeline beside the video
+    metrics.update(fps=args.fps, shots=[{"prompt": s.prompt, "chunks": s.chunks} for s in shots],
+                   frames_written=writer.frames, height=args.height, width=args.width)  # fmt: skip
+    write_metrics(metrics, out.with_suffix(".metrics.json"))
+    plot_timeline(metrics["timeline"], out.with_suffix(".timeline.png"), f"{out.name}: {args.decode} decode")
+    print(
+        f"[vidtrain] wrote {out} ({writer.frames} frames at {args.fps:g} fps), "
+        f"{metrics['fps_end_to_end']:.2f} frames/s end to end, first chunk {metrics['first_chunk_latency_s']:.2f} s, "
+        f"KV cache {metrics['kv_cache_bytes'] / 2**20:.2f} MiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
