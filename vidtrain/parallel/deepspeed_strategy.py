@@ -1,0 +1,125 @@
+"""The DeepSpeed strategy: the real engine (ZeRO 1/2/3) with a config generated from the recipe.
+
+The trainer keeps its own loop: `backward` runs `engine.backward` (the trainer has already
+divided the loss by grad_accum, so DeepSpeed's own division is off) and, between micro-batches,
+`engine.step()` only advances DeepSpeed's accumulation counter; `clip_and_step` is the boundary
+step (clipping by the config's `gradient_clipping`). The LR schedule stays the trainer's: it edits
+the learning rate in the param groups that DeepSpeed's optimizer steps with.
+Checkpoints: DeepSpeed's own sharded format under `engine/` (resumable), plus the full model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vidtrain.parallel.base import STRATEGIES
+from vidtrain.parallel.strategies import DistributedStrategy
+
+
+def deepspeed_config(recipe, world_size: int, use_bf16: bool) -> dict:
+    """The ds_config dict for a recipe (optimizer, ZeRO stage, clipping, accumulation, precision)."""
+    p, o, t = recipe.parallel, recipe.optim, recipe.train
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    return {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        # DeepSpeed counts every rank as data parallel; SP ranks share a sample (see strategies.py)
+        "train_batch_size": recipe.data.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": float(o.grad_clip),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,  # torch.optim.AdamW: no fused-kernel build, runs on CPU too
+            },
+        },
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@STRATEGIES.register("deepspeed")
+class DeepSpeedStrategy(DistributedStrategy):
+    name = "deepspeed"
+
+    def setup(self) -> None:
+        super().setup()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+        import deepspeed
+
+        use_bf16 = self.device.type == "cuda" and self.recipe.train.mixed_precision != "fp32"
+        cfg = deepspeed_config(self.recipe, self.world_size, use_bf16)
+        model.to(self.device)
+        self.apply_sequence_parallel(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
+        self.engine = engine
+        # the trainer's LambdaLR edits lr in these param groups, which DeepSpeed's step reads
+        return engine, getattr(optimizer, "optimizer", optimizer)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if hasattr(model, "module") else model
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+        scaled = loss * self.loss_scale() if self.sp_size > 1 else loss
+        model.backward(scaled, scale_wrt_gas=False)
+        if not model.is_gradient_accumulation_boundary():
+            model.step()  # not a boundary: only advances the micro-step counter
+
+    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        model.step()
+        norm = model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def full_grads(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for n, p in self.unwrap(model).named_parameters():
+            g = safe_get_full_grad(p)
+            if g is not None:
+                out[n] = g.detach().float().cpu().clone()
+        return out
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if self.recipe.parallel.zero_stage == 3:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return {
+                n: safe_get_full_fp32_param(p).detach().cpu().clone()
+                for n, p in self.unwrap(model).named_parameters()
+            } | {n: b.detach().cpu().clone() for n, b in self.unwrap(model).named_buffers()}
+        return super().model_state(model)
+
+    def optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return {}  # lives in engine/ (DeepSpeed's sharded format)
+
+    def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        pass
+
+    def save_engine(self, model: nn.Module, folder: Path) -> None:
+        model.save_checkpoint(str(folder), tag="engine", save_latest=False)
+
+    def load_engine(self, model: nn.Module, folder: Path) -> bool:
+        if not (folder / "engine").exists():
+            return False
+        path, _ = model.load_checkpoint(
+            str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load its checkpoint from {folder}")
+        return True

@@ -1,0 +1,204 @@
+"""Sequence parallelism: Ulysses attention and the teacher-forcing layouts over an SP group.
+
+Ulysses (DeepSpeed-Ulysses): each rank holds L/P tokens of every head. Before attention an
+all-to-all trades them for all L tokens of H/P heads; the inner core attends with the mask of
+the *global* token order (built from metadata); a second all-to-all returns the local tokens.
+Both all-to-alls are autograd functions, so backward runs the mirror exchange.
+
+Layouts decide which tokens a rank holds (DESIGN section 4-5):
+  naive     the single-process [all clean | all noisy] sequence cut into P contiguous pieces;
+  balanced  rank r holds frames [r*F/P, (r+1)*F/P) in both copies, clean then noisy.
+Global order = concatenation of the ranks' local sequences; masks follow from metadata.
+
+Legend: B batch, H heads, L tokens (global), Ll local tokens, D head dim, P SP ranks,
+C channels, F latent frames, T pixel frames.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from vidtrain.forcing.meta import TokenMeta, grid_meta
+from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
+
+LAYOUTS = ("naive", "balanced")
+# the autograd-aware all-to-all of torch.distributed.nn is marked deprecated but is the one that
+# carries gradients on gloo (CPU) as well as nccl
+warnings.filterwarnings("ignore", message=".*all_to_all_single is deprecated", category=FutureWarning)
+
+
+# ---- Ulysses ----------------------------------------------------------------------------------
+
+
+def _heads_to_seq(x_BHLD: torch.Tensor, p: int, group) -> torch.Tensor:
+    """[B, H, Ll, D] (all heads, local tokens) -> [B, H/P, P*Ll, D] (head group, all tokens)."""
+    b, h, ll, d = x_BHLD.shape
+    send = x_BHLD.reshape(b, p, h // p, ll, d).transpose(0, 1).contiguous()  # [P, B, H/P, Ll, D]
+    recv = dist_fn.all_to_all_single(torch.empty_like(send), send, group=group)  # [P(src), B, H/P, Ll, D]
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * ll, d)
+
+
+def _seq_to_heads(x_BHLD: torch.Tensor, p: int, group) -> torch.Tensor:
+    """Inverse of `_heads_to_seq`: [B, H/P, P*Ll, D] -> [B, H, Ll, D]."""
+    b, hp, seq_len, d = x_BHLD.shape
+    send = x_BHLD.reshape(b, hp, p, seq_len // p, d).permute(2, 0, 1, 3, 4).contiguous()  # [P, B, H/P, Ll, D]
+    recv = dist_fn.all_to_all_single(torch.empty_like(send), send, group=group)  # [P(head grp), ...]
+    return recv.transpose(0, 1).reshape(b, hp * p, seq_len // p, d)
+
+
+class UlyssesAttention(nn.Module):
+    """Wraps a block's attention core: all-to-all in, inner core on the global sequence, all-to-all out."""
+
+    def __init__(self, inner: nn.Module, group, sp_size: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+        self.sp_size = sp_size
+
+    @property
+    def layer_idx(self) -> int:
+        return self.inner.layer_idx
+
+    def forward(self, q_BHLD, k_BHLD, v_BHLD, ctx) -> torch.Tensor:
+        p = self.sp_size
+        q, k, v = (_heads_to_seq(t, p, self.group) for t in (q_BHLD, k_BHLD, v_BHLD))
+        if ctx.meta is not None and len(ctx.meta) != q.shape[2]:
+            raise ValueError(f"global metadata has {len(ctx.meta)} tokens, gathered sequence {q.shape[2]}")
+        return _seq_to_heads(self.inner(q, k, v, ctx), p, self.group)
+
+
+def apply_ulysses(model: nn.Module, group, sp_size: int) -> int:
+    """Replace every self-attention core with a Ulysses wrapper (from outside the model)."""
+    n = 0
+    for module in model.modules():
+        core = getattr(module, "core", None)
+        if core is None or isinstance(core, UlyssesAttention) or not hasattr(module, "num_heads"):
+            continue
+        if module.num_heads % sp_size:
+            raise ValueError(
+                f"Ulysses sequence parallelism needs heads divisible by parallel.sp_size: "
+                f"{module.num_heads} heads, sp_size={sp_size}"
+            )
+        module.core = UlyssesAttention(core, group, sp_size)
+        n += 1
+    if n == 0:
+        raise ValueError("no self-attention core found to wrap for sequence parallelism")
+    return n
+
+
+# ---- teacher-forcing layouts ------------------------------------------------------------------
+
+
+def check_layout(layout: str, frames: int, frames_per_chunk: int, sp_size: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if frames % (sp_size * frames_per_chunk):
+        raise ValueError(
+            f"{frames} latent frames do not split over sp_size={sp_size} ranks in whole chunks of "
+            f"{frames_per_chunk} frames: frames must be a multiple of {sp_size * frames_per_chunk}"
+        )
+
+
+def rank_frames(frames: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
+    """Frame range [f0, f1) that a rank holds in the balanced layout (and encodes with the VAE)."""
+    per = frames // sp_size
+    return sp_rank * per, (sp_rank + 1) * per
+
+
+def layout_metas(
+    layout: str, frames: int, hp: int, wp: int, frames_per_chunk: int, sp_size: int
+) -> list[TokenMeta]:
+    """Per-rank token metadata of a layout; their concatenation is the global order."""
+    check_layout(layout, frames, frames_per_chunk, sp_size)
+    if layout == "balanced":
+        out = []
+        for r in range(sp_size):
+            f0, f1 = rank_frames(frames, r, sp_size)
+            kw = dict(frame_offset=f0)
+            out.append(
+                TokenMeta.cat([
+                    grid_meta(f1 - f0, hp, wp, frames_per_chunk, noisy=False, **kw),
+                    grid_meta(f1 - f0, hp, wp, frames_per_chunk, noisy=True, **kw),
+                ])
+            )  # fmt: skip
+        return out
+    full = TokenMeta.cat([
+        grid_meta(frames, hp, wp, frames_per_chunk, noisy=False),
+        grid_meta(frames, hp, wp, frames_per_chunk, noisy=True),
+    ])  # fmt: skip
+    piece = len(full) // sp_size
+    return [full.index(slice(r * piece, (r + 1) * piece)) for r in range(sp_size)]
+
+
+def local_tf_sequence(
+    layout: str,
+    x0_BCFHW: torch.Tensor,
+    noise_BCFHW: torch.Tensor,
+    sigma_BF: torch.Tensor,
+    frames_per_chunk: int,
+    sp_rank: int,
+    sp_size: int,
+) -> tuple[TFSequence, TokenMeta]:
+    """This rank's part of the teacher-forcing sequence and the global metadata."""
+    _, _, f, h, w = x0_BCFHW.shape
+    metas = layout_metas(layout, f, h // 2, w // 2, frames_per_chunk, sp_size)
+    if layout == "balanced":
+        f0, f1 = rank_frames(f, sp_rank, sp_size)
+        seq = build_tf_sequence(
+            x0_BCFHW[:, :, f0:f1],
+            noise_BCFHW[:, :, f0:f1],
+            sigma_BF[:, f0:f1],
+            frames_per_chunk,
+            frame_offset=f0,
+        )
+    else:
+        full = build_tf_sequence(x0_BCFHW, noise_BCFHW, sigma_BF, frames_per_chunk)
+        piece = len(full.meta) // sp_size
+        seq = full.index(slice(sp_rank * piece, (sp_rank + 1) * piece))
+    return seq, TokenMeta.cat(metas)
+
+
+def encode_local_frames(
+    vae,
+    video_BCTHW: torch.Tensor,
+    layout: str,
+    sp_rank: int,
+    sp_size: int,
+    frames_per_chunk: int,
+    halo: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Latents this rank needs, encoded from its own pixel frames plus a left halo.
+
+    Returns (latents [B, C, f1-f0, h, w], f0). Balanced: only the rank's frame range. Naive: a
+    rank's piece of [clean | noisy] may cover any frames, so it encodes the frames its piece
+    touches (every rank of the clean half, and the noisy half, may need the same frames).
+    `halo` defaults to the VAE's temporal receptive field (exact encode).
+    """
+    frames = vae.num_latent_frames(video_BCTHW.shape[2])
+    check_layout(layout, frames, frames_per_chunk, sp_size)
+    if layout == "balanced":
+        f0, f1 = rank_frames(frames, sp_rank, sp_size)
+    else:
+        f0, f1 = naive_frame_span(frames, sp_rank, sp_size)
+    halo = vae.temporal_receptive_field() if halo is None else halo
+    return vae.encode_range(video_BCTHW, f0, f1, halo), f0
+
+
+def naive_frame_span(frames: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
+    """Latent frames [f0, f1) whose tokens (clean or noisy) land on a rank in the naive layout."""
+    total = 2 * frames
+    a, b = sp_rank * total // sp_size, (sp_rank + 1) * total // sp_size  # in "frame copies"
+    spans = [(max(a, 0), min(b, frames)), (max(a, frames) - frames, min(b, total) - frames)]
+    spans = [(s, e) for s, e in spans if e > s]
+    return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+def sp_all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    out = t.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out

@@ -1,0 +1,216 @@
+"""Multi-rank strategies: DDP and FSDP2, each combinable with Ulysses sequence parallelism.
+
+Gradient scaling. With SP, each rank of an SP group back-propagates its part of the loss
+(local squared errors / the group's total count), so the true gradient is the SUM over the SP
+group; data-parallel ranks are AVERAGED. DDP, FSDP and DeepSpeed all average over the whole
+world (dp x sp ranks); multiplying each rank's loss by sp_size before backward turns that
+world average into sum-over-sp / dp. The trainer never sees the factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vidtrain.forcing.meta import TokenMeta
+from vidtrain.forcing.teacher import TFSequence
+from vidtrain.parallel.base import STRATEGIES, Strategy
+from vidtrain.parallel.mesh import Mesh, build_mesh
+from vidtrain.parallel.sequence import apply_ulysses, local_tf_sequence
+
+
+class DistributedStrategy(Strategy):
+    """Shared by ddp / fsdp / deepspeed: the dp x sp mesh, SP layouts, reductions, balance figures."""
+
+    def __init__(self, recipe) -> None:
+        super().__init__(recipe)
+        self.mesh: Mesh | None = None
+        self.step_times: list[list[float]] = []  # per step: every rank's step time
+        self.layout_figures: dict[str, list[float]] | None = None
+
+    def setup(self) -> None:
+        p = self.recipe.parallel
+        if p.sp_size > 1 and p.sp_impl != "ulysses":
+            raise ValueError(f"parallel.sp_impl={p.sp_impl!r} is not implemented yet; use ulysses")
+        self.mesh = m = build_mesh(p.sp_size, p.timeout_s)
+        self.rank, self.world_size = m.rank, m.world_size
+        self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = m.dp_rank, m.dp_size, m.sp_rank, m.sp_size
+        self.device = m.device
+
+    def teardown(self) -> None:
+        if self.mesh is not None and self.is_main and self.step_times and self.recipe.log.plots:
+            from vidtrain.parallel.balance import plot_rank_figures
+
+            plot_rank_figures(self.rank_figures(), Path(self.recipe.run.dir) / "balance.png")
+        if self.mesh is not None and self.mesh.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.mesh = None
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def apply_sequence_parallel(self, model: nn.Module) -> None:
+        if self.sp_size > 1:
+            apply_ulysses(model, self.mesh.sp_group, self.sp_size)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def tf_sequence(
+        self, x0: torch.Tensor, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
+    ) -> tuple[TFSequence, TokenMeta]:
+        if self.sp_size == 1:
+            return super().tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
+        layout = self.recipe.parallel.layout
+        seq, meta = local_tf_sequence(
+            layout, x0, noise, sigma_BF, frames_per_chunk, self.sp_rank, self.sp_size
+        )
+        if self.layout_figures is None:
+            self._remember_layout(x0.shape[2], x0.shape[3], x0.shape[4], frames_per_chunk)
+        return seq, meta
+
+    def _remember_layout(self, f: int, h: int, w: int, fpc: int) -> None:
+        from vidtrain.parallel.balance import layout_report
+
+        rep = layout_report(self.recipe.parallel.layout, f, fpc, self.sp_size, h, w)
+        self.layout_figures = {k: v for k, v in rep["per_rank"].items()}
+
+    def sp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.sp_size == 1:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out, group=self.mesh.sp_group)
+        return out
+
+    def dp_mean(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        dist.all_reduce(out, group=self.mesh.dp_group)
+        return out / self.dp_size
+
+    def loss_scale(self) -> float:
+        return float(self.sp_size)
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+        (loss * self.loss_scale() if self.sp_size > 1 else loss).backward()
+
+    def full_grads(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter's full gradient after backward (tests and debugging; all ranks call it)."""
+        return {
+            n: p.grad.detach().cpu().clone()
+            for n, p in self.unwrap(model).named_parameters()
+            if p.grad is not None
+        }
+
+    def step_report(self, step_time_s: float) -> dict[str, float]:
+        t = torch.tensor([step_time_s], dtype=torch.float64)
+        if self.device.type == "cuda":
+            t = t.to(self.device)
+        out = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        times = [float(x) for x in out]
+        self.step_times.append(times)
+        mean = sum(times) / len(times)
+        report = {"balance/step_time_max_over_mean": max(times) / mean if mean > 0 else 1.0}
+        for key, vals in (self.layout_figures or {}).items():
+            m = sum(vals) / len(vals)
+            report[f"balance/{key}_max_over_mean"] = max(vals) / m if m > 0 else 1.0
+        return report
+
+    def rank_figures(self) -> dict[str, list[float]]:
+        """Per-rank figures of the run: the layout's counts (per SP rank) and mean step time."""
+        figs = dict(self.layout_figures or {})
+        if self.step_times:
+            n = len(self.step_times)
+            figs["step_time_s"] = [sum(s[r] for s in self.step_times) / n for r in range(self.world_size)]
+        return figs
+
+
+@STRATEGIES.register("ddp")
+class DDPStrategy(DistributedStrategy):
+    name = "ddp"
+
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.to(self.device)
+        self.apply_sequence_parallel(model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=ids)
+        return ddp, make_optimizer([p for p in ddp.parameters() if p.requires_grad])
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if hasattr(model, "module") else model
+
+
+@STRATEGIES.register("fsdp")
+class FSDPStrategy(DistributedStrategy):
+    """FSDP2: every block and then the root sharded over the whole world (dp x sp ranks)."""
+
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(self.device)
+        self.apply_sequence_parallel(model)
+        mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, self.wrap_optimizer(make_optimizer([p for p in model.parameters() if p.requires_grad]))
+
+    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def full_grads(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                out[n] = g.detach().cpu().clone()
+        return out
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+        sd = get_model_state_dict(model, options=opts)
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+    def optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+
+    def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def load_engine(self, model: nn.Module, folder: Path) -> bool:
+        """Resume a sharded model: full weights and optimizer state scattered into the shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from vidtrain.models.wan.state_dict import _read_weights
+
+        sd = _read_weights(folder.parent / "model")
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+        state = torch.load(folder.parent / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.load_optim_state(model, self.optimizer, state["optimizer"])
+        return True
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        self.optimizer = optimizer
+        return optimizer
