@@ -109,6 +109,7 @@ class TeacherForcing(Method):
 
 
 def make_method(recipe) -> Method:
+    import vidtrain.distill.method  # registers "dmd"
     import vidtrain.quant.method  # noqa: F401  (registers "qat")
 
     return METHODS.get(recipe.method.name)(recipe)

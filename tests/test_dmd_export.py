@@ -1,0 +1,106 @@
+"""Standalone DMD LoRA: export -> load equals the in-training generator, merge, wrong base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vidtrain.distill import lora
+from vidtrain.distill.export import export_lora, load_lora, main, merge_lora
+from vidtrain.models.wan import CausalWanDiT
+from vidtrain.models.wan.state_dict import save_vidtrain
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A base saved as the teacher and a peft model whose `dmd` adapter is non-trivial."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dmd_export")
+    base = CausalWanDiT.from_flavor("debug")
+    save_vidtrain(base, root / "teacher")
+    model = lora.add_roles(
+        CausalWanDiT.from_pretrained(str(root / "teacher")), 4, 8.0, ["q", "k", "v", "o", "ffn.0"]
+    )
+    with torch.no_grad():
+        for p in lora.adapter_params(model, "dmd").values():
+            p.normal_(0, 0.05)
+        for p in lora.adapter_params(model, "critic").values():
+            p.normal_(0, 0.05)
+    export_lora(model, root / "lora", teacher=str(root / "teacher"))
+    return root, model
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 16, 3, 4, 4, generator=g), torch.tensor([500.0]), torch.randn(1, 5, 32, generator=g)
+
+
+def forward(model, x, t, ctx):
+    from vidtrain.forcing.meta import MaskRule
+
+    with torch.no_grad():
+        return model(x, t, ctx, rule=MaskRule("causal", 3))
+
+
+def test_export_layout(trained):
+    root, _ = trained
+    files = sorted(p.name for p in (root / "lora").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "vidtrain_base.json"]
+    cfg = json.loads((root / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["peft_type"] == "LORA"
+    info = json.loads((root / "lora" / "vidtrain_base.json").read_text())
+    assert info["base_sha256"] == lora.base_fingerprint(CausalWanDiT.from_pretrained(str(root / "teacher")))
+
+
+def test_loaded_lora_equals_training_generator(trained):
+    root, model = trained
+    x, t, ctx = inputs()
+    with lora.use_role(model, "dmd"):
+        want = forward(model, x, t, ctx)
+    with lora.use_role(model, None):
+        teacher_out = forward(model, x, t, ctx)
+    loaded = load_lora(CausalWanDiT.from_pretrained(str(root / "teacher")), root / "lora")
+    got = forward(loaded, x, t, ctx)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, teacher_out), "the adapter must change the output"
+
+
+def test_merge_equals_adapter_forward(trained, tmp_path):
+    root, model = trained
+    x, t, ctx = inputs()
+    with lora.use_role(model, "dmd"):
+        want = forward(model, x, t, ctx)
+    merged = merge_lora(CausalWanDiT.from_pretrained(str(root / "teacher")), root / "lora")
+    assert isinstance(merged, CausalWanDiT)
+    torch.testing.assert_close(forward(merged, x, t, ctx), want, rtol=1e-4, atol=1e-5)
+    out = tmp_path / "merged"
+    assert main(["--base", str(root / "teacher"), "--lora", str(root / "lora"), "--out", str(out)]) == 0
+    torch.testing.assert_close(
+        forward(CausalWanDiT.from_pretrained(str(out)), x, t, ctx), want, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_wrong_base_is_a_clear_error(trained):
+    root, _ = trained
+    other = CausalWanDiT.from_pretrained(str(root / "teacher"))
+    with torch.no_grad():
+        other.blocks[0].ffn[0].weight[0, 0] += 1e-3
+    with pytest.raises(ValueError, match="wrong base"):
+        load_lora(other, root / "lora")
+    with pytest.raises(ValueError, match="different model config"):
+        load_lora(CausalWanDiT.from_flavor("debug", num_layers=3), root / "lora")
+    with pytest.raises(FileNotFoundError, match="not a vidtrain LoRA"):
+        load_lora(other, root)
+
+
+def test_merge_cli_errors(tmp_path):
+    from vidtrain.cli import main as cli
+
+    assert (
+        cli(
+            ["merge", "--base", str(tmp_path), "--lora", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )

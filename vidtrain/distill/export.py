@@ -1,0 +1,127 @@
+"""Standalone DMD LoRA: export (peft format + base identity), load on a base, merge into it.
+
+A LoRA folder holds:
+  adapter_config.json          peft LoraConfig (r, lora_alpha, target_modules)
+  adapter_model.safetensors    the `dmd` adapter's weights under peft's key names
+  vidtrain_base.json           the base it was trained on: model config and a sha256 of the
+                               base weights, plus the few-step schedule it was distilled for
+Loading on any other base is an error (`load_lora`), not a silently wrong video.
+
+`vidtrain merge --base CKPT --lora DIR --out DIR` folds the LoRA into the base (`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vidtrain.distill import lora
+from vidtrain.utils.io import atomic_dir
+
+BASE_FILE = "vidtrain_base.json"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "vidtrain-lora/1"
+
+
+def adapter_state(model: nn.Module, adapter: str, weights: dict[str, torch.Tensor] | None = None) -> dict:
+    """peft's saved key names (adapter name dropped); `weights` overrides values (e.g. the EMA)."""
+    out = {}
+    for n, p in lora.adapter_params(model, adapter).items():
+        v = weights[n] if weights is not None else p
+        out[n.replace(f".{adapter}.", ".")] = v.detach().to(p.dtype).cpu().contiguous()
+    if not out:
+        raise ValueError(f"model has no adapter {adapter!r}")
+    return out
+
+
+def export_lora(
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    adapter: str = lora.GENERATOR,
+    weights: dict[str, torch.Tensor] | None = None,
+    teacher: str | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write the adapter of a peft-wrapped CausalWanDiT to `folder` (atomically)."""
+    from safetensors.torch import save_file
+
+    cfg = copy.deepcopy(model.peft_config[adapter])
+    cfg.base_model_name_or_path = teacher
+    base = {
+        "format": FORMAT,
+        "adapter": adapter,
+        "model_config": model.get_base_model().cfg.to_dict(),
+        "base_sha256": lora.base_fingerprint(model),
+        "teacher": teacher,
+        **(extra or {}),
+    }
+    with atomic_dir(folder) as tmp:
+        cfg.save_pretrained(str(tmp))
+        save_file(adapter_state(model, adapter, weights), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+    return Path(folder)
+
+
+def read_base_info(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LoRA folder not found: {folder}")
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, BASE_FILE) if not (folder / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a vidtrain LoRA: missing {', '.join(missing)}")
+    return json.loads((folder / BASE_FILE).read_text())
+
+
+def check_base(model: nn.Module, folder: str | Path) -> dict:
+    """Raise a clear ValueError unless `model` is the base the LoRA in `folder` was trained on."""
+    info = read_base_info(folder)
+    mine = model.cfg.to_dict()
+    theirs = info["model_config"]
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        fields = ", ".join(f"{k}: LoRA {theirs.get(k)} vs model {mine.get(k)}" for k in diff)
+        raise ValueError(f"LoRA {folder} was trained on a different model config ({fields})")
+    digest = lora.base_fingerprint(model)
+    if digest != info["base_sha256"]:
+        raise ValueError(
+            f"LoRA {folder} was trained on base weights sha256 {info['base_sha256'][:12]}… "
+            f"(teacher {info.get('teacher')}), this model's weights are {digest[:12]}…: wrong base checkpoint"
+        )
+    return info
+
+
+def load_lora(model: nn.Module, folder: str | Path, adapter: str = lora.GENERATOR):
+    """The plain base `model` with the LoRA of `folder` applied (a PeftModel, frozen, eval mode)."""
+    from peft import PeftModel
+
+    check_base(model, folder)
+    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter, is_trainable=False)
+    return peft_model.eval()
+
+
+def merge_lora(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Fold the LoRA of `folder` into `model`'s weights; returns the plain model."""
+    return load_lora(model, folder).merge_and_unload()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vidtrain merge", description="Fold a DMD LoRA into its base model.")
+    p.add_argument("--base", required=True, help="base checkpoint folder (the DMD teacher)")
+    p.add_argument("--lora", required=True, help="LoRA folder (RUN/lora from a dmd run)")
+    p.add_argument("--out", required=True, help="output folder, vidtrain format (written atomically)")
+    args = p.parse_args(argv)
+    from vidtrain.models.wan import CausalWanDiT
+    from vidtrain.models.wan.state_dict import save_vidtrain
+
+    read_base_info(args.lora)
+    merged = merge_lora(CausalWanDiT.from_pretrained(args.base), args.lora)
+    save_vidtrain(merged, args.out)
+    print(f"[vidtrain] merged {args.lora} into {args.base} -> {args.out}")
+    return 0

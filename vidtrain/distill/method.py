@@ -1,0 +1,297 @@
+"""DMD (DMD2 as CausVid / Self-Forcing / LongLive use it) as a method of the one trainer loop.
+
+Per step (`train_step`):
+  1. roll out the few-step generator (adapter `dmd`): self forcing through the streaming
+     sampler's chunk loop (gradient at one random exit step), or teacher forcing on data;
+  2. every `generator_update_every`-th step: generator update with the DMD loss
+        g = (x0_fake − x0_real) / mean|x − x0_real|   (normalised per chunk)
+        L = 0.5·‖x − stopgrad(x − g)‖² / N            (so dL/dx = g / N)
+     x0_real from the frozen teacher (adapters off) with CFG, x0_fake from the critic;
+  3. every step: critic update (adapter `critic`), flow matching on the generator's outputs.
+Both roles share one AdamW with a parameter group per role (own lr and betas). Adam skips
+parameters without a gradient, so each role's update touches only its own weights and
+moments: two independent optimizers in one state dict (resumed by the trainer's checkpoint).
+The generator LoRA keeps its own EMA (`method.dmd.ema_decay`); the export at the end of
+training (RUN/lora/) writes the EMA weights.
+
+Legend: B batch, C channels, F latent frames, K chunks, H/W latent size.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vidtrain.distill import lora
+from vidtrain.distill.rollout import step_sigmas, tf_velocity
+from vidtrain.forcing.flow import frames_sigma, noise_latents, sample_chunk_sigmas
+from vidtrain.forcing.meta import MaskRule
+from vidtrain.train.methods import METHODS, Method
+
+
+def dmd_gradient(x_BCFHW, real_x0, fake_x0, frames_per_chunk: int) -> torch.Tensor:
+    """(fake − real) divided by mean |x − real| over each chunk of each sample (DMD2)."""
+    b, c, f, h, w = x_BCFHW.shape
+    k = f // frames_per_chunk
+    diff = (x_BCFHW - real_x0).abs().reshape(b, c, k, frames_per_chunk, h, w)
+    norm = diff.mean(dim=(1, 3, 4, 5), keepdim=True).clamp_min(1e-12)  # [B, 1, K, 1, 1, 1]
+    g = (fake_x0 - real_x0).reshape(b, c, k, frames_per_chunk, h, w) / norm
+    return g.reshape(b, c, f, h, w)
+
+
+def dmd_loss(x_BCFHW: torch.Tensor, g_BCFHW: torch.Tensor) -> torch.Tensor:
+    """0.5·MSE(x, stopgrad(x − g)): its gradient in x is g / numel."""
+    x = x_BCFHW.float()
+    return 0.5 * F.mse_loss(x, (x - g_BCFHW.float()).detach())
+
+
+def check_dmd_recipe(recipe) -> Path:
+    """Clear errors before any model is built; returns the teacher checkpoint folder."""
+    d, m = recipe.method.dmd, recipe.model
+    if d.generator_update_every < 1:
+        raise ValueError(f"method.dmd.generator_update_every must be >= 1, got {d.generator_update_every}")
+    steps = list(d.denoising_steps)
+    if (
+        not steps
+        or any(not 0 < t <= 1000 for t in steps)
+        or any(a <= b for a, b in itertools.pairwise(steps))
+    ):
+        raise ValueError(f"method.dmd.denoising_steps must decrease within (0, 1000], got {steps}")
+    if not 0 <= d.min_timestep < d.max_timestep <= 1000:
+        raise ValueError(
+            f"method.dmd needs 0 <= min_timestep < max_timestep <= 1000, got {d.min_timestep}, {d.max_timestep}"
+        )
+    if recipe.train.grad_accum != 1:
+        raise ValueError("method dmd runs one rollout per step: set train.grad_accum=1")
+    if recipe.parallel.strategy not in ("none", "ddp") or recipe.parallel.sp_size != 1:
+        raise ValueError(
+            f"method dmd supports parallel.strategy none or ddp without sequence parallelism, "
+            f"got {recipe.parallel.strategy} with sp_size={recipe.parallel.sp_size}"
+        )
+    if not d.negative_prompt_zero:
+        raise ValueError(
+            "method.dmd.negative_prompt_zero=false needs negative prompt embeddings, not supported yet"
+        )
+    teacher = d.teacher or m.checkpoint
+    if teacher is None:
+        raise ValueError("method.dmd.teacher (or model.checkpoint) must name the teacher checkpoint")
+    if d.teacher and m.checkpoint and Path(d.teacher) != Path(m.checkpoint):
+        raise ValueError(
+            f"one base serves all DMD roles: method.dmd.teacher={d.teacher} and model.checkpoint="
+            f"{m.checkpoint} differ; set only one"
+        )
+    if not Path(teacher).exists():
+        raise FileNotFoundError(f"method.dmd.teacher: checkpoint not found: {teacher}")
+    return Path(teacher)
+
+
+@METHODS.register("dmd")
+class DMD(Method):
+    name = "dmd"
+
+    def __init__(self, recipe) -> None:
+        super().__init__(recipe)
+        self.teacher_path = check_dmd_recipe(recipe)
+        self.cfg = recipe.method.dmd
+        self.fpc = recipe.model.frames_per_chunk
+        self.sigmas = step_sigmas(self.cfg.denoising_steps, self.cfg.timestep_shift)
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.updates = {"generator": 0, "critic": 0}
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def prepare_model(self, model: torch.nn.Module, trainer) -> torch.nn.Module:
+        """Teacher weights into the base, optional NVFP4 convert, then the two adapters."""
+        from vidtrain.models.wan import CausalWanDiT
+
+        if self.recipe.model.checkpoint is None:
+            teacher = CausalWanDiT.from_pretrained(str(self.teacher_path))
+            if teacher.cfg != model.cfg:
+                raise ValueError(
+                    f"teacher {self.teacher_path} is {teacher.cfg}, the recipe's model is {model.cfg}"
+                )
+            model.load_state_dict(teacher.state_dict())
+            del teacher
+        if self.recipe.quant.enabled:
+            from vidtrain.quant.method import convert_for_recipe
+
+            convert_for_recipe(model, self.recipe.quant, trainer.device)
+        d = self.cfg
+        peft_model = lora.add_roles(model, d.lora_rank, d.lora_alpha, d.lora_targets)
+        if d.ema_decay > 0:
+            self.ema = {
+                n: p.detach().float().cpu().clone()
+                for n, p in lora.adapter_params(peft_model, lora.GENERATOR).items()
+            }
+        # the trainer builds its optimizer through this factory (see the module docstring)
+        trainer.make_optimizer = lambda params: self.make_optimizer(peft_model, params)
+        return peft_model
+
+    def make_optimizer(self, peft_model, params: list) -> torch.optim.Optimizer:
+        o, d = self.recipe.optim, self.cfg
+        gen_ids = {id(p) for p in lora.adapter_params(peft_model, lora.GENERATOR).values()}
+        gen = [p for p in params if id(p) in gen_ids]
+        critic = [p for p in params if id(p) not in gen_ids]
+        return torch.optim.AdamW(
+            [
+                {"params": gen, "lr": d.generator_lr, "betas": tuple(d.generator_betas), "role": "generator"},
+                {"params": critic, "lr": d.critic_lr, "betas": tuple(d.critic_betas), "role": "critic"},
+            ],
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+        )
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def rule(self, kind: str) -> MaskRule:
+        m = self.recipe.model
+        return MaskRule(kind, self.fpc, m.window_frames, m.sink_frames, m.shot_sink)
+
+    def exit_steps(self, step: int) -> int:
+        """The rollout's exit step: a function of (seed, step) only, so equal on every rank."""
+        g = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 7919 + 101)
+        return int(torch.randint(len(self.sigmas), (1,), generator=g))
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.cfg.generator_update_every == 0
+
+    def rollout(self, trainer, model, batch: dict, step: int, grad: bool) -> torch.Tensor:
+        """Generator output x0 [B, C, F, H, W]; graph only through the exit step when `grad`."""
+        x_data = batch["latents"].to(trainer.device)
+        text, mask = self.text(trainer, batch)
+        exit_step = self.exit_steps(step)
+        with lora.use_role(model, lora.GENERATOR), trainer.autocast(), torch.set_grad_enabled(grad):
+            if self.cfg.rollout == "teacher_forcing":
+                return self.tf_rollout(trainer, model, x_data, text, mask, exit_step)
+            return self.self_forcing_rollout(trainer, model, x_data, text, mask, exit_step, grad)
+
+    def tf_rollout(self, trainer, model, x_data, text, mask, exit_step: int) -> torch.Tensor:
+        """Cheap option: every chunk noised to the exit step's sigma, clean data as history."""
+        g = trainer.step_generator(0, salt=1)
+        noise = torch.randn(x_data.shape, generator=g).to(x_data.device)
+        b, f = x_data.shape[0], x_data.shape[2]
+        sigma_BF = torch.full((b, f), self.sigmas[exit_step], device=x_data.device)
+        v = tf_velocity(model, x_data, noise, sigma_BF, text, self.rule("teacher_forcing"), mask)
+        return noise_latents(x_data, noise, sigma_BF) - sigma_BF[:, None, :, None, None] * v.float()
+
+    def self_forcing_rollout(self, trainer, model, x_data, text, mask, exit_step: int, grad: bool):
+        from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
+
+        m, d = self.recipe.model, self.cfg
+        cfg = SamplerConfig(
+            timesteps=tuple(d.denoising_steps), shift=d.timestep_shift, frames_per_chunk=self.fpc,
+            window_frames=m.window_frames, sink_frames=m.sink_frames, shot_sink=m.shot_sink, kv_cache="fp32",
+        )  # fmt: skip
+        b, _, f, h, w = x_data.shape
+        base = (self.recipe.seed * 1_000_003 + trainer.step) * 1009 + trainer.strategy.dp_rank
+        seeds = [base * 64 + i for i in range(b)]
+        out = StreamingSampler(model, cfg).generate_latents(
+            Conditioning(text, mask), f // self.fpc, (h, w), seeds, grad_exit=exit_step if grad else None
+        )
+        return out.latents_BCFHW
+
+    def text(self, trainer, batch: dict):
+        mask = batch.get("text_mask")
+        return batch["text"].to(trainer.device), None if mask is None else mask.to(trainer.device)
+
+    def score_noise(self, trainer, x: torch.Tensor, salt: int):
+        """Per-chunk shifted sigmas clamped to [min, max] timestep, and the noise."""
+        d, b, f = self.cfg, x.shape[0], x.shape[2]
+        g = trainer.step_generator(0, salt=salt)
+        sigma_BK = sample_chunk_sigmas(
+            b, f // self.fpc, shift=d.timestep_shift, min_t=d.min_timestep, max_t=d.max_timestep, generator=g
+        )
+        noise = torch.randn(x.shape, generator=g).to(x.device)
+        return frames_sigma(sigma_BK, self.fpc).to(x.device), noise
+
+    @torch.no_grad()
+    def scores(self, trainer, model, x, batch, sigma_BF, noise):
+        """x0 predictions of the teacher (CFG) and of the critic for x noised at sigma_BF."""
+        text, mask = self.text(trainer, batch)
+        rule = self.rule("teacher_forcing")
+        with trainer.autocast():
+            with lora.use_role(model, lora.TEACHER):
+                v_c = tf_velocity(model, x, noise, sigma_BF, text, rule, mask).float()
+                v_u = tf_velocity(model, x, noise, sigma_BF, torch.zeros_like(text), rule, None).float()
+            with lora.use_role(model, lora.CRITIC):
+                v_fake = tf_velocity(model, x, noise, sigma_BF, text, rule, mask).float()
+        v_real = v_u + self.cfg.guidance_scale * (v_c - v_u)
+        x_t = noise_latents(x, noise, sigma_BF)
+        s = sigma_BF[:, None, :, None, None]
+        return x_t - s * v_real, x_t - s * v_fake
+
+    def generator_loss(self, trainer, model, x, batch) -> tuple[torch.Tensor, dict]:
+        sigma_BF, noise = self.score_noise(trainer, x, salt=2)
+        real_x0, fake_x0 = self.scores(trainer, model, x.detach().float(), batch, sigma_BF, noise)
+        g = dmd_gradient(x.detach().float(), real_x0, fake_x0, self.fpc)
+        return dmd_loss(x, g), {"dmd_grad_abs": float(g.abs().mean())}
+
+    def critic_loss(self, trainer, model, x, batch) -> torch.Tensor:
+        """Flow matching of the critic on generator outputs (velocity target ε − x0)."""
+        x = x.detach().float()
+        sigma_BF, noise = self.score_noise(trainer, x, salt=3)
+        text, mask = self.text(trainer, batch)
+        with lora.use_role(model, lora.CRITIC), trainer.autocast():
+            v = tf_velocity(model, x, noise, sigma_BF, text, self.rule("teacher_forcing"), mask)
+        return F.mse_loss(v.float(), noise - x)
+
+    def update(self, trainer, model, loss: torch.Tensor) -> float:
+        s = trainer.strategy
+        s.backward(loss, trainer.model)
+        if s.dp_size > 1:  # adapters are tiny: average their gradients directly
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(s.dp_mean(p.grad))
+        return s.clip_and_step(trainer.model, trainer.optimizer, self.recipe.optim.grad_clip)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def train_step(self, trainer, step: int) -> dict[str, float]:
+        model = trainer.strategy.unwrap(trainer.model)
+        batch = trainer.next_batch()
+        logs: dict[str, float] = {}
+        x = None
+        if self.is_generator_step(step):
+            x = self.rollout(trainer, model, batch, step, grad=True)
+            loss_g, extra = self.generator_loss(trainer, model, x, batch)
+            logs.update(extra, generator_loss=float(loss_g.detach()))
+            logs["generator_grad_norm"] = self.update(trainer, model, loss_g)
+            self.updates["generator"] += 1
+            self.update_ema(model)
+        if x is None:
+            x = self.rollout(trainer, model, batch, step, grad=False)
+        loss_c = self.critic_loss(trainer, model, x, batch)
+        logs["critic_grad_norm"] = self.update(trainer, model, loss_c)
+        self.updates["critic"] += 1
+        trainer.scheduler.step()
+        logs.update(loss=float(loss_c.detach()), critic_loss=float(loss_c.detach()))
+        logs.update({f"{k}_updates": float(v) for k, v in self.updates.items()})
+        if step + 1 == self.recipe.train.max_steps:
+            self.export(trainer, model)
+        return logs
+
+    @torch.no_grad()
+    def update_ema(self, model) -> None:
+        if self.ema is None:
+            return
+        for n, p in lora.adapter_params(model, lora.GENERATOR).items():
+            self.ema[n].lerp_(p.detach().float().cpu(), 1.0 - self.cfg.ema_decay)
+
+    def export(self, trainer, model) -> None:
+        """RUN/lora/: the generator LoRA (EMA weights when EMA is on), peft format, atomically."""
+        from vidtrain.distill.export import export_lora
+
+        if trainer.strategy.is_main:
+            export_lora(
+                model, trainer.run_dir / "lora", weights=self.ema, teacher=str(self.teacher_path),
+                extra={"denoising_steps": list(self.cfg.denoising_steps), "timestep_shift": self.cfg.timestep_shift,
+                       "frames_per_chunk": self.fpc, "quant": self.recipe.quant.enabled},
+            )  # fmt: skip
+        trainer.strategy.barrier()
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "updates": dict(self.updates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = None if state.get("ema") is None else {k: v.clone() for k, v in state["ema"].items()}
+        self.updates = dict(state["updates"])
