@@ -66,8 +66,11 @@ class Strategy:
         seq = build_tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
         return seq, seq.meta
 
-    def step_report(self, step_time_s: float) -> dict[str, float]:
-        """Extra per-step figures to log (per-rank balance figures in parallel strategies)."""
+    def step_report(self, step_time_s: float, logs: dict[str, float] | None = None) -> dict[str, float]:
+        """Extra per-step figures to log (per-rank balance figures in parallel strategies).
+
+        `logs` are this rank's figures of the step (parallel strategies keep a per-rank record).
+        """
         return {}
 
     def sp_sum(self, t: torch.Tensor) -> torch.Tensor:

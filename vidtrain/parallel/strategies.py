@@ -9,6 +9,7 @@ world average into sum-over-sp / dp. The trainer never sees the factor.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,7 +104,8 @@ class DistributedStrategy(Strategy):
             if p.grad is not None
         }
 
-    def step_report(self, step_time_s: float) -> dict[str, float]:
+    def step_report(self, step_time_s: float, logs: dict[str, float] | None = None) -> dict[str, float]:
+        self._rank_log(step_time_s, logs or {})
         t = torch.tensor([step_time_s], dtype=torch.float64)
         if self.device.type == "cuda":
             t = t.to(self.device)
@@ -117,6 +119,22 @@ class DistributedStrategy(Strategy):
             m = sum(vals) / len(vals)
             report[f"balance/{key}_max_over_mean"] = max(vals) / m if m > 0 else 1.0
         return report
+
+    def _rank_log(self, step_time_s: float, logs: dict[str, float]) -> None:
+        """RUN/ranks/rank{r}.jsonl: every rank's own loss and step time (lockstep is checkable)."""
+        folder = Path(self.recipe.run.dir) / "ranks"
+        folder.mkdir(parents=True, exist_ok=True)
+        rec = {
+            "local_step": len(self.step_times) + 1,
+            "rank": self.rank,
+            "dp_rank": self.dp_rank,
+            "sp_rank": self.sp_rank,
+        }
+        rec |= {k: float(v) for k, v in logs.items() if isinstance(v, int | float)} | {
+            "step_time_s": step_time_s
+        }
+        with open(folder / f"rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def rank_figures(self) -> dict[str, list[float]]:
         """Per-rank figures of the run: the layout's counts (per SP rank) and mean step time."""

@@ -168,7 +168,7 @@ class Trainer:
                 self.ema.update(self.strategy.unwrap(self.model))
             self.step += 1
             logs.update(self.step_figures(time.perf_counter() - start))
-            logs.update(self.strategy.step_report(logs["step_time_s"]))
+            logs.update(self.strategy.step_report(logs["step_time_s"], logs))
             last = logs
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.logger.log({"step": self.step, **logs})

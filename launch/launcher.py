@@ -1,0 +1,163 @@
+"""`vidtrain-launch`: start `vidtrain train RECIPE k=v ...` on many ranks.
+
+  vidtrain-launch --launcher deepspeed --nproc 2 recipes/tf_debug_sp2.yaml
+  vidtrain-launch --launcher torchrun --nproc 8 --nnodes 2 --node-rank 0 --master-addr node0 RECIPE
+  vidtrain-launch --launcher slurm --nnodes 4 --nproc 8 --gpus-per-node 8 --partition gpu RECIPE --dry-run
+
+Every launcher ends in the same entry, `python -m vidtrain.cli train RECIPE k=v ...`, with
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment (what the
+strategies read). `--dry-run` prints the command (or the rendered sbatch script) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ENTRY = ["-m", "vidtrain.cli", "train"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(a: argparse.Namespace) -> list[str]:
+    return [str(Path(a.recipe).resolve()), *a.overrides]
+
+
+def deepspeed_command(a: argparse.Namespace) -> list[str]:
+    cmd = ["deepspeed"]
+    if a.hostfile:
+        if not Path(a.hostfile).is_file():
+            raise ValueError(f"hostfile {a.hostfile!r} does not exist (lines like 'node0 slots=8')")
+        cmd += ["--hostfile", a.hostfile]
+    elif a.nnodes > 1:
+        raise ValueError(
+            f"--nnodes {a.nnodes} with the deepspeed launcher needs --hostfile (lines like 'node0 slots=8')"
+        )
+    if a.nnodes > 1:
+        cmd += ["--num_nodes", str(a.nnodes)]
+    cmd += ["--num_gpus", str(a.nproc), "--no_local_rank", "--module"]
+    cmd += ["--master_addr", a.master_addr or "127.0.0.1", "--master_port", str(a.master_port or free_port())]
+    # --module: deepspeed runs `python -u -m <first arg> <rest>`
+    return [*cmd, "vidtrain.cli", "train", *train_args(a)]
+
+
+def torchrun_command(a: argparse.Namespace) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(a.nproc),
+        "--nnodes",
+        str(a.nnodes),
+    ]
+    if a.nnodes > 1:
+        if not a.master_addr:
+            raise ValueError("multi-node torchrun needs --master-addr (the address of node rank 0)")
+        cmd += ["--node_rank", str(a.node_rank)]
+    cmd += ["--master_addr", a.master_addr or "127.0.0.1", "--master_port", str(a.master_port or free_port())]
+    return [*cmd, "--module", "vidtrain.cli", "train", *train_args(a)]
+
+
+def sbatch_script(a: argparse.Namespace) -> str:
+    """The sbatch script: one task per rank, `srun` maps Slurm's ids to the launcher env."""
+    run_dir = Path(a.log_dir or ".").resolve()
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={a.job_name}",
+        f"#SBATCH --nodes={a.nnodes}",
+        f"#SBATCH --ntasks-per-node={a.nproc}",
+        "#SBATCH --cpus-per-task=1" if not a.gpus_per_node else f"#SBATCH --gpus-per-node={a.gpus_per_node}",
+    ]
+    if a.partition:
+        lines.append(f"#SBATCH --partition={a.partition}")
+    if a.time:
+        lines.append(f"#SBATCH --time={a.time}")
+    lines += [
+        f"#SBATCH --output={run_dir}/slurm-%j.out",
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"export MASTER_PORT={a.master_port or 29500}",
+        "export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1",
+        "# one task per rank; Slurm's ids become the env the strategies read",
+        "srun --kill-on-bad-exit=1 bash -c '"
+        "export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; "
+        f"exec {shlex.join([sys.executable, *ENTRY, *train_args(a)])}'",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vidtrain-launch", description=__doc__.split("\n")[0])
+    p.add_argument("--launcher", choices=("deepspeed", "torchrun", "slurm"), default="torchrun")
+    p.add_argument("--nproc", type=int, default=1, help="ranks (GPUs or CPU processes) per node")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0, help="torchrun multi-node: this node's rank")
+    p.add_argument("--hostfile", help="deepspeed multi-node hostfile")
+    p.add_argument("--master-addr")
+    p.add_argument("--master-port", type=int)
+    p.add_argument("--partition", help="slurm partition")
+    p.add_argument("--time", help="slurm time limit, e.g. 02:00:00")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="slurm GPUs per node (0: CPU ranks)")
+    p.add_argument("--job-name", default="vidtrain")
+    p.add_argument("--log-dir", help="slurm: folder for slurm-%%j.out (default: current folder)")
+    p.add_argument("--script-out", help="slurm: where to write the sbatch script (default: a temp file)")
+    p.add_argument("--dry-run", action="store_true", help="print the command / sbatch script, start nothing")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
+    a = p.parse_args(argv)
+    if a.nproc < 1 or a.nnodes < 1:
+        raise ValueError(f"--nproc and --nnodes must be >= 1, got {a.nproc}, {a.nnodes}")
+    if not Path(a.recipe).is_file():
+        raise ValueError(f"recipe {a.recipe!r} not found")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = parse(argv)
+        if a.launcher == "slurm":
+            return _slurm(a)
+        cmd = deepspeed_command(a) if a.launcher == "deepspeed" else torchrun_command(a)
+    except ValueError as e:
+        print(f"vidtrain-launch: error: {e}", file=sys.stderr)
+        return 2
+    if a.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    return subprocess.call(cmd)
+
+
+def _slurm(a: argparse.Namespace) -> int:
+    script = sbatch_script(a)
+    if a.dry_run:
+        print(script, end="")
+        return 0
+    import tempfile
+
+    path = (
+        Path(a.script_out)
+        if a.script_out
+        else Path(tempfile.mkstemp(prefix="vidtrain-", suffix=".sbatch")[1])
+    )
+    path.write_text(script)
+    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if out.returncode:
+        print(f"vidtrain-launch: sbatch failed: {out.stderr.strip()}", file=sys.stderr)
+        return out.returncode
+    print(f"[vidtrain-launch] submitted job {out.stdout.strip()} ({path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
