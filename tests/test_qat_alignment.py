@@ -51,7 +51,7 @@ def test_qat_forward_equals_deployment_weights():
         lin = deployed.get_submodule(key.removesuffix(".weight"))
         with torch.no_grad():
             lin.weight.copy_(N.dequantize(q))
-        lin.register_forward_pre_hook(lambda m, args: (N.fake_quantize(args[0]),))
+        lin.register_forward_pre_hook(lambda m, args: (N.fake_quantize_rows(args[0]),))
     x0, _, _, text = _inputs()
     t = torch.tensor([300.0, 700.0])
     rule = MaskRule("causal", FPC)

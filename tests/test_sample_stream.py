@@ -8,7 +8,8 @@ import torch
 from vidtrain.forcing.meta import MaskRule, TokenMeta, grid_meta
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext
-from vidtrain.sample.kv_cache import kv_fake_quant_hook, visible_frames
+from vidtrain.quant.kv import KVFakeQuantHook
+from vidtrain.sample.kv_cache import visible_frames
 from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
 
 HW = (4, 4)  # latent height/width: 4 tokens per frame
@@ -96,7 +97,7 @@ def test_nvfp4_cache_equals_teacher_forcing_with_fake_quant_history(model):
     cfg = SamplerConfig(kv_cache="nvfp4", window_frames=4, sink_frames=2, timesteps=TWO)
     res = _sample(model, cfg)
     for step in (0, 1):
-        tf = _tf_noisy_pred(model, res, cfg, step, _cond(model), hook=kv_fake_quant_hook)
+        tf = _tf_noisy_pred(model, res, cfg, step, _cond(model), hook=KVFakeQuantHook())
         torch.testing.assert_close(_stream_pred(res, step), tf, rtol=1e-4, atol=1e-4)
     # and it is not the unquantized prediction (the test would be vacuous otherwise)
     plain = _tf_noisy_pred(model, res, cfg, 1, _cond(model))

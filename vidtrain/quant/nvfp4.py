@@ -241,3 +241,13 @@ def fake_quantize_kv_chunks(kv_BHLD: torch.Tensor, chunk_len: int) -> torch.Tens
         raise ValueError(f"history length {length} is not a multiple of chunk_len {chunk_len}")
     x = kv_BHLD.reshape(b, h, length // chunk_len, chunk_len, d)  # [B, H, n, Lc, D]
     return fake_quantize_kv(x, group_dims=(0, 2)).reshape(b, h, length, d)
+
+
+def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quant with one per-tensor amax per row (all dims but the last), 1x16 blocks.
+
+    Used for activations in QAT: each token is quantized on its own, so the result does not
+    depend on which other tokens share the tensor (sequence-parallel shards, batch mates, the
+    sampler's single chunk versus the teacher-forcing sequence).
+    """
+    return dequantize(quantize_blocks(x, group_dims=tuple(range(x.ndim - 1))), x.dtype)

@@ -1,7 +1,7 @@
 """NVFP4 quantization-aware training: `convert(model)` swaps linears for fake-quant ones.
 
-W4A4 as DESIGN section 7: weights are fake-quantized in 16x16 tiles, activations in 1x16 blocks
-along in_features, both with a per-tensor amax; the gradient is straight-through (the backward
+W4A4 as DESIGN section 7: weights are fake-quantized in 16x16 tiles with a per-tensor amax,
+activations in 1x16 blocks along in_features with a per-token amax (layout-invariant); the gradient is straight-through (the backward
 of quantize->dequantize is the identity), so the matmul's gradients are those of
 `F.linear(x_hat, w_hat)` with x_hat, w_hat passed straight to x and w.
 
@@ -40,51 +40,45 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")
 
 
-def _fake_quantize(x: torch.Tensor, tile_2d: bool, backend: str) -> torch.Tensor:
+def _fake_quantize(x: torch.Tensor, tile_2d: bool, backend: str, per_row: bool = False) -> torch.Tensor:
     if backend == "torch":
-        return nvfp4.fake_quantize(x, tile_2d=tile_2d)
+        return nvfp4.fake_quantize_rows(x) if per_row else nvfp4.fake_quantize(x, tile_2d=tile_2d)
     from vidtrain import kernels  # Triton kernels: same bytes as the torch reference
 
-    return kernels.dequantize(kernels.quantize(x, tile_2d, backend), x.dtype, backend)
+    if per_row:
+        q = kernels.quantize_blocks(x, tuple(range(x.ndim - 1)), backend)
+    else:
+        q = kernels.quantize(x, tile_2d, backend)
+    return kernels.dequantize(q, x.dtype, backend)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
     """quantize -> dequantize forward, identity backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tile_2d: bool, backend: str) -> torch.Tensor:
-        return _fake_quantize(x, tile_2d, backend)
+    def forward(ctx, x: torch.Tensor, tile_2d: bool, backend: str, per_row: bool) -> torch.Tensor:
+        return _fake_quantize(x, tile_2d, backend, per_row)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad, None, None, None
 
 
-def fake_quantize_ste(x: torch.Tensor, tile_2d: bool = False, backend: str = "torch") -> torch.Tensor:
+def fake_quantize_ste(
+    x: torch.Tensor, tile_2d: bool = False, backend: str = "torch", per_row: bool = False
+) -> torch.Tensor:
     """NVFP4 fake-quant with a straight-through gradient; `backend` as in `vidtrain.kernels`
-    ("torch" reference, "triton" on CUDA, "interpret" for Triton on CPU)."""
-    return _FakeQuantSTE.apply(x, tile_2d, backend)
-
-
-class _FakeQuantKVSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kv: torch.Tensor, chunk_len: int) -> torch.Tensor:
-        return nvfp4.fake_quantize_kv_chunks(kv, chunk_len)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def fake_quantize_kv_history(kv_BHLD: torch.Tensor, chunk_len: int) -> torch.Tensor:
-    """Clean-history K or V [B, H, L, D] as the NVFP4 KV cache stores it (amax per (batch,
-    chunk), 16-blocks along D), with a straight-through gradient. Same bytes as the sampler's
-    `nvfp4.quantize_blocks(chunk, group_dims=(0,))` for each chunk."""
-    return _FakeQuantKVSTE.apply(kv_BHLD, chunk_len)
+    ("torch" reference, "triton" on CUDA, "interpret" for Triton on CPU); `per_row` takes the
+    per-tensor amax per row (activations: per token)."""
+    return _FakeQuantSTE.apply(x, tile_2d, backend, per_row)
 
 
 class NVFP4Linear(nn.Linear):
     """nn.Linear whose forward fake-quantizes weight (16x16 tiles) and input (1x16 blocks).
+
+    The input's second-level (fp32) scale is taken per token rather than per tensor: a token's
+    quantization then never depends on the other tokens in the tensor, so teacher forcing, every
+    sequence-parallel layout and the sampler's one-chunk passes quantize each token identically.
 
     Parameters keep their names (`weight`, `bias`), so state dicts load either way.
     `backend` picks the fake-quant implementation (see `fake_quantize_ste`); all give one result.
@@ -110,7 +104,7 @@ class NVFP4Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_hat = fake_quantize_ste(self.weight, tile_2d=True, backend=self.backend)
-        x_hat = fake_quantize_ste(x, tile_2d=False, backend=self.backend)
+        x_hat = fake_quantize_ste(x, backend=self.backend, per_row=True)
         return F.linear(x_hat, w_hat, self.bias)
 
 

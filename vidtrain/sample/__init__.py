@@ -1,7 +1,7 @@
 """Streaming sampler: chunked few-step generation over a KV cache, multi-shot, NVFP4 cache,
 async VAE decode, CLI (`vidtrain sample`) and evaluation (`vidtrain eval`)."""
 
-from vidtrain.sample.kv_cache import KVCache, kv_fake_quant_hook, visible_frames
+from vidtrain.sample.kv_cache import KVCache, visible_frames
 from vidtrain.sample.sampler import (
     ChunkOut,
     Conditioning,
@@ -19,6 +19,5 @@ __all__ = [
     "SamplerConfig",
     "StreamingSampler",
     "debug_text_context",
-    "kv_fake_quant_hook",
     "visible_frames",
 ]

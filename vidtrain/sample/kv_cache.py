@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from vidtrain.forcing.meta import MaskRule, build_mask
+from vidtrain.forcing.meta import MaskRule
 from vidtrain.quant import nvfp4
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None}
@@ -140,28 +140,3 @@ class KVCache:
         if self.write:
             layer[self.chunk] = (self._store(k_BHLD), self._store(v_BHLD))
         return torch.cat([*ks, k_BHLD], dim=2), torch.cat([*vs, v_BHLD], dim=2), None
-
-
-def kv_fake_quant_hook(layer_idx: int, q_BHLD, k_BHLD, v_BHLD, ctx) -> tuple:
-    """Teacher-forcing kv_hook that shows every query the clean *history* as the NVFP4 cache does.
-
-    Clean K/V are fake-quantized per (batch, head, chunk) exactly as `KVCache(kv_dtype="nvfp4")`
-    stores them; a query's own chunk stays unquantized (the sampler attends to fresh K/V of the
-    chunk it computes). Implemented by appending the quantized copy of every key and routing the
-    mask: history entries (clean key of an earlier chunk) use the copy, the rest the original.
-    """
-    meta = ctx.meta
-    clean = ~meta.noisy.to(k_BHLD.device)
-    chunk = meta.chunk.to(k_BHLD.device)
-    kq, vq = k_BHLD.clone(), v_BHLD.clone()
-    for c in torch.unique(chunk[clean]).tolist():
-        idx = torch.nonzero(clean & (chunk == c)).squeeze(1)
-        kq[:, :, idx] = nvfp4.fake_quantize_kv(k_BHLD[:, :, idx], group_dims=(0, 1))
-        vq[:, :, idx] = nvfp4.fake_quantize_kv(v_BHLD[:, :, idx], group_dims=(0, 1))
-    mask = ctx.mask()
-    if mask is None:
-        mask = build_mask(MaskRule("causal", ctx.rule.frames_per_chunk), meta, meta)
-    mask = mask.to(k_BHLD.device)
-    hist = clean[None, :] & (chunk[None, :] < chunk[:, None])  # [Lq, Lk]
-    new_mask = torch.cat([mask & ~hist, mask & hist], dim=1)
-    return torch.cat([k_BHLD, kq], dim=2), torch.cat([v_BHLD, vq], dim=2), new_mask
