@@ -12,7 +12,6 @@ from vidtrain.models.vae import CausalVideoVAE
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.state_dict import save_vidtrain
 from vidtrain.sample.decode import stream_video
-from vidtrain.sample.lora import load_lora, save_base_identity
 from vidtrain.sample.sampler import SamplerConfig, StreamingSampler, debug_text_context
 from vidtrain.sample.shots import load_shots, parse_shots
 
@@ -114,34 +113,58 @@ def test_cli_errors_before_compute(ckpt, tmp_path):
     assert not (tmp_path / "o.mp4").exists()
 
 
-def _lora_folder(model, path: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
+def _dmd_lora(base_folder: Path, out: Path) -> Path:
+    """A DMD-style LoRA (the `dmd` role, non-trivial weights) exported for the base in base_folder."""
+    from vidtrain.distill import lora
+    from vidtrain.distill.export import export_lora
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q", "k", "v", "o"],
-                                                  init_lora_weights=False))  # fmt: skip
-    peft_model.save_pretrained(str(path))
-    save_base_identity(peft_model, path)
-    return path
+    model = lora.add_roles(CausalWanDiT.from_pretrained(base_folder), 4, 4.0, ["q", "k", "v", "o"])
+    with torch.no_grad():
+        for p in lora.adapter_params(model, "dmd").values():
+            p.normal_(0, 0.05)
+    return export_lora(model, out, teacher=str(base_folder))
 
 
-def test_lora_loads_on_its_base_and_refuses_another(tmp_path):
-    torch.manual_seed(0)
-    base = CausalWanDiT.from_flavor("debug")
-    ref = {k: v.clone() for k, v in base.state_dict().items()}
-    folder = _lora_folder(CausalWanDiT.from_flavor("debug").requires_grad_(False), tmp_path / "lora")
-    # the folder was made on a fresh random model: another base
-    with pytest.raises(ValueError, match="another base"):
-        load_lora(base, folder)
-    torch.manual_seed(1)
-    own = CausalWanDiT.from_flavor("debug")
-    own_sd = {k: v.clone() for k, v in own.state_dict().items()}
-    folder2 = _lora_folder(own, tmp_path / "lora2")
-    fresh = CausalWanDiT.from_flavor("debug")
-    fresh.load_state_dict(own_sd)
-    merged = load_lora(fresh, folder2)
+def test_sample_with_lora_and_wrong_base(ckpt, tmp_path):
+    from vidtrain.cli import main
+    from vidtrain.sample.cli import load_model
+
+    folder = _dmd_lora(ckpt, tmp_path / "lora")
+    merged = load_model(ckpt, str(folder))
     assert isinstance(merged, CausalWanDiT)
-    assert not torch.equal(merged.blocks[0].self_attn.q.weight, own_sd["blocks.0.self_attn.q.weight"])
-    assert torch.equal(base.state_dict()["head.head.weight"], ref["head.head.weight"])
+    plain = CausalWanDiT.from_pretrained(ckpt)
+    assert not torch.equal(merged.blocks[0].self_attn.q.weight, plain.blocks[0].self_attn.q.weight)
+    good = _shots(tmp_path, "shots:\n  - prompt: a fox\n    chunks: 2\n")
+    base = ["sample", "--shots", str(good), "--height", "32", "--width", "32", "--vae", "debug"]
+    assert (
+        main([*base, "--checkpoint", str(ckpt), "--lora", str(folder), "--out", str(tmp_path / "v.mp4")]) == 0
+    )
+    torch.manual_seed(1)
+    other = save_vidtrain(CausalWanDiT.from_flavor("debug"), tmp_path / "other")
+    with pytest.raises(ValueError, match="wrong base checkpoint"):
+        load_model(other, str(folder))
+    assert (
+        main([*base, "--checkpoint", str(other), "--lora", str(folder), "--out", str(tmp_path / "w.mp4")])
+        == 2
+    )
+    assert not (tmp_path / "w.mp4").exists()
+
+
+def test_qat_checkpoint_samples_as_trained(tmp_path):
+    """A checkpoint with quant.json is rebuilt with the same NVFP4 fake-quant linears."""
+    from vidtrain.quant.qat import NVFP4Linear, convert, write_quant_record
+    from vidtrain.sample.cli import load_model
+
+    torch.manual_seed(0)
+    model = convert(CausalWanDiT.from_flavor("debug"))
+    folder = save_vidtrain(model, tmp_path / "qat")
+    write_quant_record(model, folder)
+    loaded = load_model(folder, None)
+    want = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
+    assert want and [n for n, m in loaded.named_modules() if isinstance(m, NVFP4Linear)] == want
+    x, t, ctx = torch.randn(1, 16, 3, 4, 4), torch.tensor([300.0]), torch.randn(1, 4, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, ctx), model(x, t, ctx))
 
 
 def test_eval_writes_table(ckpt, tmp_path):

@@ -114,7 +114,14 @@ class DMD(Method):
                 )
             model.load_state_dict(teacher.state_dict())
             del teacher
-        if self.recipe.quant.enabled:
+        from vidtrain.models.wan.state_dict import resolve_model_folder
+        from vidtrain.quant.qat import apply_quant_record
+
+        # a QAT teacher is distilled as it will be deployed: on its NVFP4 fake-quant base
+        if (
+            not apply_quant_record(model, resolve_model_folder(self.teacher_path))
+            and self.recipe.quant.enabled
+        ):
             from vidtrain.quant.method import convert_for_recipe
 
             convert_for_recipe(model, self.recipe.quant, trainer.device)

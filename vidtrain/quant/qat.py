@@ -12,8 +12,10 @@ Quantizers are registered by name (`QUANTIZERS`): "nvfp4" (torch emulation, any 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -177,3 +179,37 @@ def export_weights(model: nn.Module) -> dict[str, nvfp4.NVFP4Tensor]:
         for name, mod in model.named_modules()
         if isinstance(mod, NVFP4Linear)
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantization a checkpoint was trained with travels beside its weights, so the sampler and
+# later stages (DMD) rebuild the same fake-quant model instead of silently running high precision.
+
+QUANT_RECORD = "quant.json"
+
+
+def write_quant_record(model: nn.Module, folder: str | Path) -> Path | None:
+    """Write `folder/quant.json` listing the NVFP4 linears of `model` (nothing if there are none)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
+    if not names:
+        return None
+    path = Path(folder) / QUANT_RECORD
+    path.write_text(json.dumps({"format": "nvfp4", "linears": names}, indent=2) + "\n")
+    return path
+
+
+def apply_quant_record(model: nn.Module, folder: str | Path, backend: str = "torch") -> bool:
+    """Convert exactly the linears a checkpoint folder's `quant.json` lists; False if it has none."""
+    path = Path(folder) / QUANT_RECORD
+    if not path.exists():
+        return False
+    record = json.loads(path.read_text())
+    if record.get("format") != "nvfp4":
+        raise ValueError(f"{path}: unknown quantization format {record.get('format')!r}")
+    for name in record["linears"]:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, NVFP4Linear):
+            new = NVFP4Linear.from_linear(mod)
+            new.backend = backend
+            _set_submodule(model, name, new)
+    return True

@@ -22,23 +22,23 @@ from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSample
 from vidtrain.sample.shots import Shot, load_shots
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A model folder, a checkpoint step folder (has model/), or a run folder (latest checkpoint)."""
-    from vidtrain.train.checkpoint import latest_checkpoint
+def load_model(checkpoint: str | Path, lora_dir: str | None):
+    """The model a checkpoint was trained as: NVFP4 fake-quant linears when it carries a
+    quant.json (QAT), and the DMD LoRA on top when given (checked against its recorded base)."""
+    from vidtrain.models.wan import CausalWanDiT
+    from vidtrain.models.wan.state_dict import resolve_model_folder
+    from vidtrain.quant.qat import apply_quant_record
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    if (p / "vidtrain_model.json").is_file() or (p / "config.json").is_file():
-        return p
-    if (p / "model").is_dir():
-        return p / "model"
-    if (p / "checkpoints").is_dir():
-        step = latest_checkpoint(p)
-        if step is None:
-            raise ValueError(f"run folder {p} has no complete checkpoint under checkpoints/")
-        return step / "model"
-    raise ValueError(f"{p} is neither a model folder, a checkpoint step folder (model/) nor a run folder")
+    folder = resolve_model_folder(checkpoint)
+    model = CausalWanDiT.from_pretrained(folder)
+    quantized = apply_quant_record(model, folder)
+    if lora_dir:
+        from vidtrain.distill.export import load_lora
+
+        model = load_lora(model, lora_dir)
+        # merging would fold the LoRA into weights that are then re-quantized: keep it apart
+        model = model if quantized else model.merge_and_unload()
+    return model
 
 
 def load_vae(spec: str, z_dim: int, device, dtype):
@@ -158,13 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     latent_hw = latent_size(args.height, args.width)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from vidtrain.models.wan import CausalWanDiT
-
-    model = CausalWanDiT.from_pretrained(str(resolve_checkpoint(args.checkpoint)))
-    if args.lora:
-        from vidtrain.sample.lora import load_lora
-
-        model = load_lora(model, args.lora)
+    model = load_model(args.checkpoint, args.lora)
     model = model.to(device, dtype).eval().requires_grad_(False)
     vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)
     text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from vidtrain.sample.cli import (
     add_sampler_args,
     latent_size,
+    load_model,
     load_text_encoder,
-    resolve_checkpoint,
     sampler_config,
     shot_conditionings,
 )
@@ -82,16 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("need at least one prompt and --chunks >= 1")
     if not out.parent.is_dir():
         raise ValueError(f"output folder {out.parent} does not exist")
-    folders = [resolve_checkpoint(c) for c in args.checkpoints]
+    from vidtrain.models.wan.state_dict import resolve_model_folder
+
+    for c in args.checkpoints:  # every checkpoint must exist before any compute
+        resolve_model_folder(c)
     cfgs = {kv: sampler_config(argparse.Namespace(**{**vars(args), "kv_cache": kv})) for kv in kv_formats}
     latent_hw = latent_size(args.height, args.width)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from vidtrain.models.wan import CausalWanDiT
-
     rows = []
-    for name, folder in zip(args.checkpoints, folders):
-        model = CausalWanDiT.from_pretrained(str(folder)).to(device, dtype).eval().requires_grad_(False)
+    for name in args.checkpoints:
+        model = load_model(name, None).to(device, dtype).eval().requires_grad_(False)
         enc = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)
         conds = shot_conditionings([prompts], enc, model.cfg.text_dim)
         seeds = [args.seed + i for i in range(len(prompts))]

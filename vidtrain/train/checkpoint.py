@@ -1,7 +1,8 @@
 """Checkpoints: written atomically (temp folder + rename), resumed exactly.
 
 Layout of `RUN/checkpoints/step_000123/`:
-  model/            the plain model in vidtrain's format (loadable by CausalWanDiT.from_pretrained)
+  model/            the plain model in vidtrain's format (loadable by CausalWanDiT.from_pretrained),
+                    plus quant.json when it was trained with NVFP4 fake-quant (QAT)
   trainer_state.pt  optimizer, schedule, EMA, method state, RNG, data position, step
   recipe.yaml       the recipe that produced it
   engine/           a strategy's own format where it has one (DeepSpeed)
@@ -70,6 +71,9 @@ def save_checkpoint(trainer, step: int) -> Path:
     if strategy.is_main:
         with atomic_dir(final) as tmp:
             save_model_state(trainer.model_config, model_sd, tmp / "model")
+            from vidtrain.quant.qat import write_quant_record
+
+            write_quant_record(strategy.unwrap(trainer.model), tmp / "model")
             state = {
                 "step": step,
                 "optimizer": optim_sd,
