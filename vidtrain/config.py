@@ -45,8 +45,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "shards"] = "synthetic"
-    shards: str | None = None  # folder of latent shards (manifest.json) when source=shards
+    source: Literal["synthetic", "shards", "videos"] = "synthetic"
+    # shards: folder of latent shards (source=shards) or video shards (source=videos, encoded
+    # on the fly: each sequence-parallel rank encodes only its own frames, with a halo)
+    shards: str | None = None
+    vae: str = "debug"  # source=videos: VAE flavor or weights path
+    vae_halo: int | None = None  # source=videos: latent frames of left context (None: exact receptive field)
+    text_encoder: str | None = (
+        None  # source=videos: local umT5 folder (None: tiny random encoder, tests only)
+    )
     batch_size: int = 1
     num_workers: int = 0
     shuffle_buffer: int = 64
@@ -300,8 +307,10 @@ def validate(r: Recipe) -> None:
         raise ConfigError(
             f"data.frames ({r.data.frames}) must be a multiple of model.frames_per_chunk ({r.model.frames_per_chunk})"
         )
-    if r.data.source == "shards" and not r.data.shards:
-        raise ConfigError("data.source=shards needs data.shards (a folder of latent shards)")
+    if r.data.source in ("shards", "videos") and not r.data.shards:
+        raise ConfigError(
+            f"data.source={r.data.source} needs data.shards (a folder of {r.data.source[:-1] if r.data.source == 'videos' else 'latent'} shards)"
+        )
     if r.parallel.sp_size < 1:
         raise ConfigError(f"parallel.sp_size must be >= 1, got {r.parallel.sp_size}")
     if r.method.dmd.generator_update_every < 1:

@@ -132,13 +132,14 @@ class DMD(Method):
                 n: p.detach().float().cpu().clone()
                 for n, p in lora.adapter_params(peft_model, lora.GENERATOR).items()
             }
-        # the trainer builds its optimizer through this factory (see the module docstring)
-        trainer.make_optimizer = lambda params: self.make_optimizer(peft_model, params)
+        self._peft_model = peft_model
         return peft_model
 
-    def make_optimizer(self, peft_model, params: list) -> torch.optim.Optimizer:
+    def make_optimizer(self, trainer, params: list) -> torch.optim.Optimizer:
+        """One AdamW, a parameter group per role (its own lr and betas): Adam skips parameters
+        without gradients, so the groups step independently and one state dict resumes both."""
         o, d = self.recipe.optim, self.cfg
-        gen_ids = {id(p) for p in lora.adapter_params(peft_model, lora.GENERATOR).values()}
+        gen_ids = {id(p) for p in lora.adapter_params(self._peft_model, lora.GENERATOR).values()}
         gen = [p for p in params if id(p) in gen_ids]
         critic = [p for p in params if id(p) not in gen_ids]
         return torch.optim.AdamW(

@@ -29,6 +29,10 @@ class Method:
         """Transform the plain model before the strategy wraps it (convert, adapters)."""
         return model
 
+    def make_optimizer(self, trainer, params: list) -> torch.optim.Optimizer:
+        """The optimizer over the trainable parameters (called by the strategy's wrap)."""
+        return trainer.default_optimizer(params)
+
     def loss(self, trainer, batch: dict, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

@@ -66,7 +66,9 @@ class Trainer:
         plain = build_model(recipe)
         self.model_config = plain.cfg
         plain = self.method.prepare_model(plain, self)
-        self.model, self.optimizer = self.strategy.wrap(plain, self.make_optimizer)
+        self.model, self.optimizer = self.strategy.wrap(
+            plain, lambda params: self.method.make_optimizer(self, params)
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe))
         ema_decay = recipe.train.ema_decay
         self.ema = EMA(self.strategy.unwrap(self.model), ema_decay) if ema_decay else None
@@ -76,7 +78,8 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, recipe, enabled=self.strategy.is_main)
 
     # ---- construction --------------------------------------------------------------------------
-    def make_optimizer(self, params: list) -> torch.optim.Optimizer:
+    def default_optimizer(self, params: list) -> torch.optim.Optimizer:
+        """AdamW from `optim` over `params`; methods may build their own (Method.make_optimizer)."""
         o = self.recipe.optim
         return torch.optim.AdamW(
             params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
