@@ -11,10 +11,13 @@ Per chunk c (C latent frames):
 History enters every pass through `AttentionContext.kv_hook` (kv_cache.KVCache), so the same
 model code serves teacher forcing and streaming.
 
+The text of a shot enters as its embedded context and, per layer, its cross-attention K/V,
+computed once per shot and reused by every chunk and step (`cross_kv_cache`).
+
 `StreamingSampler.stream` is the one chunk loop; `generate_latents` collects it, and the DMD
-stage calls it with `grad_exit=k` for self-forcing rollouts: denoising of each chunk stops at
-step k, whose x0 prediction keeps its graph (for chunks in `grad_chunks`); all other passes,
-including the cache writes, run under no_grad.
+stage calls it with `grad_exit=[k_0, k_1, ...]` (or one k for all chunks) for self-forcing
+rollouts: denoising of chunk c stops at step k_c, whose x0 prediction keeps its graph (for
+chunks in `grad_chunks`); all other passes, including the cache writes, run under no_grad.
 
 Legend: B batch, C channels, F frames, H/W latent size, L tokens, S text tokens, T text dim,
 D model dim.
@@ -52,6 +55,7 @@ class SamplerConfig:
     kv_cache: str = "bf16"  # fp32 | bf16 | fp16 | nvfp4
     shot_rope_offset: int = 0  # temporal RoPE offset added per shot (shot s: s * offset)
     recache_on_cut: bool = False  # LongLive: recompute the kept K/V under the new prompt at a cut
+    cross_kv_cache: bool = True  # each layer's cross-attention K/V once per shot (False: every pass)
 
     def __post_init__(self) -> None:
         ts = list(self.timesteps)
@@ -131,7 +135,7 @@ class StreamingSampler:
     def __init__(self, model: torch.nn.Module, config: SamplerConfig | None = None) -> None:
         self.model = model
         self.config = config or SamplerConfig()
-        self._text_cache: dict[int, torch.Tensor] = {}
+        self._text_cache: dict[int, tuple[torch.Tensor, list | None]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -142,12 +146,22 @@ class StreamingSampler:
         return KVCache(n, self.config.rule(), tokens_per_frame, self.config.kv_cache)
 
     # ---- one model pass ------------------------------------------------------------------------
-    def _embed(self, shot: int, cond: Conditioning) -> torch.Tensor:
-        """Embedded text context, computed once per shot (the model accepts `context_BSD`)."""
+    def _text(self, shot: int, cond: Conditioning) -> tuple[torch.Tensor, list | None]:
+        """Embedded text context [B, S, D] and each layer's cross-attention K/V of it, computed
+        once per shot (the current shot's only) and reused by every chunk and step.
+
+        A pass with gradients (the exit step of `grad_exit`) gets no cached K/V: the model
+        recomputes them from the context (same values) so that LoRA on the cross-attention k/v
+        gets its gradient and each chunk's graph stays its own."""
         if shot not in self._text_cache:
             with torch.no_grad():
-                self._text_cache[shot] = self.model.embed_text(cond.context_BST.to(self.device))
-        return self._text_cache[shot]
+                ctx_BSD = self.model.embed_text(cond.context_BST.to(self.device))
+                kv = None
+                if self.config.cross_kv_cache:
+                    kv = [blk.cross_attn.kv(ctx_BSD) for blk in self.model.blocks]  # per layer, [B, H, S, D]
+            self._text_cache = {shot: (ctx_BSD, kv)}
+        ctx_BSD, kv = self._text_cache[shot]
+        return ctx_BSD, None if torch.is_grad_enabled() else kv
 
     def _forward(self, x_BCFHW, t: float, meta: TokenMeta, shot: int, cond: Conditioning, cache: KVCache):
         """Velocity prediction [B, C, F, H, W] for one chunk at timestep t (0..1000)."""
@@ -155,10 +169,11 @@ class StreamingSampler:
         b, _, f, h, w = x_BCFHW.shape
         t_BL = torch.full((b, len(meta)), float(t), device=x_BCFHW.device)
         attn = AttentionContext(rule=MaskRule("full"), meta=meta, kv_hook=cache.hook)
+        ctx_BSD, cross_kv = self._text(shot, cond)
         mask = None if cond.mask_BS is None else cond.mask_BS.to(x_BCFHW.device)
         out_BLP = model(
             model.patchify(x_BCFHW), t_BL, None, meta=meta, attn=attn,
-            context_BSD=self._embed(shot, cond), context_mask_BS=mask,
+            context_BSD=ctx_BSD, context_mask_BS=mask, cross_kv=cross_kv,
         )  # fmt: skip
         return model.unpatchify(out_BLP, f, h, w).float()
 
@@ -201,7 +216,7 @@ class StreamingSampler:
         latent_hw: tuple[int, int],
         seeds: Sequence[int],
         *,
-        grad_exit: int | None = None,
+        grad_exit: int | Sequence[int] | None = None,
         grad_chunks: Sequence[int] | None = None,
         trace: bool = False,
     ) -> Iterator[ChunkOut]:
@@ -209,15 +224,15 @@ class StreamingSampler:
 
         conds: one Conditioning per shot ([B, S, T], row b = sample b's prompt for that shot).
         chunks_per_shot: chunks of each shot. seeds: one per sample (B = len(seeds)).
-        grad_exit: stop each chunk's denoising at this step index and keep the graph of that x0
-        prediction (for the chunks in `grad_chunks`, default all); None = inference.
+        grad_exit: stop each chunk's denoising at this step index (an int for every chunk, or one
+        per chunk) and keep the graph of that x0 prediction (for the chunks in `grad_chunks`,
+        default all); None = inference.
         """
         cfg, model = self.config, self.model
         shots = shot_of_chunks(chunks_per_shot)
         if len(conds) != len(chunks_per_shot):
             raise ValueError(f"{len(conds)} conditionings for {len(chunks_per_shot)} shots")
-        if grad_exit is not None and not 0 <= grad_exit < len(cfg.timesteps):
-            raise ValueError(f"grad_exit must index the {len(cfg.timesteps)} steps, got {grad_exit}")
+        exits = self._exits(grad_exit, len(shots))
         h, w = latent_hw
         if h % 2 or w % 2:
             raise ValueError(f"latent height and width must be even (patch 1x2x2), got {h}x{w}")
@@ -241,11 +256,11 @@ class StreamingSampler:
                 self._recache(cache, kept, shots, shot, conds[shot])
             cache.begin(idx, shot, write=False)
             kv_bytes = cache.nbytes()
-            with_grad = grad_exit is not None and (grad_chunks is None or idx in grad_chunks)
+            with_grad = exits is not None and (grad_chunks is None or idx in grad_chunks)
             with torch.no_grad():
                 x0, steps = self.denoise_chunk(
-                    meta, shot, conds[shot], cache, gens, shape, grad_exit=grad_exit, with_grad=with_grad,
-                    trace=trace,
+                    meta, shot, conds[shot], cache, gens, shape, grad_exit=None if exits is None else exits[idx],
+                    with_grad=with_grad, trace=trace,
                 )  # fmt: skip
                 if idx + 1 < len(shots):  # the clean pass at t=0 writes this chunk's K/V
                     cache.begin(idx, shot, write=True)
@@ -255,6 +270,18 @@ class StreamingSampler:
                 kept = {j: kept[j] for j in [*cache.chunks, idx] if j in kept}
             sync(self.device)
             yield ChunkOut(idx, shot, x0, start, time.perf_counter(), kv_bytes, steps)
+
+    def _exits(self, grad_exit: int | Sequence[int] | None, num_chunks: int) -> list[int] | None:
+        """Per-chunk exit step indices (None: inference, every step of every chunk)."""
+        if grad_exit is None:
+            return None
+        exits = [grad_exit] * num_chunks if isinstance(grad_exit, int) else [int(k) for k in grad_exit]
+        n = len(self.config.timesteps)
+        if len(exits) != num_chunks or any(not 0 <= k < n for k in exits):
+            raise ValueError(
+                f"grad_exit must be one step index in [0, {n}) or one per chunk ({num_chunks}), got {grad_exit}"
+            )
+        return exits
 
     def _recache(self, cache: KVCache, kept: dict, shots: list[int], shot: int, cond: Conditioning) -> None:
         """LongLive: recompute the kept chunks' K/V under the new shot's prompt, oldest first."""

@@ -176,11 +176,17 @@ class CrossAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x_BLD, ctx_BSD, ctx_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
-        heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # noqa: E731
-        q = heads(self.norm_q(self.q(x_BLD)))
-        k = heads(self.norm_k(self.k(ctx_BSD)))
-        v = heads(self.v(ctx_BSD))
+    def _heads(self, t_BLD: torch.Tensor) -> torch.Tensor:
+        return t_BLD.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, L, D]
+
+    def kv(self, ctx_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, S, D] of the text: fixed per prompt, so a sampler may cache them."""
+        return self._heads(self.norm_k(self.k(ctx_BSD))), self._heads(self.v(ctx_BSD))
+
+    def forward(self, x_BLD, ctx_BSD, ctx_mask_BS: torch.Tensor | None = None, kv: tuple | None = None):
+        """`kv`: this layer's `self.kv(ctx_BSD)` computed beforehand (then `ctx_BSD` is unused)."""
+        q = self._heads(self.norm_q(self.q(x_BLD)))
+        k, v = kv if kv is not None else self.kv(ctx_BSD)
         mask = None if ctx_mask_BS is None else ctx_mask_BS[:, None, None, :].bool()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(out.transpose(1, 2).flatten(2))

@@ -14,6 +14,7 @@ P patch vector (C*1*2*2), D model dim, S text tokens, T text dim, U unique times
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +55,14 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x_BLD, e_U6D, inv_BL, ctx_BSD, ctx_mask, rope, attn: AttentionContext):
+    def forward(self, x_BLD, e_U6D, inv_BL, ctx_BSD, ctx_mask, rope, attn: AttentionContext, cross_kv=None):
         mod = (self.modulation.float() + e_U6D.float())[inv_BL]  # [B, L, 6, D]
         shift, scale, gate, c_shift, c_scale, c_gate = mod.unbind(2)
         # 1. self-attention with AdaLN modulation
         h = (self.norm1(x_BLD) * (1 + scale) + shift).type_as(x_BLD)
         x_BLD = (x_BLD.float() + self.self_attn(h, rope, attn).float() * gate).type_as(x_BLD)
         # 2. cross-attention to text
-        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD).type_as(x_BLD), ctx_BSD, ctx_mask)
+        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD).type_as(x_BLD), ctx_BSD, ctx_mask, cross_kv)
         # 3. feed-forward with AdaLN modulation
         h = (self.norm2(x_BLD) * (1 + c_scale) + c_shift).type_as(x_BLD)
         return (x_BLD.float() + self.ffn(h).float() * c_gate).type_as(x_BLD)
@@ -162,23 +163,38 @@ class CausalWanDiT(nn.Module):
         attn: AttentionContext | None = None,
         context_mask_BS: torch.Tensor | None = None,
         context_BSD: torch.Tensor | None = None,
+        cross_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Prediction [B, L, P] for a token sequence of patch vectors with per-token timesteps.
 
         `meta` describes these (local) tokens: RoPE comes from it. `attn` carries the mask rule
         over the global token order (equal to `meta` unless a parallel strategy gathers the
-        sequence). `context_BSD` may hold an already embedded text context (cached per prompt).
+        sequence). `context_BSD` may hold an already embedded text context (cached per prompt), and
+        `cross_kv` each block's cross-attention K/V of it (`block.cross_attn.kv`, cached per prompt).
         """
         attn = attn if attn is not None else AttentionContext(meta=meta)
         w = self.patch_embedding.weight.flatten(1)  # the (1,2,2) conv is a linear on patch vectors
         x_BLD = F.linear(x_BLP.to(w.dtype), w, self.patch_embedding.bias)
         e_UD, e_U6D, inv_BL = self.embed_time(t_BL)
-        ctx_BSD = context_BSD if context_BSD is not None else self.embed_text(context_BST)
+        if cross_kv is not None and len(cross_kv) != len(self.blocks):
+            raise ValueError(f"cross_kv holds {len(cross_kv)} layers, the model has {len(self.blocks)}")
+        ctx_BSD = (
+            context_BSD if context_BSD is not None or cross_kv is not None else self.embed_text(context_BST)
+        )
         rope = tuple(
             r.to(x_BLD.device)[None, None] for r in rope_cos_sin(meta, self.cfg.head_dim, self.cfg.rope_theta)
         )
-        for block in self.blocks:
-            args = (x_BLD, e_U6D, inv_BL, ctx_BSD, context_mask_BS, rope, attn)
+        for i, block in enumerate(self.blocks):
+            args = (
+                x_BLD,
+                e_U6D,
+                inv_BL,
+                ctx_BSD,
+                context_mask_BS,
+                rope,
+                attn,
+                None if cross_kv is None else cross_kv[i],
+            )
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x_BLD = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -197,6 +213,7 @@ class CausalWanDiT(nn.Module):
         meta: TokenMeta | None = None,
         attn: AttentionContext | None = None,
         context_BSD: torch.Tensor | None = None,
+        cross_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Prediction shaped like x.
 
@@ -210,7 +227,9 @@ class CausalWanDiT(nn.Module):
         if x.ndim == 3:
             if meta is None:
                 raise ValueError("token input [B, L, P] needs `meta` (token metadata)")
-            return self.forward_tokens(x, timestep, meta, context_BST, attn, context_mask_BS, context_BSD)
+            return self.forward_tokens(
+                x, timestep, meta, context_BST, attn, context_mask_BS, context_BSD, cross_kv
+            )
         if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"latents must be [B, {self.cfg.in_channels}, F, H, W], got {list(x.shape)}")
         b, _, f, h, w = x.shape
@@ -218,7 +237,7 @@ class CausalWanDiT(nn.Module):
         t_BL = expand_timesteps(timestep, b, f, (h // 2) * (w // 2))
         attn = AttentionContext(rule=rule or MaskRule("full"), meta=meta)
         out_BLP = self.forward_tokens(
-            self.patchify(x), t_BL, meta, context_BST, attn, context_mask_BS, context_BSD
+            self.patchify(x), t_BL, meta, context_BST, attn, context_mask_BS, context_BSD, cross_kv
         )
         return self.unpatchify(out_BLP, f, h, w)
 
