@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--variant", choices=["lora", "full"])
+    p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
     if a.variant:
         print(json.dumps(run_variant(a.variant, a.dim, a.layers, a.rank)))
@@ -108,6 +109,10 @@ def main() -> None:
     print(
         f"lora / full peak memory: {ratio:.2f}x on {res['lora']['device']} (LongLive reports 0.69x with NVFP4+LoRA)"
     )
+    if a.out:
+        cfg = {"dim": a.dim, "layers": a.layers, "rank": a.rank}
+        with open(a.out, "w") as f:
+            json.dump({**cfg, "lora_over_full_peak": ratio, **res}, f, indent=2)
 
 
 if __name__ == "__main__":
