@@ -1,16 +1,23 @@
 """vidtrain: distributed training of long autoregressive video diffusion models."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # kernels/, data_tools/ and launch/ live at the top of the repository (as the product card
 # asks) but install inside the package, so they claim no generic top-level import names.
-_MAPPED = {"vidtrain": "vidtrain", "vidtrain.kernels": "kernels", "vidtrain.data_tools": "data_tools", "vidtrain.launch": "launch"}
+_MAPPED = {
+    "vidtrain": "vidtrain",
+    "vidtrain.kernels": "kernels",
+    "vidtrain.data_tools": "data_tools",
+    "vidtrain.launch": "launch",
+}
 
 setup(
     name="vidtrain",
     version="0.1.0",
     description="Training long autoregressive video diffusion models across many GPUs",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=sorted(set(find_packages(include=["vidtrain", "vidtrain.*"])) | set(_MAPPED)),

@@ -37,7 +37,8 @@ def _train(argv: list[str]) -> int:
 
 def _convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="vidtrain convert", description="Convert Wan2.1 weights (original or diffusers layout) to vidtrain's format."
+        prog="vidtrain convert",
+        description="Convert Wan2.1 weights (original or diffusers layout) to vidtrain's format.",
     )
     p.add_argument("src", help="folder with a Wan2.1 or diffusers WanTransformer3DModel checkpoint")
     p.add_argument("dst", help="output folder (written atomically)")
