@@ -2,7 +2,7 @@
 
 Per step (`train_step`):
   1. roll out the few-step generator (adapter `dmd`): self forcing through the streaming
-     sampler's chunk loop (gradient at one random exit step), or teacher forcing on data;
+     sampler's chunk loop (gradient at a random exit step per chunk), or teacher forcing on data;
   2. every `generator_update_every`-th step: generator update with the DMD loss
         g = (x0_fake − x0_real) / mean|x − x0_real|   (normalised per chunk)
         L = 0.5·‖x − stopgrad(x − g)‖² / N            (so dL/dx = g / N)
@@ -156,10 +156,11 @@ class DMD(Method):
         m = self.recipe.model
         return MaskRule(kind, self.fpc, m.window_frames, m.sink_frames, m.shot_sink)
 
-    def exit_steps(self, step: int) -> int:
-        """The rollout's exit step: a function of (seed, step) only, so equal on every rank."""
+    def exit_steps(self, step: int, num_chunks: int) -> list[int]:
+        """The rollout's exit step of each chunk: a function of (seed, step) only, so equal on
+        every rank (Self-Forcing draws one per chunk)."""
         g = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 7919 + 101)
-        return int(torch.randint(len(self.sigmas), (1,), generator=g))
+        return torch.randint(len(self.sigmas), (num_chunks,), generator=g).tolist()
 
     def is_generator_step(self, step: int) -> bool:
         return step % self.cfg.generator_update_every == 0
@@ -168,22 +169,22 @@ class DMD(Method):
         """Generator output x0 [B, C, F, H, W]; graph only through the exit step when `grad`."""
         x_data = batch["latents"].to(trainer.device)
         text, mask = self.text(trainer, batch)
-        exit_step = self.exit_steps(step)
+        exit_step = self.exit_steps(step, x_data.shape[2] // self.fpc)
         with lora.use_role(model, lora.GENERATOR), trainer.autocast(), torch.set_grad_enabled(grad):
             if self.cfg.rollout == "teacher_forcing":
                 return self.tf_rollout(trainer, model, x_data, text, mask, exit_step)
             return self.self_forcing_rollout(trainer, model, x_data, text, mask, exit_step, grad)
 
-    def tf_rollout(self, trainer, model, x_data, text, mask, exit_step: int) -> torch.Tensor:
-        """Cheap option: every chunk noised to the exit step's sigma, clean data as history."""
+    def tf_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int]) -> torch.Tensor:
+        """Cheap option: every chunk noised to its exit step's sigma, clean data as history."""
         g = trainer.step_generator(0, salt=1)
         noise = torch.randn(x_data.shape, generator=g).to(x_data.device)
-        b, f = x_data.shape[0], x_data.shape[2]
-        sigma_BF = torch.full((b, f), self.sigmas[exit_step], device=x_data.device)
+        sigma_BK = torch.tensor([[self.sigmas[k] for k in exit_step]]).expand(x_data.shape[0], -1)
+        sigma_BF = frames_sigma(sigma_BK, self.fpc).to(x_data.device)
         v = tf_velocity(model, x_data, noise, sigma_BF, text, self.rule("teacher_forcing"), mask)
         return noise_latents(x_data, noise, sigma_BF) - sigma_BF[:, None, :, None, None] * v.float()
 
-    def self_forcing_rollout(self, trainer, model, x_data, text, mask, exit_step: int, grad: bool):
+    def self_forcing_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int], grad: bool):
         from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
 
         m, d = self.recipe.model, self.cfg

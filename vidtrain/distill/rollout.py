@@ -7,8 +7,10 @@ keeps a graph; history enters detached. Attention is chunk-causal over
 [clean history | current noisy chunk], i.e. what the streaming sampler's KV cache holds
 (sampler section 8 with no window: "streaming equals the teacher-forced forward").
 
-TODO(sampler): once vidtrain/sample/ lands, route `sample_chunks` through its chunk loop with
-the KV cache instead of recomputing the history each step (same numbers, less compute).
+Training's self-forcing rollouts run through the streaming sampler's chunk loop and KV cache
+(`DMD.self_forcing_rollout`, `grad_exit` = one exit step per chunk from `DMD.exit_steps`);
+`sample_chunks` recomputes the history each step: the reference, and the teacher's many-step
+sampler of bench/dmd_evidence.py.
 
 Teacher forcing (`tf_velocity`): clean copy + noisy copy of every chunk in one token sequence,
 exactly the teacher's training input; used for the real/fake scores, the critic loss and the
