@@ -226,3 +226,12 @@ def resolve_shards(source: str | Path | Iterable[str | Path]) -> list[Path]:
 def report_skipped(tool: str, skipped: list[dict[str, str]]) -> None:
     for s in skipped:
         print(f"{tool}: skipped {s['input']}: {s['reason']}", file=sys.stderr)
+
+
+def run_cli(tool: str, run, args) -> int:
+    """Run a data tool; a ToolError (bad input the user can fix) is one line and exit 2."""
+    try:
+        return run(args)
+    except ToolError as e:
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 2

@@ -38,6 +38,7 @@ from vidtrain.data_tools._shards import (
     check_writable,
     report_skipped,
     resolve_shards,
+    run_cli,
     shard_info,
     write_manifest,
 )
@@ -293,11 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except ToolError as e:
-        print(f"{TOOL}: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(TOOL, run, args)
 
 
 if __name__ == "__main__":

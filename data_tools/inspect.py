@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from vidtrain.data_tools._shards import ToolError, load_manifest, resolve_shards, sha256_file, shard_keys
+from vidtrain.data_tools._shards import (
+    ToolError,
+    load_manifest,
+    resolve_shards,
+    run_cli,
+    sha256_file,
+    shard_keys,
+)
 
 TOOL = "vidtrain-inspect"
 
@@ -150,11 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except ToolError as e:
-        print(f"{TOOL}: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(TOOL, run, args)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from vidtrain.data_tools._shards import (
     finished_shards,
     remove_stale_tmp,
     report_skipped,
+    run_cli,
     safe_key,
     shard_keys,
     write_manifest,
@@ -403,11 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.fps == 0:
         args.fps = None
-    try:
-        return run(args)
-    except ToolError as e:
-        print(f"{TOOL}: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(TOOL, run, args)
 
 
 if __name__ == "__main__":
