@@ -54,7 +54,9 @@ class AttentionContext:
             meta = self.meta.to(device)
             n = len(meta)
             mod = flex_mask_mod(self.rule, meta, meta)
-            self._block_mask = create_block_mask(mod, None, None, n, n, device=str(device))
+            # compiled on GPU: the mask_mod is evaluated block by block, never as a dense [L, L]
+            compiled = torch.device(device).type == "cuda"
+            self._block_mask = create_block_mask(mod, None, None, n, n, device=str(device), _compile=compiled)
         return self._block_mask
 
 
