@@ -8,9 +8,12 @@ Per step (`train_step`):
         L = 0.5·‖x − stopgrad(x − g)‖² / N            (so dL/dx = g / N)
      x0_real from the frozen teacher (adapters off) with CFG, x0_fake from the critic;
   3. every step: critic update (adapter `critic`), flow matching on the generator's outputs.
-Both roles share one AdamW with a parameter group per role (own lr and betas). Adam skips
-parameters without a gradient, so each role's update touches only its own weights and
-moments: two independent optimizers in one state dict (resumed by the trainer's checkpoint).
+Both roles share one AdamW with a parameter group per role (own lr and betas); each update
+steps only its role's group (`RoleAdamW`), so the roles keep independent weights, moments and
+step counts: two optimizers in one state dict (resumed by the trainer's checkpoint).
+Parallel: data-parallel ranks (ddp, deepspeed ZeRO 0-2) roll out their own samples; every random
+draw of a sample is keyed by its index in the global batch, so a step does not depend on how
+the batch is split (equal to one process on the concatenated batch, tests/test_dmd_parallel.py).
 The generator LoRA keeps its own EMA (`method.dmd.ema_decay`); the export at the end of
 training (RUN/lora/) writes the EMA weights.
 
@@ -66,10 +69,16 @@ def check_dmd_recipe(recipe) -> Path:
         )
     if recipe.train.grad_accum != 1:
         raise ValueError("method dmd runs one rollout per step: set train.grad_accum=1")
-    if recipe.parallel.strategy not in ("none", "ddp") or recipe.parallel.sp_size != 1:
+    p = recipe.parallel
+    if p.strategy not in ("none", "ddp", "deepspeed") or p.sp_size != 1:
         raise ValueError(
-            f"method dmd supports parallel.strategy none or ddp without sequence parallelism, "
-            f"got {recipe.parallel.strategy} with sp_size={recipe.parallel.sp_size}"
+            f"method dmd supports parallel.strategy none, ddp or deepspeed without sequence "
+            f"parallelism, got {p.strategy} with sp_size={p.sp_size}"
+        )
+    if p.strategy == "deepspeed" and p.zero_stage == 3:
+        raise ValueError(
+            "method dmd runs its roles on the unwrapped module, which ZeRO-3 leaves partitioned: "
+            "use parallel.zero_stage 0, 1 or 2 (the trainable LoRA weights are small)"
         )
     if not d.negative_prompt_zero:
         raise ValueError(
@@ -86,6 +95,26 @@ def check_dmd_recipe(recipe) -> Path:
     if not Path(teacher).exists():
         raise FileNotFoundError(f"method.dmd.teacher: checkpoint not found: {teacher}")
     return Path(teacher)
+
+
+class RoleAdamW(torch.optim.AdamW):
+    """AdamW over one param group per role whose `step` updates only `active_role`'s group.
+
+    Plain Adam skips parameters without a gradient, but ZeRO hands every parameter of a group a
+    (zero) gradient and steps every group: without the switch a generator update would advance
+    the critic's moments and step count (and move its weights unless beta1 = 0).
+    """
+
+    active_role: str | None = None  # None: every group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if self.active_role in (None, g["role"])]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
 
 
 @METHODS.register("dmd")
@@ -136,13 +165,13 @@ class DMD(Method):
         return peft_model
 
     def make_optimizer(self, trainer, params: list) -> torch.optim.Optimizer:
-        """One AdamW, a parameter group per role (its own lr and betas): Adam skips parameters
-        without gradients, so the groups step independently and one state dict resumes both."""
+        """One AdamW, a parameter group per role (its own lr and betas); `update` steps one role's
+        group at a time, and one state dict resumes both."""
         o, d = self.recipe.optim, self.cfg
         gen_ids = {id(p) for p in lora.adapter_params(self._peft_model, lora.GENERATOR).values()}
         gen = [p for p in params if id(p) in gen_ids]
         critic = [p for p in params if id(p) not in gen_ids]
-        return torch.optim.AdamW(
+        return RoleAdamW(
             [
                 {"params": gen, "lr": d.generator_lr, "betas": tuple(d.generator_betas), "role": "generator"},
                 {"params": critic, "lr": d.critic_lr, "betas": tuple(d.critic_betas), "role": "critic"},
@@ -177,8 +206,8 @@ class DMD(Method):
 
     def tf_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int]) -> torch.Tensor:
         """Cheap option: every chunk noised to its exit step's sigma, clean data as history."""
-        g = trainer.step_generator(0, salt=1)
-        noise = torch.randn(x_data.shape, generator=g).to(x_data.device)
+        gens = self.generators(trainer, x_data, salt=1)
+        noise = torch.stack([torch.randn(x_data.shape[1:], generator=g) for g in gens]).to(x_data.device)
         sigma_BK = torch.tensor([[self.sigmas[k] for k in exit_step]]).expand(x_data.shape[0], -1)
         sigma_BF = frames_sigma(sigma_BK, self.fpc).to(x_data.device)
         v = tf_velocity(model, x_data, noise, sigma_BF, text, self.rule("teacher_forcing"), mask)
@@ -193,8 +222,7 @@ class DMD(Method):
             window_frames=m.window_frames, sink_frames=m.sink_frames, shot_sink=m.shot_sink, kv_cache="fp32",
         )  # fmt: skip
         b, _, f, h, w = x_data.shape
-        base = (self.recipe.seed * 1_000_003 + trainer.step) * 1009 + trainer.strategy.dp_rank
-        seeds = [base * 64 + i for i in range(b)]
+        seeds = self.sample_seeds(trainer, b, salt=0)
         out = StreamingSampler(model, cfg).generate_latents(
             Conditioning(text, mask), f // self.fpc, (h, w), seeds, grad_exit=exit_step if grad else None
         )
@@ -204,15 +232,28 @@ class DMD(Method):
         mask = batch.get("text_mask")
         return batch["text"].to(trainer.device), None if mask is None else mask.to(trainer.device)
 
+    def sample_seeds(self, trainer, batch_size: int, salt: int) -> list[int]:
+        """One seed per sample from (seed, step, the sample's index in the global batch, salt):
+        a step draws the same numbers however its batch is split over data-parallel ranks."""
+        key = (self.recipe.seed * 1_000_003 + trainer.step) * 65_536 + trainer.strategy.dp_rank * batch_size
+        return [(key + i) * 8 + salt for i in range(batch_size)]
+
+    def generators(self, trainer, x: torch.Tensor, salt: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in self.sample_seeds(trainer, x.shape[0], salt)]
+
     def score_noise(self, trainer, x: torch.Tensor, salt: int):
-        """Per-chunk shifted sigmas clamped to [min, max] timestep, and the noise."""
-        d, b, f = self.cfg, x.shape[0], x.shape[2]
-        g = trainer.step_generator(0, salt=salt)
-        sigma_BK = sample_chunk_sigmas(
-            b, f // self.fpc, shift=d.timestep_shift, min_t=d.min_timestep, max_t=d.max_timestep, generator=g
-        )
-        noise = torch.randn(x.shape, generator=g).to(x.device)
-        return frames_sigma(sigma_BK, self.fpc).to(x.device), noise
+        """Per-chunk shifted sigmas clamped to [min, max] timestep, and the noise (per sample)."""
+        d, k = self.cfg, x.shape[2] // self.fpc
+        sigmas, noise = [], []
+        for g in self.generators(trainer, x, salt):
+            sigmas.append(
+                sample_chunk_sigmas(
+                    1, k, shift=d.timestep_shift, min_t=d.min_timestep, max_t=d.max_timestep, generator=g
+                )
+            )
+            noise.append(torch.randn(x.shape[1:], generator=g))
+        sigma_BK = torch.cat(sigmas)  # [B, K]
+        return frames_sigma(sigma_BK, self.fpc).to(x.device), torch.stack(noise).to(x.device)
 
     @torch.no_grad()
     def scores(self, trainer, model, x, batch, sigma_BF, noise):
@@ -245,14 +286,17 @@ class DMD(Method):
             v = tf_velocity(model, x, noise, sigma_BF, text, self.rule("teacher_forcing"), mask)
         return F.mse_loss(v.float(), noise - x)
 
-    def update(self, trainer, model, loss: torch.Tensor) -> float:
+    def update(self, trainer, role: str, loss: torch.Tensor) -> float:
+        """Backward, data-parallel gradient average, clip and step of one role's param group."""
         s = trainer.strategy
         s.backward(loss, trainer.model)
-        if s.dp_size > 1:  # adapters are tiny: average their gradients directly
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.copy_(s.dp_mean(p.grad))
-        return s.clip_and_step(trainer.model, trainer.optimizer, self.recipe.optim.grad_clip)
+        if s.dp_size > 1:  # the roles ran on the unwrapped module: DDP needs its average by hand
+            s.sync_grads(trainer.model)
+        trainer.optimizer.active_role = role
+        try:
+            return s.clip_and_step(trainer.model, trainer.optimizer, self.recipe.optim.grad_clip)
+        finally:
+            trainer.optimizer.active_role = None
 
     # ---- the step ------------------------------------------------------------------------------
     def train_step(self, trainer, step: int) -> dict[str, float]:
@@ -264,13 +308,13 @@ class DMD(Method):
             x = self.rollout(trainer, model, batch, step, grad=True)
             loss_g, extra = self.generator_loss(trainer, model, x, batch)
             logs.update(extra, generator_loss=float(loss_g.detach()))
-            logs["generator_grad_norm"] = self.update(trainer, model, loss_g)
+            logs["generator_grad_norm"] = self.update(trainer, "generator", loss_g)
             self.updates["generator"] += 1
             self.update_ema(model)
         if x is None:
             x = self.rollout(trainer, model, batch, step, grad=False)
         loss_c = self.critic_loss(trainer, model, x, batch)
-        logs["critic_grad_norm"] = self.update(trainer, model, loss_c)
+        logs["critic_grad_norm"] = self.update(trainer, "critic", loss_c)
         self.updates["critic"] += 1
         trainer.scheduler.step()
         logs.update(loss=float(loss_c.detach()), critic_loss=float(loss_c.detach()))

@@ -4,7 +4,9 @@ The trainer keeps its own loop: `backward` runs `engine.backward` (the trainer h
 divided the loss by grad_accum, so DeepSpeed's own division is off) and, between micro-batches,
 `engine.step()` only advances DeepSpeed's accumulation counter; `clip_and_step` is the boundary
 step (clipping by the config's `gradient_clipping`). The LR schedule stays the trainer's: it edits
-the learning rate in the param groups that DeepSpeed's optimizer steps with.
+the learning rate in the param groups that DeepSpeed's optimizer steps with. The optimizer is
+the method's (`make_optimizer`, called by the engine on the trainable parameters); ZeRO flattens
+each of its param groups separately, so per-group lr / betas (DMD's roles) survive.
 Checkpoints: DeepSpeed's own sharded format under `engine/` (resumable), plus the full model.
 """
 
@@ -21,7 +23,7 @@ from vidtrain.parallel.strategies import DistributedStrategy
 
 
 def deepspeed_config(recipe, world_size: int, use_bf16: bool) -> dict:
-    """The ds_config dict for a recipe (optimizer, ZeRO stage, clipping, accumulation, precision)."""
+    """The ds_config dict for a recipe (ZeRO stage, clipping, accumulation, precision)."""
     p, o, t = recipe.parallel, recipe.optim, recipe.train
     if p.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
@@ -31,16 +33,9 @@ def deepspeed_config(recipe, world_size: int, use_bf16: bool) -> dict:
         # DeepSpeed counts every rank as data parallel; SP ranks share a sample (see strategies.py)
         "train_batch_size": recipe.data.batch_size * t.grad_accum * world_size,
         "gradient_clipping": float(o.grad_clip),
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o.lr,
-                "betas": list(o.betas),
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-                "torch_adam": True,  # torch.optim.AdamW: no fused-kernel build, runs on CPU too
-            },
-        },
+        # no "optimizer" section: the engine wraps the method's own optimizer (Method.make_optimizer,
+        # torch AdamW by default; DMD's per-role subclass is not on ZeRO's list of tested types)
+        "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": use_bf16},
         "steps_per_print": 10**9,
@@ -66,7 +61,9 @@ class DeepSpeedStrategy(DistributedStrategy):
         model.to(self.device)
         self.apply_sequence_parallel(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=make_optimizer, config=cfg
+        )
         self.engine = engine
         # the trainer's LambdaLR edits lr in these param groups, which DeepSpeed's step reads
         return engine, getattr(optimizer, "optimizer", optimizer)

@@ -93,6 +93,11 @@ class DistributedStrategy(Strategy):
     def loss_scale(self) -> float:
         return float(self.sp_size)
 
+    def sync_grads(self, model: nn.Module) -> None:
+        """Data-parallel gradient average after a backward whose forward ran on the unwrapped
+        module (a method that runs several roles of one module per step: DMD). FSDP and DeepSpeed
+        reduce in backward hooks whatever the forward went through, so nothing is left to do."""
+
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         (loss * self.loss_scale() if self.sp_size > 1 else loss).backward()
 
@@ -157,6 +162,19 @@ class DDPStrategy(DistributedStrategy):
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids)
         return ddp, make_optimizer([p for p in ddp.parameters() if p.requires_grad])
+
+    def sync_grads(self, model: nn.Module) -> None:
+        """DDP's reducer only runs after a forward through the wrapper: average by hand, one flat
+        all-reduce over every gradient present (the same parameters on every rank)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.unwrap(model).parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.mesh.dp_group)
+        for g, mean in zip(grads, _unflatten_dense_tensors(flat / self.dp_size, grads), strict=True):
+            g.copy_(mean)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if hasattr(model, "module") else model
