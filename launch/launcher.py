@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,8 +33,19 @@ def train_args(a: argparse.Namespace) -> list[str]:
     return [str(Path(a.recipe).resolve()), *a.overrides]
 
 
+def deepspeed_executable() -> str:
+    """DeepSpeed's launcher of this interpreter's environment (works without an activated venv)."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("deepspeed")
+    if found is None:
+        raise ValueError("the deepspeed launcher is not installed here (pip install deepspeed)")
+    return found
+
+
 def deepspeed_command(a: argparse.Namespace) -> list[str]:
-    cmd = ["deepspeed"]
+    cmd = [deepspeed_executable()]
     if a.hostfile:
         if not Path(a.hostfile).is_file():
             raise ValueError(f"hostfile {a.hostfile!r} does not exist (lines like 'node0 slots=8')")

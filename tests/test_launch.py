@@ -47,7 +47,7 @@ def test_dry_runs(capsys):
         main(["--launcher", "deepspeed", "--nproc", "2", "--dry-run", str(RECIPE), "train.max_steps=1"]) == 0
     )
     out = capsys.readouterr().out
-    assert out.startswith("deepspeed --num_gpus 2 --no_local_rank --module") and "train.max_steps=1" in out
+    assert "deepspeed --num_gpus 2 --no_local_rank --module" in out and "train.max_steps=1" in out
     args = ["--launcher", "torchrun", "--nproc", "4", "--nnodes", "2", "--master-addr", "n0", "--dry-run"]
     assert main([*args, str(RECIPE)]) == 0
     out = capsys.readouterr().out
@@ -100,7 +100,6 @@ def _run(launcher: str, run_dir: Path, steps: int) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not installed")
 def test_deepspeed_launcher_two_cpu_ranks(tmp_path):
     _run("deepspeed", tmp_path / "run", 2)
     _finished(tmp_path / "run", 2)
