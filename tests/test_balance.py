@@ -20,7 +20,9 @@ def test_pair_counts_equal_dense_mask(layout):
     full = TokenMeta.cat(metas)
     rule = MaskRule("teacher_forcing", fpc)
     dense = [float(build_mask(rule, m, full).sum()) for m in metas]
-    assert rep["per_rank"]["attn_pairs"] == dense
+    assert rep["per_rank"]["attn_pairs_own_queries"] == dense
+    # Ulysses: every rank attends all queries on H/P heads -> all allowed pairs / P each
+    assert rep["per_rank"]["attn_pairs_ulysses"] == [float(build_mask(rule, full, full).sum()) / sp] * sp
     assert rep["per_rank"]["tokens"] == [float(len(m)) for m in metas]
     assert sum(rep["per_rank"]["loss_tokens"]) == f * (h // 2) * (w // 2)
 
@@ -38,3 +40,15 @@ def test_cli_json(capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["tokens_per_frame"] == 30 * 52 and len(rep["per_rank"]["tokens"]) == 2
     assert cli(["balance", "--frames", "24", "--sp", "5"]) == 2
+
+
+def test_vae_frames_pre_encoded_and_exact_halo():
+    """Latent shards: no VAE work. Exact halo: rank 0 has no left context, so it reads less."""
+    pre = layout_report("balanced", 96, 3, 4, 60, 104, pre_encoded=True)
+    assert pre["per_rank"]["vae_frames"] == [0.0] * 4
+    exact = layout_report("balanced", 96, 3, 4, 60, 104)  # Wan2.1's receptive field, 28 latent frames
+    v = exact["per_rank"]["vae_frames"]
+    assert exact["halo_latent_frames"] == 28
+    assert v[0] == 4 * 23 + 1 and v[0] < min(v[1:])  # frames 0..23: no halo before the clip's start
+    assert exact["summary"]["attn_pairs_ulysses"]["max_over_mean"] == 1.0
+    assert exact["summary"]["attn_pairs_own_queries"]["max_over_mean"] > 1.5  # causal: later queries see more

@@ -1,9 +1,11 @@
-"""Readers of latent shards for the trainer (see latents.py for how streams are split and resumed)."""
+"""Readers of latent and video shards for the trainer (latents.py: how streams are split and resumed;
+videos.py: training from videos, latents encoded per rank)."""
 
 from vidtrain.data.latents import (
     LatentLoader,
     LatentShardDataset,
     ResumableStream,
+    ShardStream,
     SyntheticLatentDataset,
     collate_latents,
 )
@@ -12,6 +14,7 @@ __all__ = [
     "LatentLoader",
     "LatentShardDataset",
     "ResumableStream",
+    "ShardStream",
     "SyntheticLatentDataset",
     "collate_latents",
 ]

@@ -191,8 +191,8 @@ class ResumableStream(IterableDataset):
         self._next_role = int(state["next_role"])
 
 
-class LatentShardDataset(ResumableStream):
-    """Latent shards (`latents.npy`, `text.npy`, `json`) as an endless resumable stream.
+class ShardStream(ResumableStream):
+    """Webdataset shards as an endless resumable stream (one unit per shard); subclasses decode.
 
     `source` is a shard folder (manifest order when it has `manifest.json`), a manifest path
     or a list of `.tar` paths.
@@ -238,6 +238,10 @@ class LatentShardDataset(ResumableStream):
             [self.shards[unit]], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
         )
         yield from ds  # raw bytes per extension; decoded only when kept
+
+
+class LatentShardDataset(ShardStream):
+    """Latent shards (`latents.npy`, `text.npy`, `json`) as an endless resumable stream."""
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         if "latents.npy" not in raw or "text.npy" not in raw:

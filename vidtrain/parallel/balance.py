@@ -3,14 +3,20 @@
 `vidtrain balance --frames 96 --frames-per-chunk 3 --sp 4 --layout balanced [--json]`
 
 Figures per SP rank:
-  tokens          tokens the rank holds (clean + noisy)
-  loss_tokens     noisy tokens (the loss lives there)
-  vae_frames      pixel frames the rank's VAE encode reads, left halo included (chunk-halo encode)
-  attn_pairs      query-key pairs the mask allows for the rank's own queries against all keys
-                  (the attention work a rank owns under ring / context parallelism; under
-                  Ulysses every rank attends all queries of H/P heads, i.e. total/P each)
+  tokens                  tokens the rank holds (clean + noisy)
+  loss_tokens             noisy tokens (the loss lives there)
+  vae_frames              pixel frames the rank's VAE encode reads, left halo included
+                          (chunk-halo encode, training from videos); 0 with pre-encoded latents
+  attn_pairs_own_queries  query-key pairs the mask allows for the rank's OWN queries against all
+                          keys: the attention work a rank computes under ring / context parallelism
+  attn_pairs_ulysses      query-key pairs a rank computes under Ulysses (what vidtrain runs): after
+                          the all-to-all every rank attends ALL queries on H/P of the H heads,
+                          i.e. all allowed pairs x H/P; counted per head like the figure above,
+                          that is all pairs / P per rank: even by construction, whatever the layout
 Pair counts are exact without a dense L x L mask: the mask depends on frame, chunk and copy
-only, so it is counted on one token per frame and scaled by tokens_per_frame**2.
+only, so it is counted on one token per frame and scaled by tokens_per_frame**2. They count
+pairs the mask allows (what a block-sparse kernel such as FlexAttention computes), not the
+L x L pairs a dense-mask SDPA evaluates.
 """
 
 from __future__ import annotations
@@ -22,13 +28,13 @@ from pathlib import Path
 import torch
 
 from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
-from vidtrain.parallel.sequence import layout_metas, naive_frame_span, rank_frames
+from vidtrain.parallel.sequence import layout_frame_span, layout_metas
 
 TEMPORAL_COMPRESSION = 4
 # Used only when the VAE module cannot be built: Wan2.1 VAE's encoder receptive field in latent
 # frames, as CausalVideoVAE.temporal_receptive_field() computes it for the "wan2.1" flavor.
 WAN21_HALO_LATENT_FRAMES = 28
-FIGURES = ("tokens", "loss_tokens", "vae_frames", "attn_pairs")
+FIGURES = ("tokens", "loss_tokens", "vae_frames", "attn_pairs_own_queries", "attn_pairs_ulysses")
 
 
 def vae_halo() -> int:
@@ -55,22 +61,36 @@ def _frame_level(meta: TokenMeta, tokens_per_frame: int) -> TokenMeta:
 
 
 def layout_report(
-    layout: str, frames: int, frames_per_chunk: int, sp: int, lat_h: int, lat_w: int, halo: int | None = None
+    layout: str,
+    frames: int,
+    frames_per_chunk: int,
+    sp: int,
+    lat_h: int,
+    lat_w: int,
+    halo: int | None = None,
+    pre_encoded: bool = False,
 ) -> dict:
-    """Per-rank figures and max/mean for a layout (latent sizes lat_h x lat_w)."""
+    """Per-rank figures and max/mean for a layout (latent sizes lat_h x lat_w).
+
+    `halo`: VAE left halo in latent frames (None: Wan2.1's exact receptive field);
+    `pre_encoded`: latents come from latent shards, so no rank runs the VAE (vae_frames 0).
+    """
     hp, wp = lat_h // 2, lat_w // 2
     tpf = hp * wp
     halo = vae_halo() if halo is None else halo
     rule = MaskRule("teacher_forcing", frames_per_chunk)
     metas = layout_metas(layout, frames, 1, 1, frames_per_chunk, sp)  # one token per frame
     global_meta = TokenMeta.cat(metas)
+    total_pairs = float(int(build_mask(rule, global_meta, global_meta).sum()) * tpf * tpf)
     per_rank: dict[str, list[float]] = {k: [] for k in FIGURES}
     for r, m in enumerate(metas):
-        span = rank_frames(frames, r, sp) if layout == "balanced" else naive_frame_span(frames, r, sp)
+        f0, f1 = layout_frame_span(layout, frames, r, sp)
         per_rank["tokens"].append(float(len(m) * tpf))
         per_rank["loss_tokens"].append(float(int(m.noisy.sum()) * tpf))
-        per_rank["vae_frames"].append(float(pixel_frames(span[0], span[1], halo)))
-        per_rank["attn_pairs"].append(float(int(build_mask(rule, m, global_meta).sum()) * tpf * tpf))
+        per_rank["vae_frames"].append(0.0 if pre_encoded else float(pixel_frames(f0, f1, halo)))
+        own = float(int(build_mask(rule, m, global_meta).sum()) * tpf * tpf)
+        per_rank["attn_pairs_own_queries"].append(own)
+        per_rank["attn_pairs_ulysses"].append(total_pairs / sp)
     summary = {}
     for k, vals in per_rank.items():
         mean = sum(vals) / len(vals)
@@ -78,6 +98,7 @@ def layout_report(
     return {
         "layout": layout, "frames": frames, "frames_per_chunk": frames_per_chunk, "sp": sp,
         "latent_hw": [lat_h, lat_w], "tokens_per_frame": tpf, "halo_latent_frames": halo,
+        "pre_encoded": pre_encoded,
         "per_rank": per_rank, "summary": summary,
     }  # fmt: skip
 
@@ -86,15 +107,20 @@ def format_report(rep: dict) -> str:
     lines = [
         f"layout={rep['layout']} sp={rep['sp']} frames={rep['frames']} fpc={rep['frames_per_chunk']} "
         f"latent={rep['latent_hw'][0]}x{rep['latent_hw'][1]} tokens/frame={rep['tokens_per_frame']} "
-        f"vae halo={rep['halo_latent_frames']} latent frames",
-        f"{'rank':>6} " + " ".join(f"{k:>16}" for k in FIGURES),
-    ]
+        + ("latents pre-encoded (no VAE work)" if rep.get("pre_encoded") else
+           f"vae halo={rep['halo_latent_frames']} latent frames"),
+        f"{'rank':>8} " + " ".join(f"{k:>22}" for k in FIGURES),
+    ]  # fmt: skip
     for r in range(rep["sp"]):
-        lines.append(f"{r:>6} " + " ".join(f"{rep['per_rank'][k][r]:>16,.0f}" for k in FIGURES))
+        lines.append(f"{r:>8} " + " ".join(f"{rep['per_rank'][k][r]:>22,.0f}" for k in FIGURES))
     s = rep["summary"]
-    lines.append(f"{'max':>6} " + " ".join(f"{s[k]['max']:>16,.0f}" for k in FIGURES))
-    lines.append(f"{'mean':>6} " + " ".join(f"{s[k]['mean']:>16,.1f}" for k in FIGURES))
-    lines.append(f"{'max/mean':>6} " + " ".join(f"{s[k]['max_over_mean']:>16.3f}" for k in FIGURES))
+    lines.append(f"{'max':>8} " + " ".join(f"{s[k]['max']:>22,.0f}" for k in FIGURES))
+    lines.append(f"{'mean':>8} " + " ".join(f"{s[k]['mean']:>22,.1f}" for k in FIGURES))
+    lines.append(f"{'max/mean':>8} " + " ".join(f"{s[k]['max_over_mean']:>22.3f}" for k in FIGURES))
+    lines.append(
+        "attn_pairs_own_queries: work under ring/context parallelism; attn_pairs_ulysses: work "
+        "computed under Ulysses (all queries x H/P heads per rank)"
+    )
     return "\n".join(lines)
 
 
@@ -130,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=480, help="pixels")
     p.add_argument("--width", type=int, default=832, help="pixels")
     p.add_argument("--halo", type=int, default=None, help="VAE halo in latent frames (default: exact)")
+    p.add_argument("--pre-encoded", action="store_true", help="latents from latent shards (no VAE work)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     if a.height % 16 or a.width % 16:
         raise ValueError(f"height and width must be multiples of 16 pixels, got {a.height}x{a.width}")
-    rep = layout_report(a.layout, a.frames, a.frames_per_chunk, a.sp, a.height // 8, a.width // 8, a.halo)
+    rep = layout_report(
+        a.layout, a.frames, a.frames_per_chunk, a.sp, a.height // 8, a.width // 8, a.halo, a.pre_encoded
+    )
     print(json.dumps(rep, indent=1) if a.json else format_report(rep))
     return 0

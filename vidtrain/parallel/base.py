@@ -8,7 +8,7 @@ teacher-forcing sequence (the layout).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from vidtrain.forcing.meta import TokenMeta
 from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
+from vidtrain.parallel.sequence import take_frames
 from vidtrain.registry import Registry
 
 STRATEGIES: Registry[type] = Registry("parallel strategy")
@@ -60,10 +61,14 @@ class Strategy:
 
     # ---- the step ------------------------------------------------------------------------------
     def tf_sequence(
-        self, x0: torch.Tensor, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
+        self, x0, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
     ) -> tuple[TFSequence, TokenMeta]:
-        """This rank's part of the teacher-forcing sequence and the global token metadata."""
-        seq = build_tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
+        """This rank's part of the teacher-forcing sequence and the global token metadata.
+
+        `x0` is a latent tensor [B, C, F, H, W] or a lazy source of latent frames (videos encoded
+        on demand, `sequence.take_frames`): a rank reads only the frames its part holds.
+        """
+        seq = build_tf_sequence(take_frames(x0, 0, x0.shape[2]), noise, sigma_BF, frames_per_chunk)
         return seq, seq.meta
 
     def step_report(self, step_time_s: float, logs: dict[str, float] | None = None) -> dict[str, float]:
@@ -91,6 +96,13 @@ class Strategy:
         return float(norm)
 
     # ---- checkpoint ----------------------------------------------------------------------------
+    def full_params(self, model: nn.Module):
+        """The trainable parameters as full tensors, as a module-like view for EMA (`named_parameters`).
+
+        Sharding strategies (FSDP, ZeRO-3) gather them one at a time; all ranks must iterate it.
+        """
+        return self.unwrap(model)
+
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full (unsharded) state dict of the plain model, on CPU (all ranks call it)."""
         return {k: v.detach().cpu().clone() for k, v in self.unwrap(model).state_dict().items()}
@@ -106,6 +118,17 @@ class Strategy:
 
     def load_engine(self, model: nn.Module, folder: Path) -> bool:
         return False
+
+
+class FullParams:
+    """Module-like view for EMA: `named_parameters()` yields (name, full tensor) of each trainable
+    parameter, gathered on demand by a sharding strategy (one at a time, bounded memory)."""
+
+    def __init__(self, named: Callable[[], Iterator[tuple[str, torch.Tensor]]]) -> None:
+        self._named = named
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._named()
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vidtrain.parallel.base import STRATEGIES
+from vidtrain.parallel.base import STRATEGIES, FullParams
 from vidtrain.parallel.strategies import DistributedStrategy
 
 
@@ -91,6 +91,20 @@ class DeepSpeedStrategy(DistributedStrategy):
             if g is not None:
                 out[n] = g.detach().float().cpu().clone()
         return out
+
+    def full_params(self, model: nn.Module):
+        """ZeRO-3 partitions parameters (the module holds empty placeholders): EMA reads each
+        trainable parameter's full fp32 master copy, all-gathered one at a time."""
+        if self.recipe.parallel.zero_stage != 3:
+            return super().full_params(model)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        def named():
+            for n, p in self.unwrap(model).named_parameters():
+                if p.requires_grad:
+                    yield n, safe_get_full_fp32_param(p).detach().requires_grad_(True)
+
+        return FullParams(named)
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         if self.recipe.parallel.zero_stage == 3:

@@ -9,6 +9,9 @@ Layouts decide which tokens a rank holds (DESIGN section 4-5):
   naive     the single-process [all clean | all noisy] sequence cut into P contiguous pieces;
   balanced  rank r holds frames [r*F/P, (r+1)*F/P) in both copies, clean then noisy.
 Global order = concatenation of the ranks' local sequences; masks follow from metadata.
+A rank reads only the clean latents of its frame span (`layout_frame_span`); when training from
+videos the latents are lazy (`take_frames`) and each rank VAE-encodes just that span plus a left
+halo, then noises it with the group's shared noise and timesteps.
 
 Legend: B batch, H heads, L tokens (global), Ll local tokens, D head dim, P SP ranks,
 C channels, F latent frames, T pixel frames.
@@ -135,31 +138,51 @@ def layout_metas(
     return [full.index(slice(r * piece, (r + 1) * piece)) for r in range(sp_size)]
 
 
+def layout_frame_span(layout: str, frames: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
+    """Latent frames [f0, f1) whose tokens (clean or noisy) a rank holds: the only clean latents
+    it needs, and so the only frames it encodes when training from videos."""
+    if layout == "balanced":
+        return rank_frames(frames, sp_rank, sp_size)
+    return naive_frame_span(frames, sp_rank, sp_size)
+
+
+def take_frames(x0_BCFHW, f0: int, f1: int) -> torch.Tensor:
+    """Latent frames [f0, f1) of a latent tensor, or of a lazy source (`.frames(f0, f1)`, e.g.
+    vidtrain.data.videos.VideoLatents, which VAE-encodes just those frames)."""
+    if isinstance(x0_BCFHW, torch.Tensor):
+        return x0_BCFHW[:, :, f0:f1]
+    return x0_BCFHW.frames(f0, f1)
+
+
 def local_tf_sequence(
     layout: str,
-    x0_BCFHW: torch.Tensor,
+    x0_BCFHW,
     noise_BCFHW: torch.Tensor,
     sigma_BF: torch.Tensor,
     frames_per_chunk: int,
     sp_rank: int,
     sp_size: int,
 ) -> tuple[TFSequence, TokenMeta]:
-    """This rank's part of the teacher-forcing sequence and the global metadata."""
+    """This rank's part of the teacher-forcing sequence and the global metadata.
+
+    `x0_BCFHW` is a latent tensor or a lazy source (`take_frames`): only the rank's frame span
+    is read. Naive: the span's [clean | noisy] sequence, cut to the rank's piece of the global
+    [all clean | all noisy] (pieces are whole frame copies since F divides by P * fpc).
+    """
     _, _, f, h, w = x0_BCFHW.shape
     metas = layout_metas(layout, f, h // 2, w // 2, frames_per_chunk, sp_size)
-    if layout == "balanced":
-        f0, f1 = rank_frames(f, sp_rank, sp_size)
-        seq = build_tf_sequence(
-            x0_BCFHW[:, :, f0:f1],
-            noise_BCFHW[:, :, f0:f1],
-            sigma_BF[:, f0:f1],
-            frames_per_chunk,
-            frame_offset=f0,
-        )
-    else:
-        full = build_tf_sequence(x0_BCFHW, noise_BCFHW, sigma_BF, frames_per_chunk)
-        piece = len(full.meta) // sp_size
-        seq = full.index(slice(sp_rank * piece, (sp_rank + 1) * piece))
+    f0, f1 = layout_frame_span(layout, f, sp_rank, sp_size)
+    seq = build_tf_sequence(
+        take_frames(x0_BCFHW, f0, f1),
+        noise_BCFHW[:, :, f0:f1],
+        sigma_BF[:, f0:f1],
+        frames_per_chunk,
+        frame_offset=f0,
+    )
+    if layout == "naive":
+        a, b = sp_rank * 2 * f // sp_size, (sp_rank + 1) * 2 * f // sp_size  # frame copies [a, b)
+        copy = seq.meta.frame + seq.meta.noisy.long() * f  # clean frame i -> i, noisy -> f + i
+        seq = seq.index(torch.nonzero((copy >= a) & (copy < b)).squeeze(1))
     return seq, TokenMeta.cat(metas)
 
 
@@ -174,17 +197,14 @@ def encode_local_frames(
 ) -> tuple[torch.Tensor, int]:
     """Latents this rank needs, encoded from its own pixel frames plus a left halo.
 
-    Returns (latents [B, C, f1-f0, h, w], f0). Balanced: only the rank's frame range. Naive: a
-    rank's piece of [clean | noisy] may cover any frames, so it encodes the frames its piece
-    touches (every rank of the clean half, and the noisy half, may need the same frames).
-    `halo` defaults to the VAE's temporal receptive field (exact encode).
+    Returns (latents [B, C, f1-f0, h, w], f0) for the rank's `layout_frame_span`. Balanced: only
+    the rank's frame range. Naive: a rank's piece of [clean | noisy] may cover any frames, so it
+    encodes the frames its piece touches. `halo` defaults to the VAE's temporal receptive field
+    (exact encode).
     """
     frames = vae.num_latent_frames(video_BCTHW.shape[2])
     check_layout(layout, frames, frames_per_chunk, sp_size)
-    if layout == "balanced":
-        f0, f1 = rank_frames(frames, sp_rank, sp_size)
-    else:
-        f0, f1 = naive_frame_span(frames, sp_rank, sp_size)
+    f0, f1 = layout_frame_span(layout, frames, sp_rank, sp_size)
     halo = vae.temporal_receptive_field() if halo is None else halo
     return vae.encode_range(video_BCTHW, f0, f1, halo), f0
 

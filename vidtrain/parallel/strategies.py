@@ -19,7 +19,7 @@ from torch import nn
 
 from vidtrain.forcing.meta import TokenMeta
 from vidtrain.forcing.teacher import TFSequence
-from vidtrain.parallel.base import STRATEGIES, Strategy
+from vidtrain.parallel.base import STRATEGIES, FullParams, Strategy
 from vidtrain.parallel.mesh import Mesh, build_mesh
 from vidtrain.parallel.sequence import apply_ulysses, local_tf_sequence
 
@@ -60,8 +60,9 @@ class DistributedStrategy(Strategy):
 
     # ---- the step ------------------------------------------------------------------------------
     def tf_sequence(
-        self, x0: torch.Tensor, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
+        self, x0, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
     ) -> tuple[TFSequence, TokenMeta]:
+        """`x0`: latents, or a lazy source from videos of which the rank encodes only its span."""
         if self.sp_size == 1:
             return super().tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
         layout = self.recipe.parallel.layout
@@ -69,13 +70,17 @@ class DistributedStrategy(Strategy):
             layout, x0, noise, sigma_BF, frames_per_chunk, self.sp_rank, self.sp_size
         )
         if self.layout_figures is None:
-            self._remember_layout(x0.shape[2], x0.shape[3], x0.shape[4], frames_per_chunk)
+            self._remember_layout(x0, frames_per_chunk)
         return seq, meta
 
-    def _remember_layout(self, f: int, h: int, w: int, fpc: int) -> None:
+    def _remember_layout(self, x0, fpc: int) -> None:
+        """The layout's per-rank figures; VAE frames with the run's halo, or 0 for latent shards."""
         from vidtrain.parallel.balance import layout_report
 
-        rep = layout_report(self.recipe.parallel.layout, f, fpc, self.sp_size, h, w)
+        f, h, w = x0.shape[2:]
+        pre_encoded = isinstance(x0, torch.Tensor)
+        halo = 0 if pre_encoded else x0.halo
+        rep = layout_report(self.recipe.parallel.layout, f, fpc, self.sp_size, h, w, halo, pre_encoded)
         self.layout_figures = {k: v for k, v in rep["per_rank"].items()}
 
     def sp_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -216,6 +221,17 @@ class FSDPStrategy(DistributedStrategy):
                 g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                 out[n] = g.detach().cpu().clone()
         return out
+
+    def full_params(self, model: nn.Module) -> FullParams:
+        """Each trainable DTensor shard all-gathered to the full parameter, one at a time."""
+
+        def named():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                    yield n, full.detach().requires_grad_(True)
+
+        return FullParams(named)
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

