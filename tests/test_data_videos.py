@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tf_debug_videos.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convolutions on a shared 2-core CPU: one intra-op thread avoids spin-wait stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """3 clips of 21 frames (6 latent frames) at 32x32 from bikes.mp4, one per shard."""
