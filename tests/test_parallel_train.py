@@ -1,6 +1,6 @@
 """Whole runs on 2 gloo ranks, one spawn for all: training from videos under SP (each rank encodes
-only its frames) equals one process encoding the whole clip; FSDP resume is exact; ZeRO-3 with
-EMA trains and its EMA equals the single-process one."""
+only its frames) equals one process encoding the whole clip; ring (context-parallel) SP equals one
+process; FSDP resume is exact; ZeRO-3 with EMA trains and its EMA equals the single-process one."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def _video_case(shards: Path) -> Case:
     return Case("ddp", 2, "balanced", video=str(shards))
 
 
+RING = [Case("ddp", 2, "balanced", sp_impl="ring"), Case("fsdp", 2, "naive", sp_impl="ring")]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """165-frame clips (42 latent frames: rank 1's exact halo starts mid-clip), then one spawn."""
@@ -55,7 +58,7 @@ def runs(tmp_path_factory):
         (None, [*FSDP, "train.max_steps=4", f"run.dir={d['fsdp_split']}"]),  # resumes at step 2
         (None, [*ZERO3, f"run.dir={d['zero3']}"]),
     ]
-    spawn_checks(2, [_video_case(shards)], root, timeout_s=400, runs=jobs)
+    spawn_checks(2, [_video_case(shards), *RING], root, timeout_s=400, runs=jobs)
     return root, shards, d
 
 
@@ -68,20 +71,39 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def test_sp2_from_videos_equals_one_process_encoding_the_whole_clip(runs):
-    root, shards, _ = runs
-    case = _video_case(shards)
-    ref = reference(case, 2)  # one process, vae.encode of the whole clip
+def _check_equal(root: Path, case: Case) -> tuple[dict, dict]:
+    """SP=2 (one data-parallel group) vs the single-process step: loss, gradients, weights."""
+    ref = reference(case, 2)
     got = torch.load(root / f"{case.name}_rank0.pt", weights_only=False)
     other = torch.load(root / f"{case.name}_rank1.pt", weights_only=False)
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5) and other["loss"] == got["loss"]
+    assert got["grads"].keys() == ref["grads"].keys()
     for name, g in ref["grads"].items():
         assert _rel(got["grads"][name], g) < 1e-5, name
     for name, w in ref["weights"].items():
         torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-6)
+    return got, other
+
+
+def test_sp2_from_videos_equals_one_process_encoding_the_whole_clip(runs):
+    root, shards, _ = runs
+    got, other = _check_equal(root, _video_case(shards))  # reference: vae.encode of the whole clip
     # each rank encoded only its latent frames [0, 21) / [21, 42) plus the exact halo (20 latent
     # frames of the debug VAE): pixel frames [0, 81) and [1, 165), not the whole clip twice
     assert (got["vae_pixel_frames"], other["vae_pixel_frames"]) == (81, 164)
+
+
+@pytest.mark.parametrize("index", range(len(RING)), ids=[c.name for c in RING])
+def test_ring_sp_equals_one_process(runs, index):
+    _check_equal(runs[0], RING[index])
+
+
+def test_ring_needs_no_head_divisibility():
+    from vidtrain.parallel.sequence import RingAttention, apply_ring
+
+    model = CausalWanDiT.from_flavor("debug")  # 4 heads: Ulysses refuses sp_size=3
+    assert apply_ring(model, None, 3, 0) == len(model.blocks)
+    assert all(isinstance(b.self_attn.core, RingAttention) for b in model.blocks)
 
 
 def test_video_recipe_under_sp2_equals_one_process(runs, tmp_path):

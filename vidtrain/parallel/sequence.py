@@ -1,9 +1,11 @@
-"""Sequence parallelism: Ulysses attention and the teacher-forcing layouts over an SP group.
+"""Sequence parallelism: Ulysses or ring attention and the teacher-forcing layouts over an SP group.
 
 Ulysses (DeepSpeed-Ulysses): each rank holds L/P tokens of every head. Before attention an
 all-to-all trades them for all L tokens of H/P heads; the inner core attends with the mask of
 the *global* token order (built from metadata); a second all-to-all returns the local tokens.
-Both all-to-alls are autograd functions, so backward runs the mirror exchange.
+Both all-to-alls are autograd functions, so backward runs the mirror exchange. Ring /
+context parallel (`RingAttention`) keeps every head and exchanges K/V instead: for models whose
+heads do not divide by P.
 
 Layouts decide which tokens a rank holds (DESIGN section 4-5):
   naive     the single-process [all clean | all noisy] sequence cut into P contiguous pieces;
@@ -26,8 +28,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from vidtrain.forcing.meta import TokenMeta, grid_meta
+from vidtrain.forcing.meta import TokenMeta, build_mask, grid_meta
 from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
+from vidtrain.models.wan.attention import sdpa
 
 LAYOUTS = ("naive", "balanced")
 # the autograd-aware all-to-all of torch.distributed.nn is marked deprecated but is the one that
@@ -88,6 +91,94 @@ def apply_ulysses(model: nn.Module, group, sp_size: int) -> int:
                 f"{module.num_heads} heads, sp_size={sp_size}"
             )
         module.core = UlyssesAttention(core, group, sp_size)
+        n += 1
+    if n == 0:
+        raise ValueError("no self-attention core found to wrap for sequence parallelism")
+    return n
+
+
+# ---- ring / context parallel ------------------------------------------------------------------
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along the sequence: [B, H, Ll, D] -> [B, H, P*Ll, D]; backward reduce-scatters
+    the gradient (an all-to-all of contiguous pieces plus a sum: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x_BHLD: torch.Tensor, group, p: int) -> torch.Tensor:
+        ctx.group, ctx.p = group, p
+        parts = [torch.empty_like(x_BHLD) for _ in range(p)]
+        dist.all_gather(parts, x_BHLD.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, g_BHLD: torch.Tensor):
+        b, h, seq_len, d = g_BHLD.shape
+        send = g_BHLD.reshape(b, h, ctx.p, seq_len // ctx.p, d).permute(2, 0, 1, 3, 4).contiguous()
+        recv = torch.empty_like(send)  # [P(src), B, H, Ll, D]: every rank's gradient of my piece
+        dist.all_to_all_single(recv, send, group=ctx.group)
+        return recv.sum(0), None, None
+
+
+class RingAttention(nn.Module):
+    """Context-parallel attention for any head count: each rank attends its OWN queries (all
+    heads) to the keys/values of the whole SP group.
+
+    K/V are exchanged with an all-gather whose backward reduce-scatters their gradients, i.e.
+    the "allgather" rotation of PyTorch's context parallelism; the mask rows of
+    the rank's queries come from metadata, as for Ulysses. Attention work per rank is the balance
+    report's `attn_pairs_own_queries`. Not yet done: P2P ring passes overlapped with compute
+    (transient K/V of the whole sequence per layer here), FlexAttention block masks on GPU
+    (dense [Ll, L] mask here), KV fake-quant hooks (QAT).
+    """
+
+    def __init__(self, inner: nn.Module, group, sp_size: int, sp_rank: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group, self.sp_size, self.sp_rank = group, sp_size, sp_rank
+
+    @property
+    def layer_idx(self) -> int:
+        return self.inner.layer_idx
+
+    def _mask(self, ctx, local: int) -> torch.Tensor | None:
+        """[Ll, L] rows of the global mask for this rank's queries, built once per forward."""
+        if ctx.rule.kind == "full":
+            return None
+        if getattr(ctx, "_ring_mask", None) is None:
+            if ctx.meta is None:
+                raise ValueError(f"mask rule {ctx.rule.kind!r} needs token metadata")
+            mine = ctx.meta.index(slice(self.sp_rank * local, (self.sp_rank + 1) * local))
+            ctx._ring_mask = build_mask(ctx.rule, mine, ctx.meta)
+        return ctx._ring_mask
+
+    def forward(self, q_BHLD, k_BHLD, v_BHLD, ctx) -> torch.Tensor:
+        if ctx.kv_hook is not None:
+            raise ValueError(
+                "parallel.sp_impl=ring does not support KV hooks (QAT KV fake-quant) yet; use ulysses"
+            )
+        local = q_BHLD.shape[2]
+        k_all = _GatherSeq.apply(k_BHLD, self.group, self.sp_size)  # [B, H, L, D]
+        v_all = _GatherSeq.apply(v_BHLD, self.group, self.sp_size)
+        if ctx.meta is not None and len(ctx.meta) != k_all.shape[2]:
+            raise ValueError(
+                f"global metadata has {len(ctx.meta)} tokens, gathered sequence {k_all.shape[2]}"
+            )
+        return sdpa(q_BHLD, k_all, v_all, self._mask(ctx, local))
+
+
+def apply_ring(model: nn.Module, group, sp_size: int, sp_rank: int) -> int:
+    """Replace every self-attention core with a context-parallel wrapper (no head constraint)."""
+    n = 0
+    for module in model.modules():
+        core = getattr(module, "core", None)
+        if (
+            core is None
+            or isinstance(core, RingAttention | UlyssesAttention)
+            or not hasattr(module, "num_heads")
+        ):
+            continue
+        module.core = RingAttention(core, group, sp_size, sp_rank)
         n += 1
     if n == 0:
         raise ValueError("no self-attention core found to wrap for sequence parallelism")

@@ -21,7 +21,7 @@ from vidtrain.forcing.meta import TokenMeta
 from vidtrain.forcing.teacher import TFSequence
 from vidtrain.parallel.base import STRATEGIES, FullParams, Strategy
 from vidtrain.parallel.mesh import Mesh, build_mesh
-from vidtrain.parallel.sequence import apply_ulysses, local_tf_sequence
+from vidtrain.parallel.sequence import apply_ring, apply_ulysses, local_tf_sequence
 
 
 class DistributedStrategy(Strategy):
@@ -35,8 +35,8 @@ class DistributedStrategy(Strategy):
 
     def setup(self) -> None:
         p = self.recipe.parallel
-        if p.sp_size > 1 and p.sp_impl != "ulysses":
-            raise ValueError(f"parallel.sp_impl={p.sp_impl!r} is not implemented yet; use ulysses")
+        if p.sp_impl not in ("ulysses", "ring"):
+            raise ValueError(f"unknown parallel.sp_impl={p.sp_impl!r}; known: ring, ulysses")
         self.mesh = m = build_mesh(p.sp_size, p.timeout_s)
         self.rank, self.world_size = m.rank, m.world_size
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = m.dp_rank, m.dp_size, m.sp_rank, m.sp_size
@@ -55,7 +55,9 @@ class DistributedStrategy(Strategy):
         dist.barrier()
 
     def apply_sequence_parallel(self, model: nn.Module) -> None:
-        if self.sp_size > 1:
+        if self.sp_size > 1 and self.recipe.parallel.sp_impl == "ring":
+            apply_ring(model, self.mesh.sp_group, self.sp_size, self.sp_rank)
+        elif self.sp_size > 1:
             apply_ulysses(model, self.mesh.sp_group, self.sp_size)
 
     # ---- the step ------------------------------------------------------------------------------

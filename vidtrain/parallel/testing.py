@@ -36,11 +36,12 @@ class Case:
     frames: int = FRAMES
     video: str | None = None  # video shard folder: train from its first clip(s) (frames from the clip)
     vae_halo: int | None = None  # None: the debug VAE's receptive field (exact)
+    sp_impl: str = "ulysses"
 
     @property
     def name(self) -> str:
-        video = "_video" if self.video else ""
-        return f"{self.strategy}_z{self.zero_stage}_sp{self.sp_size}_{self.layout}_f{self.frames}{video}"
+        extra = ("_video" if self.video else "") + ("" if self.sp_impl == "ulysses" else f"_{self.sp_impl}")
+        return f"{self.strategy}_z{self.zero_stage}_sp{self.sp_size}_{self.layout}_f{self.frames}{extra}"
 
 
 class _GivenNoise(TeacherForcing):
@@ -54,7 +55,7 @@ def make_recipe(case: Case, run_dir: str = "/tmp/vidtrain-eq") -> Recipe:
     r = Recipe()
     r.run.dir = run_dir
     r.parallel.strategy, r.parallel.sp_size, r.parallel.layout = case.strategy, case.sp_size, case.layout
-    r.parallel.zero_stage, r.parallel.timeout_s = case.zero_stage, 60.0
+    r.parallel.zero_stage, r.parallel.timeout_s, r.parallel.sp_impl = case.zero_stage, 60.0, case.sp_impl
     r.model.attn_backend = "sdpa"
     r.optim.lr, r.optim.grad_clip, r.optim.weight_decay, r.optim.eps = 1e-3, 0.0, 0.0, 1e-3
     r.train.mixed_precision = "fp32"
