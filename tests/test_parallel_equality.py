@@ -25,7 +25,16 @@ DEEPSPEED2 = [
     Case("deepspeed", 2, "balanced", zero_stage=2),
     Case("deepspeed", 2, "naive", zero_stage=3),
 ]
-RUNS = {"world2": (2, WORLD2), "world4": (4, WORLD4), "deepspeed2": (2, DEEPSPEED2)}
+DEEPSPEED4 = [
+    Case("deepspeed", 2, "balanced", zero_stage=2),  # dp 2 x sp 2
+    Case("deepspeed", 4, "balanced", zero_stage=3),
+]
+RUNS = {
+    "world2": (2, WORLD2),
+    "world4": (4, WORLD4),
+    "deepspeed2": (2, DEEPSPEED2),
+    "deepspeed4": (4, DEEPSPEED4),
+}
 
 
 @pytest.fixture(scope="module")
