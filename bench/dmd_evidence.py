@@ -1,6 +1,6 @@
 """Does DMD bring the few-step generator closer to the teacher's many-step samples? (debug DiT, CPU)
 
-    python bench/dmd_evidence.py [--out runs/dmd_evidence] [--teacher-steps 1500 --dmd-steps 300]
+    python bench/dmd_evidence.py [--out runs/dmd_evidence] [--teacher-steps 1500 --dmd-steps 300 --seeds 64]
 
 Data (structured, multimodal): --prompts prompts; each is a drifting plane wave (its own
 frequencies, velocity, gain and channel mix) and a fixed random text embedding. A training video
@@ -9,25 +9,37 @@ ring of valid videos. The conditional mean (all zeros) is what a one-shot x0 pre
 to; a good sampler commits to a phase and keeps it consistent across chunks.
 
 1. teacher: the debug DiT trained with teacher forcing on --train-samples such videos;
-2. reference: the teacher's --ref-steps Euler samples (chunk by chunk, causal), fresh seeds;
+2. reference set A: the teacher's --ref-steps Euler samples (chunk by chunk, causal), --seeds
+   seeds per prompt; set B (and C): the same with other seeds;
 3. for 2 and 4 steps: the teacher's own Euler sampler (sanity), the undistilled base through the
-   streaming sampler, and the DMD LoRA through the same sampler (same prompts and seeds).
+   streaming sampler, and the DMD LoRA through the same sampler (all on seeds B).
 
-Metrics per row, lower is better:
-  mse_to_ref    latent MSE to the reference sample of the same (prompt, seed);
-  manifold_err  MSE to the nearest valid video of the prompt (phase on a 48-point grid): how far a
-                sample is from any video the data could hold (the reference's own value is the
-                teacher's floor);
+Metrics per row, lower is better (the FD was fixed before any result was looked at):
+  fd_teacher    per-prompt Frechet distance to reference set A (see `Frechet`: 4 fixed random
+                orthonormal projections of the flattened latent to 8 dims, Gaussian fit per
+                prompt, FD / 8, mean over projections and prompts). What DMD optimises: the
+                teacher's distribution, not its noise -> sample map. Floor: sets B and C
+                against A (the teacher against itself; B vs C spread = the estimate's noise);
+  fd_data       the same against training videos (random phases): "better", not "closer";
+  mse_to_ref    latent MSE to the teacher's --ref-steps sample of the same seed (set B);
+  manifold_err  MSE to the nearest valid video of the prompt (phase on a 48-point grid);
   energy        mean square of the samples over that of the valid videos (1 = full contrast).
-DMD matches distributions, not seed-to-sample maps, so mse_to_ref rewards a blurred mean; read it
-together with manifold_err. Guidance 1 (no CFG): the teacher is trained without caption dropout.
+Guidance 1 (no CFG): the teacher is trained without caption dropout.
 
-Found on the shared 2-core CPU (2026-11-26, defaults): the teacher denoises well (x0 MSE 0.006 at
-sigma 0.2, 0.04 at 0.5) but its samples from pure noise are off the data (manifold_err 0.73, worse
-than the all-zeros mean at 0.55), so "closer to the teacher" is not "better" here. DMD moves the
-few-step samples toward the teacher's sample statistics (energy 0.61 -> 0.93 at 2 steps, 0.74 ->
-1.05 at 4; teacher 1.05) yet not toward its paired samples (mse_to_ref 0.95 -> 1.14, 1.00 -> 1.16;
-two teacher seeds differ by 1.10). No evidence that DMD helps until the teacher samples well.
+Found on the shared 2-core CPU (2026-11-26, defaults, 96 s, load average 1.5-1.8 with another
+job beside it; the run is deterministic, a repeat gave the same table):
+                               FD to teacher   FD to data   energy
+  teacher 32-step, seeds B/C   0.053 / 0.048   0.50         1.00
+  2 steps undistilled -> DMD   0.095 -> 0.067  0.44 -> 0.48 0.61 -> 0.89
+  4 steps undistilled -> DMD   0.068 -> 0.065  0.43 -> 0.48 0.71 -> 0.98
+At 2 steps DMD closes most of the gap to the teacher's own floor (0.095 -> 0.067 vs 0.05) and
+beats the teacher's own 2-step Euler (0.073); at 4 steps the change (0.068 -> 0.065) is inside
+the floor's seed spread (0.048 vs 0.053), so no evidence there. With --teacher-steps 4000 (same
+DMD settings) 2 steps again improved (0.090 -> 0.076) while 4 steps got worse (0.060 -> 0.089):
+the 4-step result is not robust. The teacher itself samples off the data (FD to data 0.50,
+manifold_err 0.76, worse than the all-zeros mean at 0.55; 4000 teacher steps: 0.49 / 0.74), and
+DMD moves samples toward it and away from the data (fd_data up): "closer to the teacher" is not
+"better" on this debug model. Same-seed MSE cannot show anything (two teacher seeds: 1.13).
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import argparse
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -122,29 +135,87 @@ def distill(out: Path, shards: Path, teacher: Path, steps: list[float], n: int) 
     return run / "lora"
 
 
-def euler(model, text: torch.Tensor, seeds: list[int], n: int) -> torch.Tensor:
+def euler(model, text: torch.Tensor, seeds: list[int], n: int, batch: int = 256) -> torch.Tensor:
     """The teacher's own sampler: flow-ODE Euler over n shifted steps, chunk by chunk (causal)."""
     from vidtrain.distill.rollout import chunk_velocity_fn, sample_chunks
     from vidtrain.forcing.flow import shift_sigma
     from vidtrain.forcing.meta import MaskRule
 
     sig = [float(s) for s in shift_sigma(torch.linspace(1.0, 0.0, n + 1)[:-1].double(), 5.0)]
+    noise = torch.cat(
+        [torch.randn(1, C, F, HW, HW, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
     outs = []
-    for i, seed in enumerate(seeds):
-        noise = torch.randn(1, C, F, HW, HW, generator=torch.Generator().manual_seed(seed))
-        v = chunk_velocity_fn(model, text[i : i + 1], MaskRule("causal", FPC))
+    for i in range(0, len(seeds), batch):
+        v = chunk_velocity_fn(model, text[i : i + batch], MaskRule("causal", FPC))
         with torch.no_grad():
-            outs.append(sample_chunks(v, noise, sig, FPC, mode="euler"))
+            outs.append(sample_chunks(v, noise[i : i + batch], sig, FPC, mode="euler"))
     return torch.cat(outs)
 
 
-def few_step(model, text: torch.Tensor, seeds: list[int], steps: list[float]) -> torch.Tensor:
+def few_step(
+    model, text: torch.Tensor, seeds: list[int], steps: list[float], batch: int = 256
+) -> torch.Tensor:
     """The streaming sampler (x0 update, re-noise), as the distilled generator is deployed."""
     from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
 
-    s = StreamingSampler(model, SamplerConfig(timesteps=tuple(steps), frames_per_chunk=FPC, kv_cache="fp32"))
+    cfg = SamplerConfig(timesteps=tuple(steps), frames_per_chunk=FPC, kv_cache="fp32")
+    outs = []
     with torch.no_grad():
-        return s.generate_latents(Conditioning(text), F // FPC, (HW, HW), seeds).latents_BCFHW
+        for i in range(0, len(seeds), batch):
+            s = StreamingSampler(model, cfg)
+            res = s.generate_latents(
+                Conditioning(text[i : i + batch]), F // FPC, (HW, HW), seeds[i : i + batch]
+            )
+            outs.append(res.latents_BCFHW)
+    return torch.cat(outs)
+
+
+def data_samples(prompts, prompt_of: list[int], seed: int) -> torch.Tensor:
+    """Training-distribution videos: each prompt's wave at a uniformly random phase."""
+    rng = np.random.default_rng(seed)
+    ph = rng.uniform(0, 2 * np.pi, size=(len(prompt_of), WAVES))
+    x = [waves(prompts[j][0], prompts[j][1], ph[i]) for i, j in enumerate(prompt_of)]
+    return torch.from_numpy(np.stack(x)).float()
+
+
+class Frechet:
+    """Conditional Frechet distance in latent space (defined before any result was looked at).
+
+    Features: the flattened latent x [D = C*F*H*W] through PROJ fixed random projections, each
+    with DIM orthonormal rows (seeded, never trained): f = Q x in R^DIM. Per prompt j, fit a
+    Gaussian (mean, covariance) to the features of one set and of the other, and take
+        FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
+    Reported value: FD / DIM (squared latent units per dimension, the scale of an MSE), averaged
+    over projections and prompts. Per prompt, so a sample must match its own prompt's spread of
+    videos, not the mixture over prompts. The estimator is biased upward at finite sample counts:
+    the floor is the teacher's own many-step samples with other seeds against the reference set.
+    """
+
+    PROJ, DIM = 4, 8
+
+    def __init__(self, prompt_of: list[int]) -> None:
+        g = torch.Generator().manual_seed(7)
+        d = C * F * HW * HW
+        self.q = [
+            torch.linalg.qr(torch.randn(d, self.DIM, generator=g, dtype=torch.float64))[0].T
+            for _ in range(self.PROJ)
+        ]
+        self.idx = {j: [i for i, p in enumerate(prompt_of) if p == j] for j in sorted(set(prompt_of))}
+
+    @staticmethod
+    def fd(a: torch.Tensor, b: torch.Tensor) -> float:
+        mu = (a.mean(0) - b.mean(0)).pow(2).sum()
+        sa, sb = torch.cov(a.T), torch.cov(b.T)
+        ev, evec = torch.linalg.eigh(sa)
+        ra = evec @ torch.diag(ev.clamp_min(0).sqrt()) @ evec.T
+        cross = torch.linalg.eigvalsh(ra @ sb @ ra).clamp_min(0).sqrt().sum()
+        return float(mu + sa.trace() + sb.trace() - 2 * cross)
+
+    def __call__(self, x: torch.Tensor, ref: torch.Tensor) -> float:
+        xs, rs = x.flatten(1).double(), ref.flatten(1).double()
+        vals = [self.fd(xs[i] @ q.T, rs[i] @ q.T) / self.DIM for q in self.q for i in self.idx.values()]
+        return sum(vals) / len(vals)
 
 
 class Manifold:
@@ -169,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ref-steps", type=int, default=32)
     p.add_argument("--train-samples", type=int, default=512)
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=64, help="samples per prompt in every set")
     a = p.parse_args(argv)
     from vidtrain.distill.export import load_lora
     from vidtrain.models.wan import CausalWanDiT
@@ -182,49 +253,58 @@ def main(argv: list[str] | None = None) -> dict:
     t_teacher = time.perf_counter() - t0
     prompt_of = [j for j in range(a.prompts) for _ in range(a.seeds)]
     text = torch.from_numpy(np.stack([prompts[j][2] for j in prompt_of]))
-    seeds = [1000 + i for i in range(len(prompt_of))]
-    manifold = Manifold(prompts)
+    seeds_a = [1000 + i for i in range(len(prompt_of))]  # the FD reference set
+    seeds_b = [500_000 + i for i in range(len(prompt_of))]  # every other row
+    seeds_c = [900_000 + i for i in range(len(prompt_of))]  # a second floor: the FD's sampling noise
+    manifold, frechet = Manifold(prompts), Frechet(prompt_of)
     base = CausalWanDiT.from_pretrained(str(teacher)).eval()
-    ref = euler(base, text, seeds, a.ref_steps)
+    ref_a = euler(base, text, seeds_a, a.ref_steps)
+    ref_b = euler(base, text, seeds_b, a.ref_steps)
+    data = data_samples(prompts, prompt_of, seed=99)
 
     def row(name: str, steps: int | str, x: torch.Tensor) -> dict:
         return {
-            "model": name, "steps": steps, "mse_to_ref": float((x - ref).pow(2).mean()),
+            "model": name, "steps": steps, "fd_teacher": max(0.0, frechet(x, ref_a)), "fd_data": max(0.0, frechet(x, data)),
+            "mse_to_ref": float((x - ref_b).pow(2).mean()),
             "manifold_err": manifold.error(x, prompt_of), "energy": float(x.pow(2).mean()) / manifold.energy,
         }  # fmt: skip
 
     rows = [
-        row("teacher Euler (reference)", a.ref_steps, ref),
-        row("conditional mean (all zeros)", "-", 0 * ref),
-    ]
-    rows.append(
+        row("teacher Euler, reference set A", a.ref_steps, ref_a),
+        row("teacher Euler, other seeds B (floor)", a.ref_steps, ref_b),
         row(
-            "teacher Euler, other seeds",
-            a.ref_steps,
-            euler(base, text, [s + 500 for s in seeds], a.ref_steps),
-        )
-    )
+            "teacher Euler, other seeds C (floor again)", a.ref_steps, euler(base, text, seeds_c, a.ref_steps)
+        ),
+        row("training data (random phases)", "-", data),
+        row("conditional mean (all zeros)", "-", 0 * ref_a),
+    ]
     t_dmd = 0.0
     for n, steps in STEPS.items():
         t1 = time.perf_counter()
         lora_dir = distill(out, shards, teacher, steps, a.dmd_steps)
         t_dmd += time.perf_counter() - t1
-        gen = load_lora(CausalWanDiT.from_pretrained(str(teacher)), lora_dir)
-        rows.append(row("teacher Euler (sanity)", n, euler(base, text, seeds, n)))
-        rows.append(row("undistilled, streaming sampler", n, few_step(base, text, seeds, steps)))
-        rows.append(row("DMD LoRA, streaming sampler", n, few_step(gen, text, seeds, steps)))
-    print(f"\n| model | steps | MSE to teacher {a.ref_steps}-step | manifold error | energy |")
-    print("|---|---:|---:|---:|---:|")
+        gen = load_lora(CausalWanDiT.from_pretrained(str(teacher)), lora_dir).eval()
+        rows.append(row("teacher Euler (sanity)", n, euler(base, text, seeds_b, n)))
+        rows.append(row("undistilled, streaming sampler", n, few_step(base, text, seeds_b, steps)))
+        rows.append(row("DMD LoRA, streaming sampler", n, few_step(gen, text, seeds_b, steps)))
+    print(
+        f"\n| model | steps | FD to teacher {a.ref_steps}-step | FD to data | MSE to teacher (same seed) "
+        "| manifold error | energy |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['steps']} | {r['mse_to_ref']:.4f} | {r['manifold_err']:.4f} | {r['energy']:.3f} |"
+            f"| {r['model']} | {r['steps']} | {r['fd_teacher']:.4f} | {r['fd_data']:.4f} | {r['mse_to_ref']:.4f} "
+            f"| {r['manifold_err']:.4f} | {r['energy']:.3f} |"
         )
     total = time.perf_counter() - t0
+    load = os.getloadavg()
     print(
-        f"\nteacher {a.teacher_steps} steps {t_teacher:.0f} s; DMD 2x{a.dmd_steps} steps {t_dmd:.0f} s; total {total:.0f} s"
+        f"\nteacher {a.teacher_steps} steps {t_teacher:.0f} s; DMD 2x{a.dmd_steps} steps {t_dmd:.0f} s; "
+        f"total {total:.0f} s; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     result = {"rows": rows, "args": vars(a), "seconds": {"teacher": t_teacher, "dmd": t_dmd, "total": total},
-              "device": "cpu", "torch": torch.__version__}  # fmt: skip
+              "loadavg": load, "device": "cpu", "torch": torch.__version__}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "evidence.json").write_text(json.dumps(result, indent=2))
     return result
