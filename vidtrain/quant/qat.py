@@ -75,6 +75,17 @@ def fake_quantize_ste(
     return _FakeQuantSTE.apply(x, tile_2d, backend, per_row)
 
 
+def _share_linear(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
+    """An instance of the nn.Linear subclass `cls` that shares (not copies) `lin`'s parameters."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = lin.in_features, lin.out_features
+    new.register_parameter("weight", lin.weight)
+    new.register_parameter("bias", lin.bias)
+    new.train(lin.training)
+    return new
+
+
 class NVFP4Linear(nn.Linear):
     """nn.Linear whose forward fake-quantizes weight (16x16 tiles) and input (1x16 blocks).
 
@@ -96,13 +107,7 @@ class NVFP4Linear(nn.Linear):
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> NVFP4Linear:
         """Wrap an existing linear, sharing (not copying) its parameters."""
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = lin.in_features, lin.out_features
-        new.register_parameter("weight", lin.weight)
-        new.register_parameter("bias", lin.bias)
-        new.train(lin.training)
-        return new
+        return _share_linear(cls, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_hat = fake_quantize_ste(self.weight, tile_2d=True, backend=self.backend)
@@ -145,12 +150,7 @@ class TENVFP4Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> TENVFP4Linear:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = lin.in_features, lin.out_features
-        new.register_parameter("weight", lin.weight)
-        new.register_parameter("bias", lin.bias)
-        new.train(lin.training)
+        new = _share_linear(cls, lin)
         object.__setattr__(new, "_te_linear", None)  # not a registered submodule: no duplicate params
         return new
 
