@@ -79,6 +79,7 @@ def test_latents_that_do_not_fit_are_a_clear_error(tmp_path, shape):
 def test_checkpoint_of_another_shape_is_refused_and_run_folder_kept(tmp_path):
     run(tmp_path / "a", "train.max_steps=1")
     before = sorted(p.name for p in (tmp_path / "a").rglob("*"))
+    recipe_before = (tmp_path / "a" / "recipe.yaml").read_text()
     other = tmp_path / "other"
     other_model = CausalWanDiT.from_flavor("debug", num_layers=3)
     from vidtrain.models.wan.state_dict import save_vidtrain
@@ -90,3 +91,4 @@ def test_checkpoint_of_another_shape_is_refused_and_run_folder_kept(tmp_path):
     with pytest.raises(ValueError, match="does not fit the model"):
         run(tmp_path / "a", "train.max_steps=2", f"model.checkpoint={other}")
     assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == before
+    assert (tmp_path / "a" / "recipe.yaml").read_text() == recipe_before

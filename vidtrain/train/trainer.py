@@ -16,6 +16,7 @@ from vidtrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from vidtrain.train.ema import EMA
 from vidtrain.train.logging import MetricsLogger, plot_loss
 from vidtrain.train.methods import make_method
+from vidtrain.utils.io import atomic_write_text
 
 
 def build_model(recipe: Recipe) -> CausalWanDiT:
@@ -60,7 +61,6 @@ class Trainer:
         self.run_dir = Path(recipe.run.dir)
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         self.strategy.barrier()
         self.method = make_method(recipe)
         plain = build_model(recipe)
@@ -76,6 +76,8 @@ class Trainer:
         self._batches = None
         self.step = 0
         self.logger = MetricsLogger(self.run_dir, recipe, enabled=self.strategy.is_main)
+        if self.strategy.is_main:  # only once everything was built: a failed start overwrites nothing
+            atomic_write_text(self.run_dir / "recipe.yaml", dump_recipe(recipe))
 
     # ---- construction --------------------------------------------------------------------------
     def default_optimizer(self, params: list) -> torch.optim.Optimizer:
