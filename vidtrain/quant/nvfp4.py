@@ -10,6 +10,10 @@ The chain is Transformer Engine's (DESIGN section 7), computed in fp32 step by s
       q   = e2m1_rne_satfinite(clamp(x * enc, +-6))                     # 4-bit code
     dequant: x_hat = (e2m1(q) * fp32(s_b)) * S_dec
 
+Stochastic rounding (QAT's gradient path, NVIDIA's NVFP4 training recipe) keeps the chain and
+replaces only e2m1_rne_satfinite by an unbiased random choice between the two neighbouring E2M1
+values (`e2m1_encode_stochastic`), driven by counter-based noise (`counter_uniform`).
+
 Layout of an `NVFP4Tensor` for an input of shape [..., K] (K % 16 == 0):
     data    uint8 [..., K/2]   element 2k in the low nibble, 2k+1 in the high nibble
     scales  e4m3  [..., K/16]  one per 16 consecutive elements (2D tiles: the tile's scale is
@@ -29,6 +33,7 @@ not change any amax) and the caller slices the dequantized result back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,6 +113,65 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     return code | (torch.signbit(v).to(torch.uint8) << 3)
 
 
+_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def e2m1_encode_stochastic(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """fp32 in [-6, 6] -> 4-bit E2M1 code with stochastic rounding, `u` uniform in [0, 1).
+
+    |v| between neighbouring magnitudes lo <= |v| < hi rounds up to hi with probability
+    (|v| - lo) / (hi - lo) (up when u < p), so E[e2m1(code)] = v for |v| <= 6 and the result is
+    always lo or hi (exactly lo when |v| is representable). Sign as `e2m1_encode`; NaN gives a
+    magnitude-0 code.
+    """
+    a = v.abs()
+    k = torch.zeros_like(v, dtype=torch.uint8)
+    for t in _E2M1_MAGNITUDES[1:]:
+        k += (a >= t).to(torch.uint8)
+    mags = torch.tensor((*_E2M1_MAGNITUDES, _E2M1_MAGNITUDES[-1]), dtype=torch.float32, device=v.device)
+    lo, hi = mags[k.long()], mags[k.long() + 1]
+    p = torch.where(hi > lo, (a - lo) / torch.where(hi > lo, hi - lo, 1.0), 0.0)
+    code = k + (u < p).to(torch.uint8)
+    return code | (torch.signbit(v).to(torch.uint8) << 3)
+
+
+# Counter-based uniform noise for stochastic rounding: a pure function of (seed, counter,
+# element index), integer arithmetic only, so it is bit-identical on every device and backend
+# and needs no torch.Generator state (a run is reproducible from its seed and step alone).
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for x in [0, 2^32) (int or int64 tensor) without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    """lowbias32 (C. Wellons): a 32-bit integer hash with good avalanche; ints or int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(shape: Sequence[int], seed: int, counter: int, device=None) -> torch.Tensor:
+    """fp32 uniform noise in [0, 1) (24-bit grid) for `shape`, a pure function of seed/counter.
+
+    Element i of the flattened tensor gets hash(hash(i ^ k1) ^ (i >> 32) ^ k2) with keys
+    derived from (seed, counter); different (seed, counter) pairs give independent streams.
+    """
+    k = _hash32(seed & _M32)
+    k = _hash32(k ^ ((seed >> 32) & _M32))
+    k1 = _hash32(k ^ (counter & _M32))
+    k2 = _hash32(k1 ^ ((counter >> 32) & _M32) ^ 0x9E3779B9)
+    n = math.prod(shape)
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    h = _hash32(_hash32((idx & _M32) ^ k1) ^ (idx >> 32) ^ k2)
+    return ((h >> 8).to(torch.float32) * 2.0**-24).reshape(tuple(shape))
+
+
 def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
     """4-bit code (uint8) -> fp32 value."""
     lut = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=code.device)
@@ -164,8 +228,14 @@ def _block_amax(x32: torch.Tensor, tile_2d: bool) -> torch.Tensor:
     return x32.abs().unflatten(-1, (-1, BLOCK)).amax(dim=-1)
 
 
-def quantize_with_amax(x: torch.Tensor, amax: torch.Tensor, tile_2d: bool = False) -> NVFP4Tensor:
-    """Quantize with a given fp32 amax broadcastable to [..., K/16] (per tensor or per group)."""
+def quantize_with_amax(
+    x: torch.Tensor, amax: torch.Tensor, tile_2d: bool = False, uniform: torch.Tensor | None = None
+) -> NVFP4Tensor:
+    """Quantize with a given fp32 amax broadcastable to [..., K/16] (per tensor or per group).
+
+    `uniform` (fp32 in [0, 1), x's shape) switches the E2M1 step from round-to-nearest-even to
+    stochastic rounding (`e2m1_encode_stochastic`); the scale chain is the same.
+    """
     _check_last_dim(x)
     x32 = x.float()
     amax = amax.float()
@@ -174,7 +244,11 @@ def quantize_with_amax(x: torch.Tensor, amax: torch.Tensor, tile_2d: bool = Fals
     s_b = block_scale_e4m3(_block_amax(x32, tile_2d), s_enc)  # [..., K/16] e4m3
     enc = torch.clamp(1.0 / (s_b.float() * s_dec), max=FLT_MAX)
     v = x32.unflatten(-1, (-1, BLOCK)) * enc.unsqueeze(-1)  # [..., K/16, 16]
-    code = e2m1_encode(torch.clamp(v, -E2M1_MAX, E2M1_MAX)).flatten(-2)
+    v = torch.clamp(v, -E2M1_MAX, E2M1_MAX)
+    if uniform is None:
+        code = e2m1_encode(v).flatten(-2)
+    else:
+        code = e2m1_encode_stochastic(v, uniform.reshape(v.shape)).flatten(-2)
     return NVFP4Tensor(pack_codes(code), s_b, amax, x.shape, x.dtype, tile_2d)
 
 
@@ -212,17 +286,20 @@ def group_amax(x: torch.Tensor, group_dims: Sequence[int]) -> torch.Tensor:
     return a.amax(dim=reduce, keepdim=True) if reduce else a
 
 
-def quantize_blocks(x: torch.Tensor, group_dims: Sequence[int] = (0,)) -> NVFP4Tensor:
+def quantize_blocks(
+    x: torch.Tensor, group_dims: Sequence[int] = (0,), uniform: torch.Tensor | None = None
+) -> NVFP4Tensor:
     """NVFP4 with one amax per index of `group_dims` (e.g. per batch element of a chunk's K/V).
 
     For one chunk's K or V shaped [B, H, L, D], `group_dims=(0,)` gives an amax per (batch,
     chunk); the scales are 16-element blocks along head_dim D. `amax` keeps x's rank (size 1 on
-    reduced dims); its last dim is 1, so it broadcasts against `scales`.
+    reduced dims); its last dim is 1, so it broadcasts against `scales`. `uniform`: stochastic
+    rounding, as in `quantize_with_amax`.
     """
     _check_last_dim(x)
     if x.ndim - 1 in {d % x.ndim for d in group_dims}:
         raise ValueError("group_dims may not include the last (blocked) dim")
-    return quantize_with_amax(x, group_amax(x, group_dims))
+    return quantize_with_amax(x, group_amax(x, group_dims), uniform=uniform)
 
 
 def fake_quantize_kv(k_or_v: torch.Tensor, group_dims: Sequence[int] = (0,)) -> torch.Tensor:
@@ -243,11 +320,12 @@ def fake_quantize_kv_chunks(kv_BHLD: torch.Tensor, chunk_len: int) -> torch.Tens
     return fake_quantize_kv(x, group_dims=(0, 2)).reshape(b, h, length, d)
 
 
-def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
+def fake_quantize_rows(x: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quant with one per-tensor amax per row (all dims but the last), 1x16 blocks.
 
     Used for activations in QAT: each token is quantized on its own, so the result does not
     depend on which other tokens share the tensor (sequence-parallel shards, batch mates, the
-    sampler's single chunk versus the teacher-forcing sequence).
+    sampler's single chunk versus the teacher-forcing sequence). `uniform` (fp32 in [0, 1),
+    x's shape) rounds stochastically instead (the gradient path of QAT).
     """
-    return dequantize(quantize_blocks(x, group_dims=tuple(range(x.ndim - 1))), x.dtype)
+    return dequantize(quantize_blocks(x, tuple(range(x.ndim - 1)), uniform), x.dtype)

@@ -5,6 +5,18 @@ activations in 1x16 blocks along in_features with a per-token amax (layout-invar
 of quantize->dequantize is the identity), so the matmul's gradients are those of
 `F.linear(x_hat, w_hat)` with x_hat, w_hat passed straight to x and w.
 
+Gradient path (opt-in, NVIDIA's NVFP4 training recipe; `NVFP4Linear.stochastic_rounding`,
+`.hadamard`, set from `quant.stochastic_rounding` / `quant.hadamard`): the backward GEMMs take
+NVFP4 operands, each quantized in 1x16 blocks along that GEMM's reduction dim (per-row amax):
+    dX = Q_g(dY) @ W_hat                                  (blocks along out_features)
+    dW = Q_g(R dY^T) @ Q(R X_hat^T)^T  with hadamard      (blocks along tokens)
+    dW = Q_g(dY^T) @ X_hat                                without
+Q_g rounds stochastically with `stochastic_rounding`, else to nearest even; R is the 16-point
+random Hadamard transform along tokens (`rht`), orthogonal, so without quantization
+dW is unchanged. The bias gradient is the unquantized sum of dY. The forward (and hence the
+sampler) is the same with or without these flags. Either flag turns the gradient path on;
+with both off the gradients are straight-through in high precision, exactly as before.
+
 Quantizers are registered by name (`QUANTIZERS`): "nvfp4" (torch emulation, any device) and
 "nvfp4_te" (Transformer Engine's NVFP4BlockScaling recipe; needs TE and a Blackwell GPU).
 """
@@ -86,6 +98,103 @@ def _share_linear(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
     return new
 
 
+# ---- gradient path -----------------------------------------------------------------------------
+
+
+def hadamard_matrix(seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 16x16 random Hadamard transform R = H16 diag(s) / 4: orthonormal (R R^T = I).
+
+    H16 is the Sylvester Walsh-Hadamard matrix (+-1 entries), s a fixed random sign vector drawn
+    from `seed` (CPU generator, so the same on every device).
+    """
+    h = torch.ones(1, 1)
+    while h.shape[0] < nvfp4.BLOCK:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (nvfp4.BLOCK,), generator=g).float() * 2 - 1
+    return (h * signs / 4.0).to(device=device, dtype=dtype)
+
+
+def rht(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random Hadamard transform over consecutive groups of 16 along the last dim (K % 16 == 0).
+
+    Orthogonal blockwise: rht(a) . rht(b) = a . b along the last dim, for any a, b.
+    """
+    r = hadamard_matrix(seed, x.device, x.dtype)
+    return (x.unflatten(-1, (-1, nvfp4.BLOCK)) @ r.T).flatten(-2)
+
+
+def _grad_quant(x: torch.Tensor, stochastic: bool, seed: int, counter: int) -> torch.Tensor:
+    """Fake-quant a 2D gradient operand in 1x16 blocks along its last dim, per-row amax."""
+    xp = nvfp4.pad_last_dim(x)
+    u = nvfp4.counter_uniform(xp.shape, seed, counter, xp.device) if stochastic else None
+    return nvfp4.fake_quantize_rows(xp, u)[..., : x.shape[-1]]
+
+
+def grad_path_matmuls(
+    g: torch.Tensor,
+    x_hat: torch.Tensor,
+    w_hat: torch.Tensor,
+    *,
+    stochastic_rounding: bool,
+    hadamard: bool,
+    seed: int = 0,
+    counter: int = 0,
+    quantize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dW) of y = x_hat @ w_hat^T for 2D g [T, out], x_hat [T, in], w_hat [out, in].
+
+    As the module docstring; `quantize=False` skips every quantization (RHT alone), for tests.
+    The two stochastic quantizations of dY draw noise from counters 2*counter and 2*counter+1.
+    """
+
+    def qg(t: torch.Tensor, stream: int) -> torch.Tensor:
+        if not quantize:
+            return t
+        return _grad_quant(t, stochastic_rounding, seed, 2 * counter + stream)
+
+    dx = qg(g, 0) @ w_hat
+    pad = (-g.shape[0]) % nvfp4.BLOCK  # zero tokens: change neither the product nor any amax
+    a = F.pad(g.T, (0, pad))  # [out, T16]
+    b = F.pad(x_hat.T, (0, pad))  # [in, T16]
+    if hadamard:
+        a, b = rht(a, seed), rht(b, seed)
+        if quantize:
+            b = _grad_quant(b, False, seed, 0)
+    dw = qg(a, 1) @ b.T
+    return dx, dw
+
+
+class _NVFP4LinearGradPath(torch.autograd.Function):
+    """y = F.linear(x_hat, w_hat, bias) forward (as NVFP4Linear's); NVFP4 backward GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mod):
+        w_hat = _fake_quantize(weight, True, mod.backend)
+        x_hat = _fake_quantize(x, False, mod.backend, per_row=True)
+        ctx.save_for_backward(x_hat, w_hat)
+        ctx.mod, ctx.has_bias = mod, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return F.linear(x_hat, w_hat, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x_hat, w_hat = ctx.saved_tensors
+        mod = ctx.mod
+        g2 = gy.reshape(-1, gy.shape[-1])
+        dt = gy.dtype  # the GEMMs run in the gradient's dtype (bf16 under autocast)
+        dx, dw = grad_path_matmuls(
+            g2, x_hat.reshape(-1, x_hat.shape[-1]).to(dt), w_hat.to(dt),
+            stochastic_rounding=mod.stochastic_rounding, hadamard=mod.hadamard,
+            seed=mod.grad_seed, counter=mod.next_grad_counter(),
+        )  # fmt: skip
+        x_dt, w_dt, b_dt = ctx.dtypes
+        dx = dx.reshape(*gy.shape[:-1], dx.shape[-1]).to(x_dt) if ctx.needs_input_grad[0] else None
+        dw = dw.to(w_dt) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0).to(b_dt) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
 class NVFP4Linear(nn.Linear):
     """nn.Linear whose forward fake-quantizes weight (16x16 tiles) and input (1x16 blocks).
 
@@ -95,9 +204,34 @@ class NVFP4Linear(nn.Linear):
 
     Parameters keep their names (`weight`, `bias`), so state dicts load either way.
     `backend` picks the fake-quant implementation (see `fake_quantize_ste`); all give one result.
+
+    `stochastic_rounding` / `hadamard` turn on the NVFP4 gradient path (module docstring; the
+    gradient-path quantization runs in the torch reference whatever `backend`). Its noise is a
+    pure function of (`grad_seed`, counter): the counter is `grad_step * 2^20` plus the number of
+    backward calls of this module since `grad_step` was last set, so a run that sets `grad_step`
+    every optimizer step (the `qat` method does) draws the same noise on every device, rerun and
+    resume; without it the count simply runs on from construction.
     """
 
     backend: str = "torch"
+    stochastic_rounding: bool = False
+    hadamard: bool = False
+    grad_seed: int = 0
+    _grad_step: int = 0
+    _grad_calls: int = 0
+
+    @property
+    def grad_step(self) -> int:
+        return self._grad_step
+
+    @grad_step.setter
+    def grad_step(self, step: int) -> None:
+        self._grad_step, self._grad_calls = int(step), 0
+
+    def next_grad_counter(self) -> int:
+        """The noise counter of the next backward (and advance the call count)."""
+        self._grad_calls += 1
+        return (self._grad_step << 20) + self._grad_calls - 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw) -> None:
         if in_features % nvfp4.BLOCK:
@@ -110,6 +244,8 @@ class NVFP4Linear(nn.Linear):
         return _share_linear(cls, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stochastic_rounding or self.hadamard:
+            return _NVFP4LinearGradPath.apply(x, self.weight, self.bias, self)
         w_hat = fake_quantize_ste(self.weight, tile_2d=True, backend=self.backend)
         x_hat = fake_quantize_ste(x, backend=self.backend, per_row=True)
         return F.linear(x_hat, w_hat, self.bias)
