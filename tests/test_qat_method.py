@@ -83,7 +83,6 @@ def test_kv_hook_follows_quant_kv_fake_quant():
         ("quant.backend=triton", "CUDA"),
         ("quant.backend=te", "nvfp4_te"),
         ("quant.format=mxfp4", "quant.format"),
-        ("quant.stochastic_rounding=true", "not implemented"),
     ],
 )
 def test_bad_quant_settings_are_clear_errors(override, match):
