@@ -45,7 +45,7 @@ def run_one(args, kv: str, decode: str, latents_path: str) -> dict:
     conds = [debug_text_context(["a red car on a coastal road"], model.cfg.text_dim)]
     hw = (args.height // 8, args.width // 8)
     stream_video(sampler, conds, [2], hw, [0], vae, decode, lambda x: None)  # warm-up
-    m = stream_video(sampler, conds, [args.chunks], hw, [0], vae, decode, lambda x: None)
+    m = stream_video(sampler, conds, [args.chunks], hw, [0], vae, decode, lambda x: None, keep_latents=True)
     torch.save(m.pop("_latents").float().cpu(), latents_path)
     gen = sum(r["gen_end"] - r["gen_start"] for r in m["timeline"])
     dec = sum(r["dec_end"] - r["dec_start"] for r in m["timeline"])

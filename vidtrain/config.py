@@ -283,7 +283,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: YAML syntax error: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
@@ -307,6 +310,14 @@ def validate(r: Recipe) -> None:
         raise ConfigError(
             f"data.frames ({r.data.frames}) must be a multiple of model.frames_per_chunk ({r.model.frames_per_chunk})"
         )
+    piece = r.parallel.sp_size * r.model.frames_per_chunk
+    if r.data.source == "synthetic" and r.data.frames % piece:
+        raise ConfigError(
+            f"data.frames ({r.data.frames}) must be a multiple of parallel.sp_size x model.frames_per_chunk "
+            f"({r.parallel.sp_size} x {r.model.frames_per_chunk} = {piece}) for the sequence-parallel layouts"
+        )
+    if r.quant.enabled and r.method.name == "teacher_forcing":
+        raise ConfigError("quant.enabled=true needs method.name=qat (NVFP4 QAT is the qat method)")
     if r.data.source in ("shards", "videos") and not r.data.shards:
         raise ConfigError(
             f"data.source={r.data.source} needs data.shards (a folder of {r.data.source[:-1] if r.data.source == 'videos' else 'latent'} shards)"

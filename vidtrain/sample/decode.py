@@ -124,18 +124,26 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def stream_video(sampler, conds, chunks_per_shot, latent_hw, seeds, vae, decode: str, sink) -> dict:
-    """Generate chunk by chunk, decoding each chunk (sync or async); return metrics + timeline."""
+def stream_video(
+    sampler, conds, chunks_per_shot, latent_hw, seeds, vae, decode: str, sink, keep_latents: bool = False
+) -> dict:
+    """Generate chunk by chunk, decoding each chunk (sync or async); return metrics + timeline.
+
+    Memory stays constant in video length: decoded chunks go to `sink`, latents are dropped
+    unless `keep_latents` (tests, benches) asks for them (then under "_latents").
+    """
     device = sampler.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dec = ChunkDecoder(vae, decode, sink)
     t0 = time.perf_counter()
-    rows, latents = [], []
+    rows, latents, latent_frames = [], [], 0
     try:
         for ch in sampler.stream(conds, chunks_per_shot, latent_hw, seeds):
             dec.submit(ch.index, ch.x0_BCFHW)
-            latents.append(ch.x0_BCFHW)
+            latent_frames += ch.x0_BCFHW.shape[2]
+            if keep_latents:
+                latents.append(ch.x0_BCFHW)
             rows.append({"chunk": ch.index, "shot": ch.shot, "gen_start": ch.gen_start, "gen_end": ch.gen_end,
                          "kv_bytes": ch.kv_bytes})  # fmt: skip
     finally:
@@ -145,12 +153,11 @@ def stream_video(sampler, conds, chunks_per_shot, latent_hw, seeds, vae, decode:
         r["dec_start"], r["dec_end"] = dec.times[r["chunk"]]
         for k in ("gen_start", "gen_end", "dec_start", "dec_end"):
             r[k] = round(r[k] - t0, 6)
-    z = torch.cat(latents, dim=2)
-    pixel_frames = 1 + vae.temporal_compression * (z.shape[2] - 1)
-    return {
+    pixel_frames = 1 + vae.temporal_compression * (latent_frames - 1)
+    metrics = {
         "decode": decode,
         "kv_cache": sampler.config.kv_cache,
-        "latent_frames": int(z.shape[2]),
+        "latent_frames": int(latent_frames),
         "pixel_frames": int(pixel_frames),
         "seconds_total": round(t_end - t0, 6),
         "fps_end_to_end": pixel_frames / (t_end - t0),
@@ -159,8 +166,10 @@ def stream_video(sampler, conds, chunks_per_shot, latent_hw, seeds, vae, decode:
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "kv_cache_bytes": max(r["kv_bytes"] for r in rows),
         "timeline": rows,
-        "_latents": z,
     }
+    if keep_latents:
+        metrics["_latents"] = torch.cat(latents, dim=2)
+    return metrics
 
 
 def plot_timeline(rows: list[dict], path: str | Path, title: str = "") -> None:
