@@ -60,6 +60,9 @@ def test_resume_is_bit_exact(tmp_path):
     for k in sa["ema"]["shadow"]:
         assert torch.equal(sa["ema"]["shadow"][k], sb["ema"]["shadow"][k]), k
     assert sa["data"] == sb["data"]
+    ema_model = weights(ca / "model_ema")  # the EMA weights as a loadable model folder
+    for k, v in sa["ema"]["shadow"].items():
+        assert torch.equal(ema_model[k], v), k
     assert sa["optimizer"]["state"][0]["exp_avg"].equal(sb["optimizer"]["state"][0]["exp_avg"])
     la = [json.loads(x)["loss"] for x in (straight / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (split / "metrics.jsonl").read_text().splitlines()]

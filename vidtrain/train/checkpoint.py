@@ -3,6 +3,8 @@
 Layout of `RUN/checkpoints/step_000123/`:
   model/            the plain model in vidtrain's format (loadable by CausalWanDiT.from_pretrained),
                     plus quant.json when it was trained with NVFP4 fake-quant (QAT)
+  model_ema/        the same for the EMA weights (when train.ema_decay is set): point
+                    model.checkpoint or `vidtrain sample --checkpoint` at it to use them
   trainer_state.pt  optimizer, schedule, EMA, method state, RNG, data position, step
   recipe.yaml       the recipe that produced it
   engine/           a strategy's own format where it has one (DeepSpeed)
@@ -74,6 +76,11 @@ def save_checkpoint(trainer, step: int) -> Path:
             from vidtrain.quant.qat import write_quant_record
 
             write_quant_record(strategy.unwrap(trainer.model), tmp / "model")
+            if trainer.ema is not None and all(k in model_sd for k in trainer.ema.shadow):
+                # the EMA weights as a model folder of their own: sample / fine-tune from them
+                ema_sd = {**model_sd, **{k: v.to(model_sd[k].dtype) for k, v in trainer.ema.shadow.items()}}
+                save_model_state(trainer.model_config, ema_sd, tmp / "model_ema")
+                write_quant_record(strategy.unwrap(trainer.model), tmp / "model_ema")
             state = {
                 "step": step,
                 "optimizer": optim_sd,
