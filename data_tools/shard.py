@@ -88,12 +88,24 @@ def list_inputs(source: Path) -> list[VideoInput]:
         with open(source, newline="") as f:
             rows = list(csv.DictReader(f))
     elif source.suffix.lower() in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(source.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ToolError(f"{source}:{n}: not a JSON object ({e.msg})") from None
     else:
         raise ToolError(f"input {source}: expected a folder, a .csv or a .jsonl file")
-    if rows and "path" not in rows[0]:
-        raise ToolError(f"{source}: needs a 'path' column (and 'caption', optional 'start', 'end')")
-    return [_row_input(r, source.parent) for r in rows]
+    inputs = []
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not row.get("path"):
+            raise ToolError(f"{source}: row {n} has no 'path' (columns: path, caption, optional start, end)")
+        try:
+            inputs.append(_row_input(row, source.parent))
+        except ValueError as e:
+            raise ToolError(f"{source}: row {n}: start/end must be seconds ({e})") from None
+    return inputs
 
 
 def _row_input(row: dict[str, Any], base: Path) -> VideoInput:

@@ -159,8 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pre-encoded", action="store_true", help="latents from latent shards (no VAE work)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
-    if a.height % 16 or a.width % 16:
-        raise ValueError(f"height and width must be multiples of 16 pixels, got {a.height}x{a.width}")
+    if a.height % 16 or a.width % 16 or a.height <= 0 or a.width <= 0:
+        raise ValueError(
+            f"height and width must be positive multiples of 16 pixels, got {a.height}x{a.width}"
+        )
+    for name, value, low in (
+        ("--frames", a.frames, 1),
+        ("--frames-per-chunk", a.frames_per_chunk, 1),
+        ("--sp", a.sp, 1),
+    ):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if a.halo is not None and a.halo < 0:
+        raise ValueError(f"--halo must be >= 0 latent frames, got {a.halo}")
     rep = layout_report(
         a.layout, a.frames, a.frames_per_chunk, a.sp, a.height // 8, a.width // 8, a.halo, a.pre_encoded
     )
