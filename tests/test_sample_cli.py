@@ -180,3 +180,66 @@ def test_eval_writes_table(ckpt, tmp_path):
     text = out.read_text()
     assert "temporal_consistency" in text and text.count("nvfp4") == 2
     assert len(out.with_suffix(".csv").read_text().strip().splitlines()) == 5
+
+
+def _step_folder(ckpt, tmp_path, recipe: str) -> Path:
+    """A run folder laid out like vidtrain.train.checkpoint: run/recipe.yaml,
+    run/checkpoints/step_00000002/{model/, recipe.yaml, trainer_state.pt}, latest pointer."""
+    import shutil
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000002"
+    shutil.copytree(ckpt, step / "model")
+    (step / "trainer_state.pt").write_bytes(b"")
+    (run / "checkpoints" / "latest").write_text(step.name)
+    (step / "recipe.yaml").write_text(recipe)
+    (run / "recipe.yaml").write_text(recipe)
+    return step
+
+
+def test_sampler_defaults_come_from_checkpoint_recipe(ckpt, tmp_path, capsys):
+    from vidtrain.sample.cli import fill_sampler_args, parser, sampler_config
+
+    recipe = "model:\n  frames_per_chunk: 2\n  window_frames: 4\n  sink_frames: 2\n  shot_sink: true\n"
+    step = _step_folder(ckpt, tmp_path, recipe)
+    base = ["--shots", "s.yaml", "--out", "o.mp4"]
+    for folder in (step, step / "model", step.parents[1]):  # step folder, model folder, run folder
+        args = parser().parse_args(["--checkpoint", str(folder), *base])
+        cfg = sampler_config(fill_sampler_args(args, args.checkpoint))
+        assert (cfg.frames_per_chunk, cfg.window_frames, cfg.sink_frames, cfg.shot_sink) == (2, 4, 2, True)
+        assert cfg.timesteps == SamplerConfig.timesteps  # not in the recipe: SamplerConfig's default
+    assert "from recipe" in capsys.readouterr().out
+    # explicit flags win over the recipe; 'none' turns the recipe's window off
+    args = parser().parse_args(["--checkpoint", str(step), *base, "--window-frames", "6", "--sink-frames", "0",
+                                "--no-shot-sink", "--frames-per-chunk", "3"])  # fmt: skip
+    cfg = sampler_config(fill_sampler_args(args, args.checkpoint))
+    assert (cfg.frames_per_chunk, cfg.window_frames, cfg.sink_frames, cfg.shot_sink) == (3, 6, 0, False)
+    args = parser().parse_args(["--checkpoint", str(step), *base, "--window-frames", "none"])
+    cfg = sampler_config(fill_sampler_args(args, args.checkpoint))
+    assert cfg.window_frames is None and not cfg.shot_sink and cfg.sink_frames == 2
+    # a bare model folder (no recipe): SamplerConfig defaults
+    args = parser().parse_args(["--checkpoint", str(ckpt), *base])
+    cfg = sampler_config(fill_sampler_args(args, args.checkpoint))
+    d = SamplerConfig()
+    assert (cfg.frames_per_chunk, cfg.window_frames, cfg.sink_frames, cfg.timesteps, cfg.shift) == (
+        d.frames_per_chunk, d.window_frames, d.sink_frames, d.timesteps, d.shift)  # fmt: skip
+
+
+def test_lora_record_sets_steps_over_recipe(ckpt, tmp_path):
+    from vidtrain.sample.cli import fill_sampler_args, parser, sampler_config
+
+    step = _step_folder(ckpt, tmp_path, "model:\n  window_frames: 3\n")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (lora / f).write_text("{}")
+    (lora / "vidtrain_base.json").write_text(
+        json.dumps({"denoising_steps": [1000, 500], "timestep_shift": 3.0})
+    )
+    base = ["--checkpoint", str(step), "--lora", str(lora), "--shots", "s.yaml", "--out", "o.mp4"]
+    args = parser().parse_args(base)
+    cfg = sampler_config(fill_sampler_args(args, args.checkpoint, args.lora))
+    assert cfg.timesteps == (1000.0, 500.0) and cfg.shift == 3.0 and cfg.window_frames == 3
+    args = parser().parse_args([*base, "--steps", "1000,750,500", "--shift", "5"])
+    cfg = sampler_config(fill_sampler_args(args, args.checkpoint, args.lora))
+    assert cfg.timesteps == (1000.0, 750.0, 500.0) and cfg.shift == 5.0

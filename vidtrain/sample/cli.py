@@ -99,27 +99,149 @@ def check_output(out: Path) -> None:
         raise PermissionError(f"cannot write {out}")
 
 
+_DEFAULTS = SamplerConfig()
+# sampler settings a training run decides: recipe `model` section key -> SamplerConfig field
+RECIPE_KEYS = ("frames_per_chunk", "window_frames", "sink_frames", "shot_sink")
+# LoRA vidtrain_base.json key (written by the dmd method) -> SamplerConfig field
+LORA_KEYS = {
+    "denoising_steps": "timesteps",
+    "timestep_shift": "shift",
+    "frames_per_chunk": "frames_per_chunk",
+}
+# CLI dest -> SamplerConfig field, for the settings whose default comes from the training
+TRAINED_ARGS = {"steps": "timesteps", "shift": "shift", "frames_per_chunk": "frames_per_chunk",
+                "window_frames": "window_frames", "sink_frames": "sink_frames", "shot_sink": "shot_sink"}  # fmt: skip
+NO_WINDOW = "none"
+
+
+def _window(s: str):
+    if s.strip().lower() in (NO_WINDOW, "all"):
+        return NO_WINDOW
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window-frames takes an integer or 'none', got {s!r}") from None
+
+
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache", default="bf16", choices=["bf16", "fp16", "fp32", "nvfp4"])
-    p.add_argument("--steps", default="1000,750,500,250", help="denoising timesteps (before the shift)")
-    p.add_argument("--shift", type=float, default=SamplerConfig.shift)
-    p.add_argument("--update", default="x0", choices=["x0", "euler"])
-    p.add_argument("--frames-per-chunk", type=int, default=3)
-    p.add_argument("--window-frames", type=int, default=None, help="rolling window W (latent frames)")
-    p.add_argument("--sink-frames", type=int, default=0, help="global sink G (first latent frames)")
-    p.add_argument("--no-shot-sink", action="store_true", help="do not pin each shot's first chunk")
+    """Sampler flags. Those the training decides (steps, shift, chunking, window, sinks) default to
+    None: filled from the LoRA record, then the checkpoint recipe, then SamplerConfig."""
+    d = _DEFAULTS
+    steps = ",".join(f"{t:g}" for t in d.timesteps)
+    p.add_argument("--kv-cache", default=d.kv_cache, choices=["bf16", "fp16", "fp32", "nvfp4"])
+    p.add_argument(
+        "--steps",
+        default=None,
+        help=f"denoising timesteps before the shift (default: as trained, else {steps})",
+    )
+    p.add_argument(
+        "--shift", type=float, default=None, help=f"timestep shift (default: as trained, else {d.shift:g})"
+    )
+    p.add_argument("--update", default=d.update, choices=["x0", "euler"])
+    p.add_argument(
+        "--frames-per-chunk", type=int, default=None, help=f"(default: as trained, else {d.frames_per_chunk})"
+    )
+    p.add_argument(
+        "--window-frames",
+        type=_window,
+        default=None,
+        help="rolling window W in latent frames, or 'none' for all history (default: as trained)",
+    )
+    p.add_argument(
+        "--sink-frames",
+        type=int,
+        default=None,
+        help="global sink G: first latent frames (default: as trained)",
+    )
+    p.add_argument(
+        "--shot-sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pin each shot's first chunk (default: as trained, else on when windowed)",
+    )
+    p.add_argument(
+        "--shot-rope-offset", type=int, default=d.shot_rope_offset, help="temporal RoPE offset per shot"
+    )
+    p.add_argument(
+        "--recache-on-cut",
+        action="store_true",
+        default=d.recache_on_cut,
+        help="LongLive: re-cache K/V at each cut",
+    )
     p.add_argument("--height", type=int, default=480, help="pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="pixels (multiple of 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)  # fmt: skip
+
+
+def recipe_for(checkpoint: str | Path) -> Path | None:
+    """The recipe.yaml of the training that wrote `checkpoint`: its step folder's, else its run
+    folder's; None for a bare model folder."""
+    from vidtrain.models.wan.state_dict import resolve_model_folder
+
+    folder = resolve_model_folder(checkpoint)
+    step = folder.parent if folder.name == "model" else folder
+    cands = [step / "recipe.yaml"]
+    if step.parent.name == "checkpoints":
+        cands.append(step.parent.parent / "recipe.yaml")
+    return next((c for c in cands if c.is_file()), None)
+
+
+def trained_settings(checkpoint: str | Path | None, lora: str | None = None) -> dict[str, tuple]:
+    """SamplerConfig field -> (value, source) for what the training recorded: LoRA record over
+    checkpoint recipe."""
+    out: dict[str, tuple] = {}
+    recipe_path = recipe_for(checkpoint) if checkpoint is not None else None
+    if recipe_path is not None:
+        from vidtrain.config import load_recipe
+
+        m = load_recipe(recipe_path).model
+        out.update({k: (getattr(m, k), f"recipe {recipe_path}") for k in RECIPE_KEYS})
+    if lora:
+        from vidtrain.distill.export import read_base_info
+
+        info = read_base_info(lora)
+        for key, field in LORA_KEYS.items():
+            if info.get(key) is not None:
+                value = tuple(float(t) for t in info[key]) if field == "timesteps" else info[key]
+                out[field] = (value, f"LoRA {lora}")
+    return out
+
+
+def fill_sampler_args(args, checkpoint: str | Path | None, lora: str | None = None, log: bool = True):
+    """A copy of `args` with the unset trained settings filled in: CLI flag > LoRA record >
+    checkpoint recipe > SamplerConfig default. Prints where each came from."""
+    trained = trained_settings(checkpoint, lora)
+    vals, sources = dict(vars(args)), {}
+    for dest, field in TRAINED_ARGS.items():
+        if vals.get(dest) is not None:
+            sources[field] = "flag"
+        elif field in trained:
+            value, sources[field] = trained[field]
+            vals[dest] = ",".join(f"{t:g}" for t in value) if dest == "steps" else value
+    if log:
+        by_source: dict[str, list[str]] = {}
+        for field in TRAINED_ARGS.values():
+            by_source.setdefault(sources.get(field, "SamplerConfig default"), []).append(field)
+        print(
+            "[vidtrain] sampler settings: "
+            + "; ".join(f"{', '.join(v)} from {k}" for k, v in by_source.items())
+        )
+    return argparse.Namespace(**vals)
 
 
 def sampler_config(args) -> SamplerConfig:
+    """SamplerConfig from parsed flags (run `fill_sampler_args` first to use the trained settings);
+    unset ones take SamplerConfig's defaults."""
+    d = _DEFAULTS
+    window = None if args.window_frames == NO_WINDOW else args.window_frames
+    shot_sink = (window is not None) if args.shot_sink is None else args.shot_sink
     return SamplerConfig(
-        timesteps=parse_steps(args.steps), shift=args.shift, update=args.update,
-        frames_per_chunk=args.frames_per_chunk, window_frames=args.window_frames,
-        sink_frames=args.sink_frames, shot_sink=not args.no_shot_sink and args.window_frames is not None,
-        kv_cache=args.kv_cache, shot_rope_offset=getattr(args, "shot_rope_offset", 0),
-        recache_on_cut=getattr(args, "recache_on_cut", False),
+        timesteps=d.timesteps if args.steps is None else parse_steps(args.steps),
+        shift=d.shift if args.shift is None else args.shift, update=args.update,
+        frames_per_chunk=d.frames_per_chunk if args.frames_per_chunk is None else args.frames_per_chunk,
+        window_frames=window, sink_frames=d.sink_frames if args.sink_frames is None else args.sink_frames,
+        shot_sink=shot_sink and window is not None, kv_cache=args.kv_cache,
+        shot_rope_offset=args.shot_rope_offset, recache_on_cut=args.recache_on_cut,
     )  # fmt: skip
 
 
@@ -141,8 +263,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default="debug", help="debug | wan2.1 (random init, for timing) | PATH")
     p.add_argument("--text-encoder", default=None, help="local umT5/T5 encoder folder")
     p.add_argument("--fps", type=float, default=16.0)
-    p.add_argument("--shot-rope-offset", type=int, default=0, help="temporal RoPE offset per shot")
-    p.add_argument("--recache-on-cut", action="store_true", help="LongLive: re-cache K/V at each cut")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_sampler_args(p)
     return p
@@ -153,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. everything that can be wrong, before compute
     out = Path(args.out)
     check_output(out)
-    cfg = sampler_config(args)
+    cfg = sampler_config(fill_sampler_args(args, args.checkpoint, args.lora))
     shots: list[Shot] = load_shots(args.shots, fps=args.fps, frames_per_chunk=cfg.frames_per_chunk)
     latent_hw = latent_size(args.height, args.width)
     device = torch.device(args.device)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vidtrain.sample.cli import (
     add_sampler_args,
+    fill_sampler_args,
     latent_size,
     load_model,
     load_text_encoder,
@@ -84,9 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"output folder {out.parent} does not exist")
     from vidtrain.models.wan.state_dict import resolve_model_folder
 
-    for c in args.checkpoints:  # every checkpoint must exist before any compute
+    cfgs = {}  # checkpoint -> kv format -> SamplerConfig (each checkpoint sampled as it was trained)
+    for c in args.checkpoints:  # every checkpoint must exist, and every config be valid, before any compute
         resolve_model_folder(c)
-    cfgs = {kv: sampler_config(argparse.Namespace(**{**vars(args), "kv_cache": kv})) for kv in kv_formats}
+        print(f"[vidtrain] {c}:")
+        filled = fill_sampler_args(args, c)
+        cfgs[c] = {
+            kv: sampler_config(argparse.Namespace(**{**vars(filled), "kv_cache": kv})) for kv in kv_formats
+        }
     latent_hw = latent_size(args.height, args.width)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         enc = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)
         conds = shot_conditionings([prompts], enc, model.cfg.text_dim)
         seeds = [args.seed + i for i in range(len(prompts))]
-        for kv, cfg in cfgs.items():
+        for kv, cfg in cfgs[name].items():
             rows.append(
                 {
                     "checkpoint": name,

@@ -55,8 +55,10 @@ def parse_shots(data: object, *, fps: float, frames_per_chunk: int, source: str 
                 raise ValueError(f"{where}: 'chunks' must be an integer >= 1, got {n!r}")
         else:
             sec = s["seconds"]
-            if isinstance(sec, bool) or not isinstance(sec, (int, float)) or not sec > 0:
-                raise ValueError(f"{where}: 'seconds' must be a number > 0, got {sec!r}")
+            if isinstance(sec, bool) or not isinstance(sec, (int, float)) or not 0 < sec < math.inf:
+                raise ValueError(f"{where}: 'seconds' must be a finite number > 0, got {sec!r}")
+            if not 0 < fps < math.inf:
+                raise ValueError(f"--fps must be a finite number > 0, got {fps!r}")
             n = max(1, math.ceil(sec * fps / (4 * frames_per_chunk)))
         out.append(Shot(prompt, n))
     return out
