@@ -63,7 +63,7 @@ def test_async_decode_equals_sync(ckpt):
     frames = {}
     for mode in ("sync", "async"):
         got = []
-        m = stream_video(sampler, conds, [2], (4, 4), [0], vae, mode, got.append)
+        m = stream_video(sampler, conds, [2], (4, 4), [0], vae, mode, got.append, keep_latents=True)
         frames[mode] = torch.cat(got, dim=2)
         assert [r["chunk"] for r in m["timeline"]] == [0, 1]
     assert frames["sync"].shape[2] == 1 + 4 * 5
