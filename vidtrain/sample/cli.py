@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. everything that can be wrong, before compute
     out = Path(args.out)
     check_output(out)
+    if not 0 < args.fps < float("inf"):
+        raise ValueError(f"--fps must be a finite number > 0, got {args.fps}")
     cfg = sampler_config(fill_sampler_args(args, args.checkpoint, args.lora))
     shots: list[Shot] = load_shots(args.shots, fps=args.fps, frames_per_chunk=cfg.frames_per_chunk)
     latent_hw = latent_size(args.height, args.width)
