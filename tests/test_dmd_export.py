@@ -104,3 +104,54 @@ def test_merge_cli_errors(tmp_path):
         )
         == 2
     )
+
+
+@pytest.fixture(scope="module")
+def qat_base(trained):
+    """The teacher saved as a QAT checkpoint: some linears listed in quant.json (NVFP4 fake-quant)."""
+    from vidtrain.quant.qat import QUANT_RECORD, apply_quant_record
+
+    root, _ = trained
+    folder = root / "qat"
+    save_vidtrain(CausalWanDiT.from_pretrained(str(root / "teacher")), folder)
+    names = ["blocks.0.self_attn.q", "blocks.0.ffn.0", "blocks.1.cross_attn.o"]
+    (folder / QUANT_RECORD).write_text(json.dumps({"format": "nvfp4", "linears": names}))
+
+    def load():
+        m = CausalWanDiT.from_pretrained(str(folder))
+        assert apply_quant_record(m, folder)
+        return m
+
+    return folder, names, load
+
+
+def test_lora_of_nvfp4_base_needs_that_base(trained, qat_base, tmp_path):
+    root, _ = trained
+    folder, names, load = qat_base
+    model = lora.add_roles(load(), 4, 8.0, ["q", "k", "v", "o", "ffn.0"])
+    with torch.no_grad():
+        for p in lora.adapter_params(model, "dmd").values():
+            p.normal_(0, 0.05)
+    export_lora(model, tmp_path / "lora", teacher=str(folder))
+    info = json.loads((tmp_path / "lora" / "vidtrain_base.json").read_text())
+    assert info["nvfp4_linears"] == sorted(names)
+    assert json.loads((root / "lora" / "vidtrain_base.json").read_text())["nvfp4_linears"] == []
+    with pytest.raises(ValueError, match=r"NVFP4 fake-quant base.*QAT checkpoint"):
+        load_lora(CausalWanDiT.from_pretrained(str(folder)), tmp_path / "lora")  # unconverted
+    x, t, ctx = inputs()
+    with lora.use_role(model, "dmd"):
+        want = forward(model, x, t, ctx)
+    torch.testing.assert_close(forward(load_lora(load(), tmp_path / "lora"), x, t, ctx), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="quantized"):
+        main(["--base", str(folder), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_quantized_base(trained, qat_base, tmp_path):
+    root, _ = trained
+    folder, _, load = qat_base
+    with pytest.raises(ValueError, match=r"quantized.*--lora"):
+        main(["--base", str(folder), "--lora", str(root / "lora"), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="quantized"):
+        merge_lora(load(), root / "lora")

@@ -3,11 +3,13 @@
 A LoRA folder holds:
   adapter_config.json          peft LoraConfig (r, lora_alpha, target_modules)
   adapter_model.safetensors    the `dmd` adapter's weights under peft's key names
-  vidtrain_base.json           the base it was trained on: model config and a sha256 of the
-                               base weights, plus the few-step schedule it was distilled for
+  vidtrain_base.json           the base it was trained on: model config, a sha256 of the
+                               base weights and its NVFP4 fake-quant linears (`nvfp4_linears`),
+                               plus the few-step schedule it was distilled for
 Loading on any other base is an error (`load_lora`), not a silently wrong video.
 
-`vidtrain merge --base CKPT --lora DIR --out DIR` folds the LoRA into the base (`main`).
+`vidtrain merge --base CKPT --lora DIR --out DIR` folds the LoRA into the base (`main`); a
+quantized (QAT) base is refused: sample it with `--lora` instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ BASE_FILE = "vidtrain_base.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "vidtrain-lora/1"
+
+
+def nvfp4_linears(model: nn.Module) -> list[str]:
+    """Plain CausalWanDiT names of the NVFP4 fake-quant linears of a plain or peft-wrapped model."""
+    from vidtrain.quant.qat import NVFP4Linear
+
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, NVFP4Linear):
+            out.append(
+                n.removeprefix(lora._PEFT_PREFIX).replace(".base_layer.", ".").removesuffix(".base_layer")
+            )
+    return sorted(out)
 
 
 def adapter_state(model: nn.Module, adapter: str, weights: dict[str, torch.Tensor] | None = None) -> dict:
@@ -59,6 +74,7 @@ def export_lora(
         "adapter": adapter,
         "model_config": model.get_base_model().cfg.to_dict(),
         "base_sha256": lora.base_fingerprint(model),
+        "nvfp4_linears": nvfp4_linears(model),
         "teacher": teacher,
         **(extra or {}),
     }
@@ -94,7 +110,22 @@ def check_base(model: nn.Module, folder: str | Path) -> dict:
             f"LoRA {folder} was trained on base weights sha256 {info['base_sha256'][:12]}… "
             f"(teacher {info.get('teacher')}), this model's weights are {digest[:12]}…: wrong base checkpoint"
         )
+    theirs_q = info.get("nvfp4_linears") or []
+    if theirs_q:
+        mine_q = nvfp4_linears(model)
+        if mine_q != sorted(theirs_q):
+            raise ValueError(
+                f"LoRA {folder} was distilled on an NVFP4 fake-quant base ({len(theirs_q)} NVFP4 linears), "
+                f"this model has {len(mine_q)}, not exactly those: load the QAT checkpoint "
+                f"(its model/{_quant_record()}) as the base"
+            )
     return info
+
+
+def _quant_record() -> str:
+    from vidtrain.quant.qat import QUANT_RECORD
+
+    return QUANT_RECORD
 
 
 def load_lora(model: nn.Module, folder: str | Path, adapter: str = lora.GENERATOR):
@@ -108,7 +139,15 @@ def load_lora(model: nn.Module, folder: str | Path, adapter: str = lora.GENERATO
 
 def merge_lora(model: nn.Module, folder: str | Path) -> nn.Module:
     """Fold the LoRA of `folder` into `model`'s weights; returns the plain model."""
+    if nvfp4_linears(model):
+        raise ValueError(_QUANT_MERGE)
     return load_lora(model, folder).merge_and_unload()
+
+
+_QUANT_MERGE = (
+    "refusing to merge a LoRA into a quantized (NVFP4 fake-quant) base: merging into fake-quantized "
+    "weights changes what is quantized; sample with `vidtrain sample --lora` instead"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder, vidtrain format (written atomically)")
     args = p.parse_args(argv)
     from vidtrain.models.wan import CausalWanDiT
-    from vidtrain.models.wan.state_dict import save_vidtrain
+    from vidtrain.models.wan.state_dict import resolve_model_folder, save_vidtrain
 
-    read_base_info(args.lora)
+    info = read_base_info(args.lora)
+    if (resolve_model_folder(args.base) / _quant_record()).exists() or info.get("nvfp4_linears"):
+        raise ValueError(f"{args.base}: {_QUANT_MERGE}")
     merged = merge_lora(CausalWanDiT.from_pretrained(args.base), args.lora)
     save_vidtrain(merged, args.out)
     print(f"[vidtrain] merged {args.lora} into {args.base} -> {args.out}")

@@ -14,8 +14,9 @@ step counts: two optimizers in one state dict (resumed by the trainer's checkpoi
 Parallel: data-parallel ranks (ddp, deepspeed ZeRO 0-2) roll out their own samples; every random
 draw of a sample is keyed by its index in the global batch, so a step does not depend on how
 the batch is split (equal to one process on the concatenated batch, tests/test_dmd_parallel.py).
-The generator LoRA keeps its own EMA (`method.dmd.ema_decay`); the export at the end of
-training (RUN/lora/) writes the EMA weights.
+The generator LoRA keeps its own EMA (`method.dmd.ema_decay`); the export (RUN/lora/, at the
+end of training and whenever the trainer checkpoints) writes the EMA weights.
+On an NVFP4 (QAT) base the self-forcing rollouts use the NVFP4 KV cache, as deployed.
 
 Legend: B batch, C channels, F latent frames, K chunks, H/W latent size.
 """
@@ -214,12 +215,14 @@ class DMD(Method):
         return noise_latents(x_data, noise, sigma_BF) - sigma_BF[:, None, :, None, None] * v.float()
 
     def self_forcing_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int], grad: bool):
+        from vidtrain.distill.export import nvfp4_linears
         from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
 
         m, d = self.recipe.model, self.cfg
+        kv = "nvfp4" if nvfp4_linears(model) else "fp32"  # a QAT base is distilled as deployed
         cfg = SamplerConfig(
             timesteps=tuple(d.denoising_steps), shift=d.timestep_shift, frames_per_chunk=self.fpc,
-            window_frames=m.window_frames, sink_frames=m.sink_frames, shot_sink=m.shot_sink, kv_cache="fp32",
+            window_frames=m.window_frames, sink_frames=m.sink_frames, shot_sink=m.shot_sink, kv_cache=kv,
         )  # fmt: skip
         b, _, f, h, w = x_data.shape
         seeds = self.sample_seeds(trainer, b, salt=0)
@@ -319,7 +322,9 @@ class DMD(Method):
         trainer.scheduler.step()
         logs.update(loss=float(loss_c.detach()), critic_loss=float(loss_c.detach()))
         logs.update({f"{k}_updates": float(v) for k, v in self.updates.items()})
-        if step + 1 == self.recipe.train.max_steps:
+        t = self.recipe.train
+        # RUN/lora/ at the end and with every checkpoint (the trainer's condition after this step)
+        if step + 1 == t.max_steps or (step + 1) % t.ckpt_every == 0:
             self.export(trainer, model)
         return logs
 
