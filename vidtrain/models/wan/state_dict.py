@@ -175,6 +175,11 @@ def load_pretrained(cls, path: str | Path, attn_backend: str = "auto"):
     else:
         config = config_from_wan(cfg)
     sd = _read_weights(folder)
+    if any(k.startswith("base_model.model.") for k in sd):
+        raise ValueError(
+            f"{folder} is a DMD training checkpoint (base + LoRA adapters under peft names): sample its "
+            "teacher checkpoint with --lora RUN/lora, or fold the LoRA in with `vidtrain merge`"
+        )
     if layout == "diffusers":
         sd = diffusers_to_wan(sd)
     model = cls(config, attn_backend)
