@@ -21,13 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tf_debug_videos.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions on a shared 2-core CPU: one intra-op thread avoids spin-wait stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ ZERO3 += ["train.max_steps=2", "train.ema_decay=0.5", "optim.grad_clip=0", "opti
 VIDEO = [*COMMON, "train.max_steps=2", "train.ema_decay=null"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions on a shared 2-core CPU: one intra-op thread avoids spin-wait stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _video_case(shards: Path) -> Case:

@@ -277,16 +277,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a recipe YAML (or defaults if `path` is None), apply `key=value` overrides, check it."""
     data: dict[str, Any] = {}
     if path is not None:
+        from vidtrain.utils.io import read_yaml
+
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
+            loaded = read_yaml(p, "recipe")
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}

@@ -17,8 +17,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 SHOT_KEYS = {"prompt", "chunks", "seconds"}
 
 
@@ -65,11 +63,7 @@ def parse_shots(data: object, *, fps: float, frames_per_chunk: int, source: str 
 
 
 def load_shots(path: str | Path, *, fps: float, frames_per_chunk: int) -> list[Shot]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"shots file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    from vidtrain.utils.io import read_yaml
+
+    data = read_yaml(path, "shots file")
     return parse_shots(data, fps=fps, frames_per_chunk=frames_per_chunk, source=str(path))
