@@ -18,7 +18,12 @@ WORLD2 = [
     Case("fsdp", 1),
     Case("fsdp", 2, "balanced"),
 ]
-WORLD4 = [Case("ddp", 4, "naive"), Case("ddp", 4, "balanced"), Case("fsdp", 2, "balanced")]
+WORLD4 = [
+    Case("ddp", 4, "naive"),
+    Case("ddp", 4, "balanced"),
+    Case("fsdp", 2, "balanced"),
+    Case("ddp", 4, "balanced", sp_impl="ring"),  # work-balanced ring schedule over 4 ranks
+]
 DEEPSPEED2 = [
     Case("deepspeed", 1, zero_stage=2),
     Case("deepspeed", 1, zero_stage=3),

@@ -83,6 +83,15 @@ class VideoLatents:
         self.shape = torch.Size([b, vae.z_dim, vae.num_latent_frames(t), h // sc, w // sc])
         self.pixel_frames_read = 0  # what this rank's VAE actually read (balance figures, tests)
 
+    @property
+    def temporal_compression(self) -> int:
+        return self.vae.temporal_compression
+
+    @property
+    def device(self) -> torch.device:
+        """Where the latents are encoded (the VAE's device)."""
+        return next(self.vae.parameters()).device
+
     @torch.no_grad()
     def frames(self, f0: int, f1: int) -> torch.Tensor:
         p0, p1 = self.vae.pixel_range(f0, f1, self.halo)

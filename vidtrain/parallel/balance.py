@@ -2,21 +2,22 @@
 
 `vidtrain balance --frames 96 --frames-per-chunk 3 --sp 4 --layout balanced [--json]`
 
-Figures per SP rank:
-  tokens                  tokens the rank holds (clean + noisy)
-  loss_tokens             noisy tokens (the loss lives there)
-  vae_frames              pixel frames the rank's VAE encode reads, left halo included
-                          (chunk-halo encode, training from videos); 0 with pre-encoded latents
-  attn_pairs_own_queries  query-key pairs the mask allows for the rank's OWN queries against all
-                          keys: the attention work a rank computes under ring / context parallelism
-  attn_pairs_ulysses      query-key pairs a rank computes under Ulysses (what vidtrain runs): after
-                          the all-to-all every rank attends ALL queries on H/P of the H heads,
-                          i.e. all allowed pairs x H/P; counted per head like the figure above,
-                          that is all pairs / P per rank: even by construction, whatever the layout
-Pair counts are exact without a dense L x L mask: the mask depends on frame, chunk and copy
-only, so it is counted on one token per frame and scaled by tokens_per_frame**2. They count
-pairs the mask allows (what a block-sparse kernel such as FlexAttention computes), not the
-L x L pairs a dense-mask SDPA evaluates.
+Figures per SP rank, each the work that rank does in training (vidtrain.parallel.schedule):
+  tokens              tokens the rank holds (clean + noisy)
+  loss_tokens         noisy tokens (the loss lives there)
+  vae_frames          pixel frames the rank's VAE encode reads, left halo included, under the
+                      group's balanced encode plan (training from videos); 0 with latent shards
+  attn_pairs_ring     query-key pairs the rank attends under `parallel.sp_impl=ring`: the
+                      metadata schedule moves queries from heavy to light ranks
+  attn_pairs_ulysses  query-key pairs a rank computes under Ulysses (the default): after the
+                      all-to-all every rank attends ALL queries on H/P of the H heads; counted
+                      per head like the figure above, that is all pairs / P per rank
+Not a figure but reported beside them (`unscheduled`): what the layout alone would give, each
+rank attending its own queries (`attn_pairs_own_queries`) and VAE-encoding its own frames with
+the halo (`vae_frames_own_span`); the schedules exist because these are uneven.
+Pair counts are exact without an L x L mask (`schedule.query_work` groups tokens by frame, chunk,
+copy and shot). They count pairs the mask allows (what a block-sparse kernel such as
+FlexAttention computes), not the L x L pairs a dense-mask SDPA evaluates.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
+from vidtrain.forcing.meta import MaskRule, TokenMeta
+from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
 from vidtrain.parallel.sequence import layout_frame_span, layout_metas
 
-TEMPORAL_COMPRESSION = 4
 # Used only when the VAE module cannot be built: Wan2.1 VAE's encoder receptive field in latent
 # frames, as CausalVideoVAE.temporal_receptive_field() computes it for the "wan2.1" flavor.
 WAN21_HALO_LATENT_FRAMES = 28
-FIGURES = ("tokens", "loss_tokens", "vae_frames", "attn_pairs_own_queries", "attn_pairs_ulysses")
+FIGURES = ("tokens", "loss_tokens", "vae_frames", "attn_pairs_ring", "attn_pairs_ulysses")
+UNSCHEDULED = ("vae_frames_own_span", "attn_pairs_own_queries")
 
 
 def vae_halo() -> int:
@@ -48,16 +50,12 @@ def vae_halo() -> int:
         return WAN21_HALO_LATENT_FRAMES
 
 
-def pixel_frames(start: int, end: int, halo: int, tc: int = TEMPORAL_COMPRESSION) -> int:
-    """Pixel frames read to encode latent frames [start, end) with a left halo (causal VAE)."""
-    first = max(0, start - halo)
-    p0 = 0 if first == 0 else tc * first - (tc - 1)
-    return tc * (end - 1) + 1 - p0
-
-
-def _frame_level(meta: TokenMeta, tokens_per_frame: int) -> TokenMeta:
-    """One token per (frame, copy): keep every tokens_per_frame-th token (tokens come frame by frame)."""
-    return meta.index(slice(0, len(meta), tokens_per_frame))
+def _summary(per_rank: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for k, vals in per_rank.items():
+        mean = sum(vals) / len(vals)
+        out[k] = {"max": max(vals), "mean": mean, "max_over_mean": max(vals) / mean if mean else 1.0}
+    return out
 
 
 def layout_report(
@@ -76,30 +74,34 @@ def layout_report(
     `pre_encoded`: latents come from latent shards, so no rank runs the VAE (vae_frames 0).
     """
     hp, wp = lat_h // 2, lat_w // 2
-    tpf = hp * wp
     halo = vae_halo() if halo is None else halo
     rule = MaskRule("teacher_forcing", frames_per_chunk)
-    metas = layout_metas(layout, frames, 1, 1, frames_per_chunk, sp)  # one token per frame
+    metas = layout_metas(layout, frames, hp, wp, frames_per_chunk, sp)
     global_meta = TokenMeta.cat(metas)
-    total_pairs = float(int(build_mask(rule, global_meta, global_meta).sum()) * tpf * tpf)
-    per_rank: dict[str, list[float]] = {k: [] for k in FIGURES}
-    for r, m in enumerate(metas):
-        f0, f1 = layout_frame_span(layout, frames, r, sp)
-        per_rank["tokens"].append(float(len(m) * tpf))
-        per_rank["loss_tokens"].append(float(int(m.noisy.sum()) * tpf))
-        per_rank["vae_frames"].append(0.0 if pre_encoded else float(pixel_frames(f0, f1, halo)))
-        own = float(int(build_mask(rule, m, global_meta).sum()) * tpf * tpf)
-        per_rank["attn_pairs_own_queries"].append(own)
-        per_rank["attn_pairs_ulysses"].append(total_pairs / sp)
-    summary = {}
-    for k, vals in per_rank.items():
-        mean = sum(vals) / len(vals)
-        summary[k] = {"max": max(vals), "mean": mean, "max_over_mean": max(vals) / mean if mean else 1.0}
+    work = query_work(rule, global_meta, global_meta)
+    own = list(torch.split(work, [len(m) for m in metas]))
+    total_pairs = float(work.double().sum())
+    plan = vae_encode_plan(frames, sp, halo)
+    per_rank: dict[str, list[float]] = {
+        "tokens": [float(len(m)) for m in metas],
+        "loss_tokens": [float(int(m.noisy.sum())) for m in metas],
+        "vae_frames": [0.0 if pre_encoded else float(pixel_frames(a, b, halo)) for a, b in plan],
+        "attn_pairs_ring": ring_query_schedule(own).load(),
+        "attn_pairs_ulysses": [total_pairs / sp] * sp,
+    }
+    unscheduled = {
+        "vae_frames_own_span": [
+            0.0 if pre_encoded else float(pixel_frames(*layout_frame_span(layout, frames, r, sp), halo))
+            for r in range(sp)
+        ],
+        "attn_pairs_own_queries": [float(w.double().sum()) for w in own],
+    }
     return {
         "layout": layout, "frames": frames, "frames_per_chunk": frames_per_chunk, "sp": sp,
-        "latent_hw": [lat_h, lat_w], "tokens_per_frame": tpf, "halo_latent_frames": halo,
-        "pre_encoded": pre_encoded,
-        "per_rank": per_rank, "summary": summary,
+        "latent_hw": [lat_h, lat_w], "tokens_per_frame": hp * wp, "halo_latent_frames": halo,
+        "pre_encoded": pre_encoded, "vae_encode_plan": [list(x) for x in plan],
+        "per_rank": per_rank, "summary": _summary(per_rank),
+        "unscheduled": {"per_rank": unscheduled, "summary": _summary(unscheduled)},
     }  # fmt: skip
 
 
@@ -117,9 +119,14 @@ def format_report(rep: dict) -> str:
     lines.append(f"{'max':>8} " + " ".join(f"{s[k]['max']:>22,.0f}" for k in FIGURES))
     lines.append(f"{'mean':>8} " + " ".join(f"{s[k]['mean']:>22,.1f}" for k in FIGURES))
     lines.append(f"{'max/mean':>8} " + " ".join(f"{s[k]['max_over_mean']:>22.3f}" for k in FIGURES))
+    u = rep["unscheduled"]["summary"]
     lines.append(
-        "attn_pairs_own_queries: work under ring/context parallelism; attn_pairs_ulysses: work "
-        "computed under Ulysses (all queries x H/P heads per rank)"
+        "vae_frames: balanced encode plan (halo included); attn_pairs_ring: scheduled ring/context "
+        "parallel work; attn_pairs_ulysses: all queries x H/P heads per rank"
+    )
+    lines.append(
+        "without the schedules (each rank its own span / own queries) max/mean would be: "
+        + ", ".join(f"{k} {u[k]['max_over_mean']:.3f}" for k in UNSCHEDULED)
     )
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ from torch import nn
 from vidtrain.forcing.meta import TokenMeta, build_mask, grid_meta
 from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
 from vidtrain.models.wan.attention import sdpa
+from vidtrain.parallel.schedule import query_work, ring_query_schedule, vae_encode_plan
 
 LAYOUTS = ("naive", "balanced")
 # the autograd-aware all-to-all of torch.distributed.nn is marked deprecated but is the one that
@@ -120,16 +121,41 @@ class _GatherSeq(torch.autograd.Function):
         return recv.sum(0), None, None
 
 
-class RingAttention(nn.Module):
-    """Context-parallel attention for any head count: each rank attends its OWN queries (all
-    heads) to the keys/values of the whole SP group.
+class _RingPlan:
+    """What one forward's ring attention needs on this rank, built once from metadata and shared
+    by every layer: the work schedule and the mask rows of the queries this rank executes."""
 
-    K/V are exchanged with an all-gather whose backward reduce-scatters their gradients, i.e.
-    the "allgather" rotation of PyTorch's context parallelism; the mask rows of
-    the rank's queries come from metadata, as for Ulysses. Attention work per rank is the balance
-    report's `attn_pairs_own_queries`. Not yet done: P2P ring passes overlapped with compute
-    (transient K/V of the whole sequence per layer here), FlexAttention block masks on GPU
-    (dense [Ll, L] mask here), KV fake-quant hooks (QAT).
+    def __init__(self, ctx, sp_rank: int, sp_size: int, local: int) -> None:
+        meta = ctx.meta
+        if meta is None:
+            raise ValueError(f"mask rule {ctx.rule.kind!r} needs token metadata")
+        work = query_work(ctx.rule, meta, meta)
+        sched = ring_query_schedule(list(torch.split(work, local)))
+        self.trivial = sched.trivial
+        if self.trivial:  # nothing to move: own queries, own mask rows
+            self.mask = build_mask(ctx.rule, meta.index(slice(sp_rank * local, (sp_rank + 1) * local)), meta)
+            return
+        self.order = sched.send_order(sp_rank)  # my local queries, grouped by executor
+        self.inverse = torch.argsort(self.order)
+        self.send = sched.send_counts(sp_rank)
+        received = sched.received(sp_rank)  # owner-major: the order they arrive in
+        self.recv = [len(idx) for _, idx in received]
+        rows = torch.cat([owner * local + idx for owner, idx in received])
+        self.mask = build_mask(ctx.rule, meta.index(rows), meta)
+
+
+class RingAttention(nn.Module):
+    """Context-parallel attention for any head count, work-balanced.
+
+    K/V are exchanged with an all-gather whose backward reduce-scatters their gradients (the
+    "allgather" rotation of PyTorch's context parallelism), so every rank holds all keys. Causal
+    masks make later frames' queries costlier, so queries are not attended where they live: a
+    schedule from metadata (`schedule.ring_query_schedule`) keeps each rank's own queries up to
+    the mean work and moves the surplus of heavy ranks to light ones with an autograd-aware
+    all-to-all; results come back the same way. Every rank then computes the same number of
+    query-key pairs (the balance report's `attn_pairs_ring`). Not yet done: P2P ring passes
+    overlapped with compute (transient K/V of the whole sequence per layer here), FlexAttention
+    block masks on GPU (dense [Lq, L] mask here), KV fake-quant hooks (QAT).
     """
 
     def __init__(self, inner: nn.Module, group, sp_size: int, sp_rank: int) -> None:
@@ -141,16 +167,12 @@ class RingAttention(nn.Module):
     def layer_idx(self) -> int:
         return self.inner.layer_idx
 
-    def _mask(self, ctx, local: int) -> torch.Tensor | None:
-        """[Ll, L] rows of the global mask for this rank's queries, built once per forward."""
+    def _plan(self, ctx, local: int) -> _RingPlan | None:
         if ctx.rule.kind == "full":
-            return None
-        if getattr(ctx, "_ring_mask", None) is None:
-            if ctx.meta is None:
-                raise ValueError(f"mask rule {ctx.rule.kind!r} needs token metadata")
-            mine = ctx.meta.index(slice(self.sp_rank * local, (self.sp_rank + 1) * local))
-            ctx._ring_mask = build_mask(ctx.rule, mine, ctx.meta)
-        return ctx._ring_mask
+            return None  # every query costs the same: nothing to balance
+        if getattr(ctx, "_ring_plan", None) is None:
+            ctx._ring_plan = _RingPlan(ctx, self.sp_rank, self.sp_size, local)
+        return ctx._ring_plan
 
     def forward(self, q_BHLD, k_BHLD, v_BHLD, ctx) -> torch.Tensor:
         if ctx.kv_hook is not None:
@@ -164,7 +186,24 @@ class RingAttention(nn.Module):
             raise ValueError(
                 f"global metadata has {len(ctx.meta)} tokens, gathered sequence {k_all.shape[2]}"
             )
-        return sdpa(q_BHLD, k_all, v_all, self._mask(ctx, local))
+        plan = self._plan(ctx, local)
+        if plan is None or plan.trivial:
+            return sdpa(q_BHLD, k_all, v_all, None if plan is None else plan.mask)
+        # my queries, executor-major, token-major for the all-to-all: [Ll, B, H, D]
+        send = q_BHLD.index_select(2, plan.order.to(q_BHLD.device)).permute(2, 0, 1, 3).contiguous()
+        recv = dist_fn.all_to_all_single(
+            send.new_empty((sum(plan.recv), *send.shape[1:])), send, plan.recv, plan.send, group=self.group
+        )
+        q_exec = recv.permute(1, 2, 0, 3)  # [B, H, Nq, D]: the queries I attend, owner-major
+        if q_exec.shape[2]:
+            out = sdpa(q_exec, k_all, v_all, plan.mask)
+        else:  # nothing to attend here; keep the graph connected so backward runs the exchange too
+            out = q_exec * 0
+        back = dist_fn.all_to_all_single(
+            send.new_empty(send.shape), out.permute(2, 0, 1, 3).contiguous(), plan.send, plan.recv,
+            group=self.group,
+        )  # fmt: skip
+        return back.index_select(0, plan.inverse.to(back.device)).permute(1, 2, 0, 3)
 
 
 def apply_ring(model: nn.Module, group, sp_size: int, sp_rank: int) -> int:
@@ -253,18 +292,25 @@ def local_tf_sequence(
     frames_per_chunk: int,
     sp_rank: int,
     sp_size: int,
+    group=None,
 ) -> tuple[TFSequence, TokenMeta]:
     """This rank's part of the teacher-forcing sequence and the global metadata.
 
     `x0_BCFHW` is a latent tensor or a lazy source (`take_frames`): only the rank's frame span
-    is read. Naive: the span's [clean | noisy] sequence, cut to the rank's piece of the global
+    is read. A lazy source with the SP `group` given is encoded by the group's balanced plan
+    (`gather_planned_latents`); without a group each rank encodes its own span.
+    Naive: the span's [clean | noisy] sequence, cut to the rank's piece of the global
     [all clean | all noisy] (pieces are whole frame copies since F divides by P * fpc).
     """
     _, _, f, h, w = x0_BCFHW.shape
     metas = layout_metas(layout, f, h // 2, w // 2, frames_per_chunk, sp_size)
     f0, f1 = layout_frame_span(layout, f, sp_rank, sp_size)
+    if group is not None and sp_size > 1 and not isinstance(x0_BCFHW, torch.Tensor):
+        x0_local = gather_planned_latents(x0_BCFHW, layout, sp_rank, sp_size, group)
+    else:
+        x0_local = take_frames(x0_BCFHW, f0, f1)
     seq = build_tf_sequence(
-        take_frames(x0_BCFHW, f0, f1),
+        x0_local,
         noise_BCFHW[:, :, f0:f1],
         sigma_BF[:, f0:f1],
         frames_per_chunk,
@@ -298,6 +344,44 @@ def encode_local_frames(
     f0, f1 = layout_frame_span(layout, frames, sp_rank, sp_size)
     halo = vae.temporal_receptive_field() if halo is None else halo
     return vae.encode_range(video_BCTHW, f0, f1, halo), f0
+
+
+def gather_planned_latents(source, layout: str, sp_rank: int, sp_size: int, group) -> torch.Tensor:
+    """The latents of this rank's `layout_frame_span`, VAE-encoded by the SP group's balanced plan.
+
+    `source` is lazy (`.frames(f0, f1)`, `.halo`, `.shape`, `.temporal_compression`, `.device`;
+    vidtrain.data.videos.VideoLatents).
+    Every rank encodes its range of `schedule.vae_encode_plan` (equal pixel frames read, halo
+    included; rank 0 has no halo, so it encodes more frames of its own), then one all-to-all
+    hands each latent frame to the ranks that hold it. The latents equal the one-pass encode
+    whenever the halo is the VAE's receptive field, as each rank's own span encode would be.
+    """
+    b, c, f, h, w = source.shape
+    plan = vae_encode_plan(f, sp_size, source.halo, source.temporal_compression)
+    need = [layout_frame_span(layout, f, r, sp_size) for r in range(sp_size)]
+    e0, e1 = plan[sp_rank]
+
+    def overlap(a: tuple[int, int], z: tuple[int, int]) -> tuple[int, int]:
+        return max(a[0], z[0]), max(max(a[0], z[0]), min(a[1], z[1]))
+
+    mine = source.frames(e0, e1) if e1 > e0 else None  # [B, C, e1-e0, h, w]
+    parts, send_counts = [], []
+    for span in need:  # destination-major
+        s0, s1 = overlap((e0, e1), span)
+        send_counts.append(s1 - s0)
+        if s1 > s0:
+            parts.append(mine[:, :, s0 - e0 : s1 - e0])
+    if parts:
+        send = torch.cat(parts, dim=2).permute(2, 0, 1, 3, 4).contiguous()  # [frames, B, C, h, w]
+    else:  # this rank encodes nothing (more ranks than the plan needs)
+        send = torch.empty((0, b, c, h, w), device=source.device)
+    recv_counts = []
+    for seg in plan:  # source-major
+        s0, s1 = overlap(seg, need[sp_rank])
+        recv_counts.append(s1 - s0)
+    recv = send.new_empty((sum(recv_counts), b, c, h, w))
+    dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group)
+    return recv.permute(1, 2, 0, 3, 4).contiguous()  # plan ranges ascend: frames arrive in order
 
 
 def naive_frame_span(frames: int, sp_rank: int, sp_size: int) -> tuple[int, int]:

@@ -69,7 +69,7 @@ class DistributedStrategy(Strategy):
             return super().tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
         layout = self.recipe.parallel.layout
         seq, meta = local_tf_sequence(
-            layout, x0, noise, sigma_BF, frames_per_chunk, self.sp_rank, self.sp_size
+            layout, x0, noise, sigma_BF, frames_per_chunk, self.sp_rank, self.sp_size, self.mesh.sp_group
         )
         if self.layout_figures is None:
             self._remember_layout(x0, frames_per_chunk)

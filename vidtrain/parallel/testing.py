@@ -246,12 +246,17 @@ def spawn_checks(
     """Run `cases` on `world` gloo ranks, then trainer `runs` (recipe path or None, `key=value`
     overrides) one after the other in the same process group (each run builds its dp/sp groups);
     raise if a rank fails or the whole run exceeds timeout_s."""
+    spawn(_worker, world, (cases, str(out), list(runs)), timeout_s)
+
+
+def spawn(fn, world: int, args: tuple, timeout_s: float = 240.0) -> None:
+    """`fn(rank, world, port, *args)` on `world` spawned processes; raise if one fails or the
+    whole run exceeds timeout_s (no hang on a dead rank)."""
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
-        _worker, args=(world, free_port(), cases, str(out), list(runs)), nprocs=world, join=False,
-        start_method="spawn",
-    )  # fmt: skip
+        fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -259,3 +264,78 @@ def spawn_checks(
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"{world}-rank run did not finish within {timeout_s:.0f} s")
+
+
+class TensorLatents:
+    """A lazy latent source over a tensor, like vidtrain.data.videos.VideoLatents without a VAE:
+    `frames(f0, f1)` slices and records the pixel frames a causal VAE with `halo` would read."""
+
+    temporal_compression = 4
+    device = torch.device("cpu")
+
+    def __init__(self, x_BCFHW: torch.Tensor, halo: int) -> None:
+        self.x, self.halo, self.shape, self.ndim = x_BCFHW, halo, x_BCFHW.shape, 5
+        self.pixel_frames_read = 0
+        self.ranges: list[tuple[int, int]] = []
+
+    def frames(self, f0: int, f1: int) -> torch.Tensor:
+        from vidtrain.parallel.schedule import pixel_frames
+
+        self.pixel_frames_read += pixel_frames(f0, f1, self.halo, self.temporal_compression)
+        self.ranges.append((f0, f1))
+        return self.x[:, :, f0:f1].clone()
+
+
+SCHEDULE_FRAMES, SCHEDULE_HALO = 24, 5
+
+
+def schedule_inputs(world: int, layout: str, rule) -> dict:
+    """Random q/k/v over the global token order of `layout` at `world` SP ranks (seeded: every
+    rank and the single-process reference draw the same), latents for the encode plan."""
+    from vidtrain.forcing.meta import TokenMeta
+    from vidtrain.parallel.sequence import layout_metas
+
+    metas = layout_metas(layout, 12, 2, 2, 3, world)
+    g = torch.Generator().manual_seed(7)
+    n = sum(len(m) for m in metas)
+    q, k, v, w = (torch.randn(1, 2, n, 8, generator=g) for _ in range(4))
+    x = torch.randn(1, 4, SCHEDULE_FRAMES, 2, 2, generator=g)
+    return {"meta": TokenMeta.cat(metas), "rule": rule, "q": q, "k": k, "v": v, "w": w, "latents": x}
+
+
+def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out: str) -> None:
+    """Per config (layout, rule): ring attention forward/backward on this rank's tokens, and the
+    planned VAE encode exchange of a TensorLatents source; saved for the test to compare."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from vidtrain.parallel.sequence import RingAttention, gather_planned_latents
+
+    _init_process(rank, world, port)
+    try:
+        results = []
+        for layout, rule in configs:
+            inp = schedule_inputs(world, layout, rule)
+            local = inp["q"].shape[2] // world
+            sl = slice(rank * local, (rank + 1) * local)
+            q, k, v = (inp[t][:, :, sl].clone().requires_grad_(True) for t in ("q", "k", "v"))
+            ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
+            out_l = RingAttention(nn.Identity(), dist.group.WORLD, world, rank)(q, k, v, ctx)
+            (out_l * inp["w"][:, :, sl]).sum().backward()
+            src = TensorLatents(inp["latents"], SCHEDULE_HALO)
+            z = gather_planned_latents(src, layout, rank, world, dist.group.WORLD)
+            results.append({
+                "out": out_l.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "z": z,
+                "read": src.pixel_frames_read, "encoded": src.ranges,
+            })  # fmt: skip
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_schedule_checks(
+    world: int, configs: list[tuple], out: str | Path, timeout_s: float = 120.0
+) -> None:
+    spawn(_schedule_worker, world, (configs, str(out)), timeout_s)
