@@ -103,6 +103,7 @@ def test_scheduled_ring_attention_equals_one_process(four_ranks, index):
         sl = slice(r * local, (r + 1) * local)
         got = res[index]
         torch.testing.assert_close(got["out"], out[:, :, sl].detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["out_flex"], out[:, :, sl].detach(), rtol=1e-5, atol=1e-5)
         for name, full in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
             torch.testing.assert_close(got[name], full[:, :, sl], rtol=1e-5, atol=1e-6, msg=name)
 

@@ -5,15 +5,16 @@ all-to-all trades them for all L tokens of H/P heads; the inner core attends wit
 the *global* token order (built from metadata); a second all-to-all returns the local tokens.
 Both all-to-alls are autograd functions, so backward runs the mirror exchange. Ring /
 context parallel (`RingAttention`) keeps every head and exchanges K/V instead: for models whose
-heads do not divide by P.
+heads do not divide by P; a query schedule (schedule.py) evens its attention work.
 
 Layouts decide which tokens a rank holds (DESIGN section 4-5):
   naive     the single-process [all clean | all noisy] sequence cut into P contiguous pieces;
   balanced  rank r holds frames [r*F/P, (r+1)*F/P) in both copies, clean then noisy.
 Global order = concatenation of the ranks' local sequences; masks follow from metadata.
 A rank reads only the clean latents of its frame span (`layout_frame_span`); when training from
-videos the latents are lazy (`take_frames`) and each rank VAE-encodes just that span plus a left
-halo, then noises it with the group's shared noise and timesteps.
+videos the latents are lazy and the group encodes the clip once by the balanced encode plan
+(`gather_planned_latents`: each rank one range plus a left halo, then an all-to-all of latents),
+and each rank noises its span with the group's shared noise and timesteps.
 
 Legend: B batch, H heads, L tokens (global), Ll local tokens, D head dim, P SP ranks,
 C channels, F latent frames, T pixel frames.
@@ -28,9 +29,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from vidtrain.forcing.meta import TokenMeta, build_mask, grid_meta
+from vidtrain.forcing.meta import TokenMeta, build_mask, flex_mask_mod, grid_meta
 from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
-from vidtrain.models.wan.attention import sdpa
+from vidtrain.models.wan.attention import flex_attention, sdpa
 from vidtrain.parallel.schedule import query_work, ring_query_schedule, vae_encode_plan
 
 LAYOUTS = ("naive", "balanced")
@@ -123,25 +124,49 @@ class _GatherSeq(torch.autograd.Function):
 
 class _RingPlan:
     """What one forward's ring attention needs on this rank, built once from metadata and shared
-    by every layer: the work schedule and the mask rows of the queries this rank executes."""
+    by every layer: the work schedule and the mask of the queries this rank executes (dense for
+    SDPA, or a FlexAttention block mask so that only allowed blocks are computed)."""
 
     def __init__(self, ctx, sp_rank: int, sp_size: int, local: int) -> None:
         meta = ctx.meta
         if meta is None:
             raise ValueError(f"mask rule {ctx.rule.kind!r} needs token metadata")
+        self.rule, self.meta = ctx.rule, meta
+        self._mask, self._block_mask = None, None
         work = query_work(ctx.rule, meta, meta)
         sched = ring_query_schedule(list(torch.split(work, local)))
         self.trivial = sched.trivial
         if self.trivial:  # nothing to move: own queries, own mask rows
-            self.mask = build_mask(ctx.rule, meta.index(slice(sp_rank * local, (sp_rank + 1) * local)), meta)
+            self.rows = meta.index(slice(sp_rank * local, (sp_rank + 1) * local))
             return
         self.order = sched.send_order(sp_rank)  # my local queries, grouped by executor
         self.inverse = torch.argsort(self.order)
         self.send = sched.send_counts(sp_rank)
         received = sched.received(sp_rank)  # owner-major: the order they arrive in
         self.recv = [len(idx) for _, idx in received]
-        rows = torch.cat([owner * local + idx for owner, idx in received])
-        self.mask = build_mask(ctx.rule, meta.index(rows), meta)
+        self.rows = meta.index(torch.cat([owner * local + idx for owner, idx in received]))
+
+    def attend(self, q_BHND, k_BHLD, v_BHLD, use_flex: bool) -> torch.Tensor:
+        """Attention of the executed queries (rows) over all keys."""
+        if use_flex:
+            if self._block_mask is None:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                dev = q_BHND.device
+                mod = flex_mask_mod(self.rule, self.rows.to(dev), self.meta.to(dev))
+                self._block_mask = create_block_mask(
+                    mod,
+                    None,
+                    None,
+                    len(self.rows),
+                    len(self.meta),
+                    device=str(dev),
+                    _compile=dev.type == "cuda",
+                )
+            return flex_attention(q_BHND, k_BHLD, v_BHLD, self._block_mask)
+        if self._mask is None:
+            self._mask = build_mask(self.rule, self.rows, self.meta)
+        return sdpa(q_BHND, k_BHLD, v_BHLD, self._mask)
 
 
 class RingAttention(nn.Module):
@@ -153,9 +178,10 @@ class RingAttention(nn.Module):
     schedule from metadata (`schedule.ring_query_schedule`) keeps each rank's own queries up to
     the mean work and moves the surplus of heavy ranks to light ones with an autograd-aware
     all-to-all; results come back the same way. Every rank then computes the same number of
-    query-key pairs (the balance report's `attn_pairs_ring`). Not yet done: P2P ring passes
-    overlapped with compute (transient K/V of the whole sequence per layer here), FlexAttention
-    block masks on GPU (dense [Lq, L] mask here), KV fake-quant hooks (QAT).
+    query-key pairs (the balance report's `attn_pairs_ring`) with FlexAttention block masks
+    (GPU, or `model.attn_backend=flex`); dense SDPA masks on CPU evaluate every pair. Not yet
+    done: P2P ring passes overlapped with compute (transient K/V of the whole sequence per layer
+    here), KV fake-quant hooks (QAT).
     """
 
     def __init__(self, inner: nn.Module, group, sp_size: int, sp_rank: int) -> None:
@@ -187,16 +213,22 @@ class RingAttention(nn.Module):
                 f"global metadata has {len(ctx.meta)} tokens, gathered sequence {k_all.shape[2]}"
             )
         plan = self._plan(ctx, local)
-        if plan is None or plan.trivial:
-            return sdpa(q_BHLD, k_all, v_all, None if plan is None else plan.mask)
+        # FlexAttention computes only the blocks the mask allows (what the schedule evens out);
+        # dense SDPA (CPU: flex has no backward there) evaluates every query-key pair
+        backend = getattr(self.inner, "backend", "sdpa")
+        use_flex = backend == "flex" or (backend == "auto" and q_BHLD.is_cuda)
+        if plan is None:
+            return sdpa(q_BHLD, k_all, v_all, None)
+        if plan.trivial:
+            return plan.attend(q_BHLD, k_all, v_all, use_flex)
         # my queries, executor-major, token-major for the all-to-all: [Ll, B, H, D]
         send = q_BHLD.index_select(2, plan.order.to(q_BHLD.device)).permute(2, 0, 1, 3).contiguous()
         recv = dist_fn.all_to_all_single(
             send.new_empty((sum(plan.recv), *send.shape[1:])), send, plan.recv, plan.send, group=self.group
         )
-        q_exec = recv.permute(1, 2, 0, 3)  # [B, H, Nq, D]: the queries I attend, owner-major
+        q_exec = recv.permute(1, 2, 0, 3).contiguous()  # [B, H, Nq, D]: the queries I attend, owner-major
         if q_exec.shape[2]:
-            out = sdpa(q_exec, k_all, v_all, plan.mask)
+            out = plan.attend(q_exec, k_all, v_all, use_flex)
         else:  # nothing to attend here; keep the graph connected so backward runs the exchange too
             out = q_exec * 0
         back = dist_fn.all_to_all_single(

@@ -324,10 +324,14 @@ def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out
             ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
             out_l = RingAttention(nn.Identity(), dist.group.WORLD, world, rank)(q, k, v, ctx)
             (out_l * inp["w"][:, :, sl]).sum().backward()
+            with torch.no_grad():  # FlexAttention block masks (forward only on CPU)
+                flex = SimpleNamespace(backend="flex", layer_idx=0)
+                ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
+                out_flex = RingAttention(flex, dist.group.WORLD, world, rank)(q, k, v, ctx)
             src = TensorLatents(inp["latents"], SCHEDULE_HALO)
             z = gather_planned_latents(src, layout, rank, world, dist.group.WORLD)
             results.append({
-                "out": out_l.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "z": z,
+                "out": out_l.detach(), "out_flex": out_flex, "dq": q.grad, "dk": k.grad, "dv": v.grad, "z": z,
                 "read": src.pixel_frames_read, "encoded": src.ranges,
             })  # fmt: skip
         torch.save(results, Path(out) / f"rank{rank}.pt")
