@@ -12,13 +12,14 @@ from vidtrain.parallel.balance import layout_report
 from vidtrain.parallel.sequence import layout_metas
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("layout", ["naive", "balanced"])
-def test_pair_counts_equal_dense_mask(layout):
+def test_pair_counts_equal_dense_mask(layout, window):
     f, fpc, sp, h, w = 12, 3, 4, 4, 6
-    rep = layout_report(layout, f, fpc, sp, h, w, halo=1)
+    rule = MaskRule("teacher_forcing", fpc, window_frames=window, sink_frames=3 if window else 0)
+    rep = layout_report(layout, f, fpc, sp, h, w, halo=1, rule=rule)
     metas = layout_metas(layout, f, h // 2, w // 2, fpc, sp)
     full = TokenMeta.cat(metas)
-    rule = MaskRule("teacher_forcing", fpc)
     dense = [float(build_mask(rule, m, full).sum()) for m in metas]
     assert rep["unscheduled"]["per_rank"]["attn_pairs_own_queries"] == dense
     assert sum(rep["per_rank"]["attn_pairs_ring"]) == sum(dense)
@@ -40,6 +41,14 @@ def test_cli_json(capsys):
     assert cli(["balance", "--frames", "24", "--sp", "2", "--layout", "balanced", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["tokens_per_frame"] == 30 * 52 and len(rep["per_rank"]["tokens"]) == 2
+    assert (
+        cli(
+            ["balance", "--frames", "24", "--sp", "2", "--window-frames", "6", "--sink-frames", "3", "--json"]
+        )
+        == 0
+    )
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["mask"] == {"window_frames": 6, "sink_frames": 3, "shot_sink": False}
     assert cli(["balance", "--frames", "24", "--sp", "5"]) == 2
 
 

@@ -67,15 +67,22 @@ def layout_report(
     lat_w: int,
     halo: int | None = None,
     pre_encoded: bool = False,
+    rule: MaskRule | None = None,
 ) -> dict:
     """Per-rank figures and max/mean for a layout (latent sizes lat_h x lat_w).
 
     `halo`: VAE left halo in latent frames (None: Wan2.1's exact receptive field);
-    `pre_encoded`: latents come from latent shards, so no rank runs the VAE (vae_frames 0).
+    `pre_encoded`: latents come from latent shards, so no rank runs the VAE (vae_frames 0);
+    `rule`: the training mask (None: teacher forcing with full history; the trainer passes the
+    recipe's window and sinks).
     """
     hp, wp = lat_h // 2, lat_w // 2
     halo = vae_halo() if halo is None else halo
-    rule = MaskRule("teacher_forcing", frames_per_chunk)
+    rule = MaskRule("teacher_forcing", frames_per_chunk) if rule is None else rule
+    if rule.kind != "teacher_forcing" or rule.frames_per_chunk != frames_per_chunk:
+        raise ValueError(
+            f"the balance report needs a teacher_forcing rule with {frames_per_chunk} frames per chunk"
+        )
     metas = layout_metas(layout, frames, hp, wp, frames_per_chunk, sp)
     global_meta = TokenMeta.cat(metas)
     work = query_work(rule, global_meta, global_meta)
@@ -100,6 +107,7 @@ def layout_report(
         "layout": layout, "frames": frames, "frames_per_chunk": frames_per_chunk, "sp": sp,
         "latent_hw": [lat_h, lat_w], "tokens_per_frame": hp * wp, "halo_latent_frames": halo,
         "pre_encoded": pre_encoded, "vae_encode_plan": [list(x) for x in plan],
+        "mask": {"window_frames": rule.window_frames, "sink_frames": rule.sink_frames, "shot_sink": rule.shot_sink},
         "per_rank": per_rank, "summary": _summary(per_rank),
         "unscheduled": {"per_rank": unscheduled, "summary": _summary(unscheduled)},
     }  # fmt: skip
@@ -164,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=832, help="pixels")
     p.add_argument("--halo", type=int, default=None, help="VAE halo in latent frames (default: exact)")
     p.add_argument("--pre-encoded", action="store_true", help="latents from latent shards (no VAE work)")
+    p.add_argument("--window-frames", type=int, default=None, help="attention window (model.window_frames)")
+    p.add_argument("--sink-frames", type=int, default=0, help="global sink frames (model.sink_frames)")
+    p.add_argument("--shot-sink", action="store_true", help="shot sink (model.shot_sink)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     if a.height % 16 or a.width % 16 or a.height <= 0 or a.width <= 0:
@@ -179,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if a.halo is not None and a.halo < 0:
         raise ValueError(f"--halo must be >= 0 latent frames, got {a.halo}")
+    if a.sink_frames < 0:
+        raise ValueError(f"--sink-frames must be >= 0, got {a.sink_frames}")
+    rule = MaskRule("teacher_forcing", a.frames_per_chunk, a.window_frames, a.sink_frames, a.shot_sink)
     rep = layout_report(
-        a.layout, a.frames, a.frames_per_chunk, a.sp, a.height // 8, a.width // 8, a.halo, a.pre_encoded
+        a.layout, a.frames, a.frames_per_chunk, a.sp, a.height // 8, a.width // 8, a.halo, a.pre_encoded, rule
     )
     print(json.dumps(rep, indent=1) if a.json else format_report(rep))
     return 0

@@ -77,12 +77,15 @@ class DistributedStrategy(Strategy):
 
     def _remember_layout(self, x0, fpc: int) -> None:
         """The layout's per-rank figures; VAE frames with the run's halo, or 0 for latent shards."""
+        from vidtrain.forcing.meta import MaskRule
         from vidtrain.parallel.balance import layout_report
 
         f, h, w = x0.shape[2:]
         pre_encoded = isinstance(x0, torch.Tensor)
         halo = 0 if pre_encoded else x0.halo
-        rep = layout_report(self.recipe.parallel.layout, f, fpc, self.sp_size, h, w, halo, pre_encoded)
+        m = self.recipe.model  # the training mask: the ring schedule balances exactly this work
+        rule = MaskRule("teacher_forcing", fpc, m.window_frames, m.sink_frames, m.shot_sink)
+        rep = layout_report(self.recipe.parallel.layout, f, fpc, self.sp_size, h, w, halo, pre_encoded, rule)
         self.layout_figures = {k: v for k, v in rep["per_rank"].items()}
 
     def sp_sum(self, t: torch.Tensor) -> torch.Tensor:
