@@ -152,3 +152,29 @@ def test_flex_backend_equals_dense_masks():
             for m in (sdpa_model, flex_model)
         ]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_modulation_per_frame_equals_per_token(monkeypatch):
+    """AdaLN rows gathered once per run of tokens sharing a timestep and broadcast: bit-identical
+    outputs and gradients to one row per token (the [B, L, 6, D] gather it replaces)."""
+    import vidtrain.models.wan.model as wan_model
+
+    inv = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 2]])
+    assert wan_model.timestep_runs(inv) == 3
+    assert wan_model.timestep_runs(torch.tensor([[0, 0, 1, 1, 1, 1]])) == 2  # gcd of run starts and L
+    assert wan_model.timestep_runs(torch.tensor([[0, 1, 0, 1]])) == 1
+
+    def run(force_per_token: bool):
+        torch.manual_seed(0)
+        m = CausalWanDiT.from_flavor("debug", "sdpa")
+        if force_per_token:
+            monkeypatch.setattr(wan_model, "timestep_runs", lambda inv_BL: 1)
+        x = torch.randn(2, 16, 6, 4, 6, requires_grad=True)
+        out = m(x, torch.rand(2, 6) * 1000, torch.randn(2, 8, m.cfg.text_dim), rule=MaskRule("causal", 3))
+        out.square().sum().backward()
+        monkeypatch.undo()
+        return out.detach(), x.grad, [p.grad for p in m.parameters()]
+
+    (o1, gx1, g1), (o2, gx2, g2) = run(False), run(True)
+    assert torch.equal(o1, o2) and torch.equal(gx1, gx2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
