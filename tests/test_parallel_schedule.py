@@ -15,7 +15,7 @@ from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
 from vidtrain.parallel.balance import FIGURES, layout_report
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
 from vidtrain.parallel.sequence import layout_frame_span, layout_metas
-from vidtrain.parallel.testing import SCHEDULE_HALO, schedule_inputs, spawn_schedule_checks
+from vidtrain.parallel.testing import SCHEDULE_HALO, schedule_inputs, skewed_work, spawn_schedule_checks
 
 TF = MaskRule("teacher_forcing", 3)
 WINDOWED = MaskRule("teacher_forcing", 3, window_frames=3, sink_frames=3, shot_sink=True)
@@ -79,7 +79,8 @@ def test_ring_schedule_assigns_every_query_once_and_evens_the_work(layout, sp):
         assert sched.send_counts(r) == [sum(len(i) for o, i in received[e] if o == r) for e in range(sp)]
 
 
-CONFIGS = [("balanced", TF), ("naive", TF), ("balanced", WINDOWED)]
+CONFIGS = [("balanced", TF), ("naive", TF), ("balanced", WINDOWED), ("balanced", TF, "skew")]
+IDS = ["balanced", "naive", "balanced-window-sinks", "skewed-schedule-idle-ranks"]
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +90,20 @@ def four_ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(4)]
 
 
-@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=[f"{lay}-{r.window_frames}" for lay, r in CONFIGS])
+@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=IDS)
 def test_scheduled_ring_attention_equals_one_process(four_ranks, index):
-    layout, rule = CONFIGS[index]
+    layout, rule, *skew = CONFIGS[index]
     inp = schedule_inputs(4, layout, rule)
     q, k, v = (inp[t].clone().requires_grad_(True) for t in ("q", "k", "v"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=build_mask(rule, inp["meta"], inp["meta"]))
     (out * inp["w"]).sum().backward()
     local = q.shape[2] // 4
-    work = query_work(rule, inp["meta"], inp["meta"])
-    assert not ring_query_schedule(list(torch.split(work, local))).trivial  # queries do move
+    work = (skewed_work if skew else query_work)(rule, inp["meta"], inp["meta"])
+    sched = ring_query_schedule(list(torch.split(work, local)))
+    assert not sched.trivial  # queries do move
+    if skew:  # rank 3 executes nothing, yet joins every exchange (a missed one would hang)
+        executed = [sum(len(i) for _, i in sched.received(e)) for e in range(4)]
+        assert executed[3] == 0 and min(executed[:3]) > 0
     for r, res in enumerate(four_ranks):
         sl = slice(r * local, (r + 1) * local)
         got = res[index]
@@ -108,7 +113,7 @@ def test_scheduled_ring_attention_equals_one_process(four_ranks, index):
             torch.testing.assert_close(got[name], full[:, :, sl], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=[f"{lay}-{r.window_frames}" for lay, r in CONFIGS])
+@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=IDS)
 def test_planned_encode_gives_each_rank_its_latents(four_ranks, index):
     layout = CONFIGS[index][0]
     x = schedule_inputs(4, layout, TF)["latents"]

@@ -303,9 +303,42 @@ def schedule_inputs(world: int, layout: str, rule) -> dict:
     return {"meta": TokenMeta.cat(metas), "rule": rule, "q": q, "k": k, "v": v, "w": w, "latents": x}
 
 
+def skewed_work(rule, meta_q, meta_k, world: int = 4) -> torch.Tensor:
+    """A query work vector no mask gives but the schedule must survive: unit work on every rank
+    but the last, whose queries are [X, 0, ..., 0, X, X] with X above the mean load. The last rank
+    keeps none of its queries and they all land on the other ranks, so it executes nothing, yet
+    must join every exchange, in backward too (a missed collective hangs the group)."""
+    work = torch.ones(len(meta_q), dtype=torch.long)
+    last = work[(world - 1) * len(meta_q) // world :]
+    last.zero_()
+    last[[0, -2, -1]] = 100 * len(meta_q)
+    return work
+
+
 def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out: str) -> None:
-    """Per config (layout, rule): ring attention forward/backward on this rank's tokens, and the
-    planned VAE encode exchange of a TensorLatents source; saved for the test to compare."""
+    """Per config (layout, rule[, "skew"]): ring attention forward/backward on this rank's tokens,
+    and the planned VAE encode exchange of a TensorLatents source; saved for the test to compare.
+    "skew" schedules by `skewed_work` instead of the mask's own work (same attention results)."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from vidtrain.parallel import sequence
+
+    _init_process(rank, world, port)
+    try:
+        results = []
+        for layout, rule, *skew in configs:
+            sequence._RING_PLANS.clear()
+            patch = mock.patch.object(sequence, "query_work", skewed_work) if skew else mock.MagicMock()
+            with patch:
+                results.append(_schedule_case(rank, world, layout, rule))
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _schedule_case(rank: int, world: int, layout: str, rule) -> dict:
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -313,30 +346,23 @@ def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out
 
     from vidtrain.parallel.sequence import RingAttention, gather_planned_latents
 
-    _init_process(rank, world, port)
-    try:
-        results = []
-        for layout, rule in configs:
-            inp = schedule_inputs(world, layout, rule)
-            local = inp["q"].shape[2] // world
-            sl = slice(rank * local, (rank + 1) * local)
-            q, k, v = (inp[t][:, :, sl].clone().requires_grad_(True) for t in ("q", "k", "v"))
-            ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
-            out_l = RingAttention(nn.Identity(), dist.group.WORLD, world, rank)(q, k, v, ctx)
-            (out_l * inp["w"][:, :, sl]).sum().backward()
-            with torch.no_grad():  # FlexAttention block masks (forward only on CPU)
-                flex = SimpleNamespace(backend="flex", layer_idx=0)
-                ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
-                out_flex = RingAttention(flex, dist.group.WORLD, world, rank)(q, k, v, ctx)
-            src = TensorLatents(inp["latents"], SCHEDULE_HALO)
-            z = gather_planned_latents(src, layout, rank, world, dist.group.WORLD)
-            results.append({
-                "out": out_l.detach(), "out_flex": out_flex, "dq": q.grad, "dk": k.grad, "dv": v.grad, "z": z,
-                "read": src.pixel_frames_read, "encoded": src.ranges,
-            })  # fmt: skip
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    inp = schedule_inputs(world, layout, rule)
+    local = inp["q"].shape[2] // world
+    sl = slice(rank * local, (rank + 1) * local)
+    q, k, v = (inp[t][:, :, sl].clone().requires_grad_(True) for t in ("q", "k", "v"))
+    ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
+    out_l = RingAttention(nn.Identity(), dist.group.WORLD, world, rank)(q, k, v, ctx)
+    (out_l * inp["w"][:, :, sl]).sum().backward()
+    with torch.no_grad():  # FlexAttention block masks (forward only on CPU)
+        flex = SimpleNamespace(backend="flex", layer_idx=0)
+        ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
+        out_flex = RingAttention(flex, dist.group.WORLD, world, rank)(q, k, v, ctx)
+    src = TensorLatents(inp["latents"], SCHEDULE_HALO)
+    z = gather_planned_latents(src, layout, rank, world, dist.group.WORLD)
+    return {
+        "out": out_l.detach(), "out_flex": out_flex, "dq": q.grad, "dk": k.grad, "dv": v.grad, "z": z,
+        "read": src.pixel_frames_read, "encoded": src.ranges,
+    }  # fmt: skip
 
 
 def spawn_schedule_checks(
