@@ -156,7 +156,8 @@ def test_flex_backend_equals_dense_masks():
 
 def test_modulation_per_frame_equals_per_token(monkeypatch):
     """AdaLN rows gathered once per run of tokens sharing a timestep and broadcast: bit-identical
-    outputs and gradients to one row per token (the [B, L, 6, D] gather it replaces)."""
+    outputs and input gradients to one row per token (the [B, L, 6, D] gather it replaces);
+    parameter gradients of the time embedding and modulations sum in another order (fp32 ulps)."""
     import vidtrain.models.wan.model as wan_model
 
     inv = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 2]])
@@ -169,7 +170,7 @@ def test_modulation_per_frame_equals_per_token(monkeypatch):
         m = CausalWanDiT.from_flavor("debug", "sdpa")
         if force_per_token:
             monkeypatch.setattr(wan_model, "timestep_runs", lambda inv_BL: 1)
-        x = torch.randn(2, 16, 6, 4, 6, requires_grad=True)
+        x = torch.randn(2, 16, 6, 16, 16, requires_grad=True)  # 64 tokens per frame
         out = m(x, torch.rand(2, 6) * 1000, torch.randn(2, 8, m.cfg.text_dim), rule=MaskRule("causal", 3))
         out.square().sum().backward()
         monkeypatch.undo()
@@ -177,4 +178,5 @@ def test_modulation_per_frame_equals_per_token(monkeypatch):
 
     (o1, gx1, g1), (o2, gx2, g2) = run(False), run(True)
     assert torch.equal(o1, o2) and torch.equal(gx1, gx2)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    for a, b in zip(g1, g2):  # fp32 summation order: relative to the gradient's scale
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()

@@ -46,6 +46,9 @@ def vae_encode_plan(frames: int, sp: int, halo: int, tc: int = TEMPORAL_COMPRESS
 
     The cost of a range grows as its end moves right and shrinks as its start does, so the
     greedy cut under a bound is optimal and a binary search over the bound finds the least one.
+    Greedy fills the first ranks: on a clip hardly longer than the halo, where every range reads
+    from the clip's start, the first ranks get everything and the rest idle (same slowest rank as
+    any split, no redundant prefixes encoded); trailing ranges may be empty.
     """
     if frames < 1 or sp < 1 or halo < 0:
         raise ValueError(f"need frames >= 1, sp >= 1, halo >= 0; got {frames}, {sp}, {halo}")

@@ -187,6 +187,8 @@ class CausalWanDiT(nn.Module):
         sequence). `context_BSD` may hold an already embedded text context (cached per prompt), and
         `cross_kv` each block's cross-attention K/V of it (`block.cross_attn.kv`, cached per prompt).
         """
+        if x_BLP.shape[1] == 0:
+            raise ValueError("the token sequence is empty: nothing to predict")
         attn = attn if attn is not None else AttentionContext(meta=meta)
         w = self.patch_embedding.weight.flatten(1)  # the (1,2,2) conv is a linear on patch vectors
         x_BLD = F.linear(x_BLP.to(w.dtype), w, self.patch_embedding.bias)
