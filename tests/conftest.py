@@ -35,3 +35,15 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A debug-flavor DiT saved once as a vidtrain model folder (read-only: the DMD tests' teacher)."""
+    from vidtrain.models.wan import CausalWanDiT
+    from vidtrain.models.wan.state_dict import save_vidtrain
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher"
+    save_vidtrain(CausalWanDiT.from_flavor("debug"), path)
+    return path

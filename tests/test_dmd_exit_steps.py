@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vidtrain.config import load_recipe
 from vidtrain.distill import lora
 from vidtrain.distill import method as dmd_method
-from vidtrain.models.wan import CausalWanDiT
-from vidtrain.models.wan.state_dict import save_vidtrain
 from vidtrain.sample.sampler import StreamingSampler
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dmd_exit") / "teacher"
-    save_vidtrain(CausalWanDiT.from_flavor("debug"), path)
-    return path
 
 
 def trainer(teacher, run_dir, rollout: str):

@@ -11,15 +11,6 @@ from vidtrain.config import ConfigError, load_recipe
 from vidtrain.distill import lora
 from vidtrain.distill.method import DMD, check_dmd_recipe, dmd_gradient, dmd_loss
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.models.wan.state_dict import save_vidtrain
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dmd") / "teacher"
-    save_vidtrain(CausalWanDiT.from_flavor("debug"), path)
-    return path
 
 
 def recipe(teacher, run_dir, *extra):

@@ -18,8 +18,6 @@ import torch
 
 from vidtrain.config import load_recipe
 from vidtrain.distill import lora
-from vidtrain.models.wan import CausalWanDiT
-from vidtrain.models.wan.state_dict import save_vidtrain
 from vidtrain.parallel.testing import free_port
 
 WORLD, LOCAL_B, STEPS = 2, 2, 2
@@ -93,12 +91,6 @@ def _worker(rank: int, port: int, teacher: str, out: str) -> None:
                 torch.save(snaps, Path(out) / f"{name}.pt")
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_vidtrain(CausalWanDiT.from_flavor("debug"), tmp_path_factory.mktemp("dmdpar") / "teacher")
 
 
 @pytest.fixture(scope="module")

@@ -183,8 +183,7 @@ class DMD(Method):
 
     # ---- pieces --------------------------------------------------------------------------------
     def rule(self, kind: str) -> MaskRule:
-        m = self.recipe.model
-        return MaskRule(kind, self.fpc, m.window_frames, m.sink_frames, m.shot_sink)
+        return MaskRule.of(kind, self.recipe.model)
 
     def exit_steps(self, step: int, num_chunks: int) -> list[int]:
         """The rollout's exit step of each chunk: a function of (seed, step) only, so equal on

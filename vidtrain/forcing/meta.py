@@ -118,6 +118,13 @@ class MaskRule:
     def restricted(self) -> bool:
         return self.window_frames is not None
 
+    @classmethod
+    def of(cls, kind: str, cfg) -> MaskRule:
+        """The rule of `kind` with the history restrictions of a config that carries
+        `frames_per_chunk`, `window_frames`, `sink_frames`, `shot_sink` (the recipe's model
+        section, the sampler's config): training, its balance report and sampling agree."""
+        return cls(kind, cfg.frames_per_chunk, cfg.window_frames, cfg.sink_frames, cfg.shot_sink)
+
 
 def _shot_start_chunk(meta_k: TokenMeta, shots_q: torch.Tensor) -> torch.Tensor:
     """First chunk of each query's shot, as seen among the keys (clean keys define shots)."""

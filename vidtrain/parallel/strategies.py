@@ -83,8 +83,7 @@ class DistributedStrategy(Strategy):
         f, h, w = x0.shape[2:]
         pre_encoded = isinstance(x0, torch.Tensor)
         halo = 0 if pre_encoded else x0.halo
-        m = self.recipe.model  # the training mask: the ring schedule balances exactly this work
-        rule = MaskRule("teacher_forcing", fpc, m.window_frames, m.sink_frames, m.shot_sink)
+        rule = MaskRule.of("teacher_forcing", self.recipe.model)  # the mask training runs
         rep = layout_report(self.recipe.parallel.layout, f, fpc, self.sp_size, h, w, halo, pre_encoded, rule)
         self.layout_figures = {k: v for k, v in rep["per_rank"].items()}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ import torch
 
 from vidtrain.config import Recipe
 from vidtrain.models.wan import CausalWanDiT
+from vidtrain.parallel.schedule import TEMPORAL_COMPRESSION
 from vidtrain.train.methods import TeacherForcing
 
 FRAMES, HW, CHANNELS, TEXT_LEN = 12, 4, 16, 8
@@ -270,7 +272,7 @@ class TensorLatents:
     """A lazy latent source over a tensor, like vidtrain.data.videos.VideoLatents without a VAE:
     `frames(f0, f1)` slices and records the pixel frames a causal VAE with `halo` would read."""
 
-    temporal_compression = 4
+    temporal_compression = TEMPORAL_COMPRESSION
     device = torch.device("cpu")
 
     def __init__(self, x_BCFHW: torch.Tensor, halo: int) -> None:
@@ -330,7 +332,7 @@ def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out
         results = []
         for layout, rule, *skew in configs:
             sequence._RING_PLANS.clear()
-            patch = mock.patch.object(sequence, "query_work", skewed_work) if skew else mock.MagicMock()
+            patch = mock.patch.object(sequence, "query_work", skewed_work) if skew else nullcontext()
             with patch:
                 results.append(_schedule_case(rank, world, layout, rule))
         torch.save(results, Path(out) / f"rank{rank}.pt")

@@ -73,7 +73,7 @@ class SamplerConfig:
 
     def rule(self) -> MaskRule:
         """The training mask rule this cache mirrors (use the same in teacher forcing)."""
-        return MaskRule("causal", self.frames_per_chunk, self.window_frames, self.sink_frames, self.shot_sink)
+        return MaskRule.of("causal", self)
 
     def sigmas(self) -> list[float]:
         """Shifted sigmas of the denoising steps (the model sees t = 1000 * sigma)."""

@@ -67,11 +67,7 @@ class TeacherForcing(Method):
     name = "teacher_forcing"
 
     def mask_rule(self) -> MaskRule:
-        m = self.recipe.model
-        return MaskRule(
-            "teacher_forcing", m.frames_per_chunk, window_frames=m.window_frames,
-            sink_frames=m.sink_frames, shot_sink=m.shot_sink,
-        )  # fmt: skip
+        return MaskRule.of("teacher_forcing", self.recipe.model)
 
     def kv_hook(self, trainer):
         return None
