@@ -57,6 +57,11 @@ class DataConfig:
     batch_size: int = 1
     num_workers: int = 0
     shuffle_buffer: int = 64
+    # integrity: each shard's sha256 is checked against manifest.json the first time it is opened
+    verify_shards: bool = True
+    # a corrupt shard, a truncated tar or non-finite latents: stop with an error naming the shard
+    # (error) or skip it, counted and logged (skip)
+    on_bad_sample: Literal["error", "skip"] = "error"
     # synthetic latents (quickstart and tests)
     synthetic_samples: int = 16
     frames: int = 6  # latent frames
@@ -138,6 +143,10 @@ class OptimConfig:
     warmup_steps: int = 10
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
+    # the cosine decay horizon in optimizer steps; None: train.max_steps of the run's first start,
+    # kept in the checkpoint, so extending max_steps on resume never re-stretches the schedule
+    # (past the horizon the rate stays at min_lr_ratio)
+    decay_steps: int | None = None
     grad_clip: float = 1.0
 
 
@@ -153,6 +162,17 @@ class TrainConfig:
     progress: bool = True
     # deterministic kernels (bit-exact resume); None: on for CPU runs, off on GPU (speed)
     deterministic: bool | None = None
+    # a non-finite loss or gradient norm: stop (exit non-zero, naming step and batch) or skip
+    # that optimizer step (as DeepSpeed does on overflow), stopping after max_nonfinite_skips in a row
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 3
+    # resume checks each checkpoint's manifest: sizes always, sha256 too when true
+    verify_checkpoints: bool = True
+    # exact: model + optimizer + schedule + RNG + data; weights_only: the model alone (asked for
+    # explicitly, never a silent fallback)
+    resume: Literal["exact", "weights_only"] = "exact"
+    # a resumed run whose recipe changed in what cannot be honoured exactly: refuse, or allow
+    resume_changes: Literal["refuse", "allow"] = "refuse"
 
 
 @dataclass
@@ -301,6 +321,15 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"train.max_steps must be >= 0, got {r.train.max_steps}")
     if r.train.grad_accum < 1:
         raise ConfigError(f"train.grad_accum must be >= 1, got {r.train.grad_accum}")
+    for key in ("log_every", "ckpt_every", "max_nonfinite_skips"):
+        if getattr(r.train, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(r.train, key)}")
+    if r.train.keep_checkpoints < 0:
+        raise ConfigError(
+            f"train.keep_checkpoints must be >= 0 (0 keeps all), got {r.train.keep_checkpoints}"
+        )
+    if r.optim.decay_steps is not None and r.optim.decay_steps < 1:
+        raise ConfigError(f"optim.decay_steps must be >= 1 (or null), got {r.optim.decay_steps}")
     if r.model.frames_per_chunk < 1:
         raise ConfigError(f"model.frames_per_chunk must be >= 1, got {r.model.frames_per_chunk}")
     if r.data.source == "synthetic" and r.data.frames % r.model.frames_per_chunk:
