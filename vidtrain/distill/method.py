@@ -296,7 +296,10 @@ class DMD(Method):
             s.sync_grads(trainer.model)
         trainer.optimizer.active_role = role
         try:
-            return s.clip_and_step(trainer.model, trainer.optimizer, self.recipe.optim.grad_clip)
+            finite = bool(torch.isfinite(loss.detach()))
+            return s.clip_and_step(
+                trainer.model, trainer.optimizer, self.recipe.optim.grad_clip, finite=finite
+            )
         finally:
             trainer.optimizer.active_role = None
 

@@ -32,6 +32,7 @@ class Strategy:
         self.rank, self.world_size = 0, 1
         self.dp_rank, self.dp_size = 0, 1
         self.sp_rank, self.sp_size = 0, 1
+        self.skipped = False  # an optimizer step skipped as non-finite (pop_skipped)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # ---- life cycle ----------------------------------------------------------------------------
@@ -58,6 +59,14 @@ class Strategy:
 
     def barrier(self) -> None:
         pass
+
+    def all_gather_object(self, obj) -> list:
+        """`obj` of every rank, in rank order (agreeing on errors, choices made by rank 0)."""
+        return [obj]
+
+    def all_true(self, flag: bool) -> bool:
+        """True when `flag` is true on every rank (one all-reduce in parallel strategies)."""
+        return bool(flag)
 
     # ---- the step ------------------------------------------------------------------------------
     def tf_sequence(
@@ -88,12 +97,28 @@ class Strategy:
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         loss.backward()
 
-    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    def clip_and_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, finite: bool = True
+    ) -> float:
+        """Clip, then step unless the gradient norm is not finite or `finite` (the step's losses
+        were finite) is false on any rank: all ranks agree, the step is skipped everywhere and
+        `pop_skipped()` says so. Returns the gradient norm (before clipping)."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else _grad_norm(params)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.step_or_skip(optimizer, finite and bool(torch.isfinite(norm)))
         return float(norm)
+
+    def step_or_skip(self, optimizer: torch.optim.Optimizer, ok: bool) -> None:
+        if self.all_true(ok):
+            optimizer.step()
+        else:
+            self.skipped = True
+        optimizer.zero_grad(set_to_none=True)
+
+    def pop_skipped(self) -> bool:
+        """Whether an optimizer step since the last call was skipped as non-finite."""
+        skipped, self.skipped = self.skipped, False
+        return skipped
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def full_params(self, model: nn.Module):
@@ -112,6 +137,12 @@ class Strategy:
 
     def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
+
+    def load_weights(self, model: nn.Module, step_folder: Path) -> None:
+        """The checkpoint's model/ weights into the (wrapped) model; the optimizer is untouched."""
+        from vidtrain.models.wan.state_dict import load_model_state
+
+        load_model_state(self.unwrap(model), step_folder / "model")
 
     def save_engine(self, model: nn.Module, folder: Path) -> None:
         """Strategies with their own checkpoint format (DeepSpeed) write it here."""

@@ -12,12 +12,14 @@ Checkpoints: DeepSpeed's own sharded format under `engine/` (resumable), plus th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vidtrain.errors import NonFiniteError
 from vidtrain.parallel.base import STRATEGIES, FullParams
 from vidtrain.parallel.strategies import DistributedStrategy
 
@@ -77,10 +79,27 @@ class DeepSpeedStrategy(DistributedStrategy):
         if not model.is_gradient_accumulation_boundary():
             model.step()  # not a boundary: only advances the micro-step counter
 
-    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    def clip_and_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, finite: bool = True
+    ) -> float:
+        """DeepSpeed's boundary step. ZeRO 1-3 check the gradients themselves and skip a step
+        whose gradients are not finite (also in fp32); a step that it applied although the loss
+        or the norm was not finite (ZeRO 0) has changed the weights: that is refused."""
         model.step()
         norm = model.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        norm = float(norm) if norm is not None else 0.0
+        applied = bool(model.was_step_applied())
+        ok = self.all_true(finite and math.isfinite(norm) and applied)
+        if not ok:
+            if self.all_true(not applied):
+                self.skipped = True
+            else:
+                raise NonFiniteError(
+                    f"DeepSpeed (ZeRO stage {self.recipe.parallel.zero_stage}) applied an optimizer step "
+                    f"with a non-finite loss or gradient norm ({norm}): the weights are not trustworthy; "
+                    "resume from the newest checkpoint (ZeRO 1-3 skip such steps)"
+                )
+        return norm
 
     def full_grads(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad
@@ -121,6 +140,24 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         pass
+
+    def load_weights(self, model: nn.Module, step_folder: Path) -> None:
+        """The module's weights alone (train.resume=weights_only): from engine/ when present,
+        else from model/ with ZeRO's fp32 master copies refreshed from them."""
+        if (step_folder / "engine" / "engine").exists():
+            path, _ = model.load_checkpoint(str(step_folder / "engine"), tag="engine", load_module_only=True)
+            if path is None:
+                raise ValueError(f"DeepSpeed could not load its checkpoint from {step_folder / 'engine'}")
+            return
+        if self.recipe.parallel.zero_stage == 3:
+            raise ValueError(
+                f"{step_folder} has no engine/: train.resume=weights_only from model/ is not supported "
+                "under ZeRO-3 (partitioned parameters); resume with parallel.zero_stage 1 or 2"
+            )
+        super().load_weights(model, step_folder)
+        refresh = getattr(getattr(model, "optimizer", None), "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
 
     def save_engine(self, model: nn.Module, folder: Path) -> None:
         model.save_checkpoint(str(folder), tag="engine", save_latest=False)

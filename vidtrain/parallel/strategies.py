@@ -54,6 +54,16 @@ class DistributedStrategy(Strategy):
     def barrier(self) -> None:
         dist.barrier()
 
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_true(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
     def apply_sequence_parallel(self, model: nn.Module) -> None:
         if self.sp_size > 1 and self.recipe.parallel.sp_impl == "ring":
             apply_ring(model, self.mesh.sp_group, self.sp_size, self.sp_rank)
@@ -207,15 +217,16 @@ class FSDPStrategy(DistributedStrategy):
         fully_shard(model, mesh=mesh)
         return model, self.wrap_optimizer(make_optimizer([p for p in model.parameters() if p.requires_grad]))
 
-    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    def clip_and_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, finite: bool = True
+    ) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.step_or_skip(optimizer, finite and bool(torch.isfinite(norm)))
         return float(norm)
 
     def full_grads(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -255,14 +266,18 @@ class FSDPStrategy(DistributedStrategy):
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
-    def load_engine(self, model: nn.Module, folder: Path) -> bool:
-        """Resume a sharded model: full weights and optimizer state scattered into the shards."""
+    def load_weights(self, model: nn.Module, step_folder: Path) -> None:
+        """Full weights scattered into the shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from vidtrain.models.wan.state_dict import _read_weights
 
-        sd = _read_weights(folder.parent / "model")
+        sd = _read_weights(step_folder / "model")
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+
+    def load_engine(self, model: nn.Module, folder: Path) -> bool:
+        """Resume a sharded model: full weights and optimizer state scattered into the shards."""
+        self.load_weights(model, folder.parent)
         state = torch.load(folder.parent / "trainer_state.pt", map_location="cpu", weights_only=False)
         self.load_optim_state(model, self.optimizer, state["optimizer"])
         return True

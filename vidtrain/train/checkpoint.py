@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically (temp folder + rename), resumed exactly.
+"""Checkpoints: complete or absent, for every strategy; resumed exactly from the newest intact one.
 
 Layout of `RUN/checkpoints/step_000123/`:
   model/            the plain model in vidtrain's format (loadable by CausalWanDiT.from_pretrained),
@@ -7,12 +7,26 @@ Layout of `RUN/checkpoints/step_000123/`:
                     model.checkpoint or `vidtrain sample --checkpoint` at it to use them
   trainer_state.pt  optimizer, schedule, EMA, method state, RNG, data position, step
   recipe.yaml       the recipe that produced it
-  engine/           a strategy's own format where it has one (DeepSpeed)
-`RUN/checkpoints/latest` names the newest complete checkpoint.
+  engine/           a strategy's own format where it has one (DeepSpeed's sharded ZeRO state)
+  manifest.json     every other file's size and sha256, written last
+`RUN/checkpoints/latest` names the newest complete checkpoint (for people and tools; resume
+looks at every step folder itself).
+
+Writing (all ranks take part): everything of a step, engine shards of every rank included, goes
+into `.step_000123.tmp/`; rank 0 then writes the manifest (hashing and fsyncing each file), renames
+the folder to its final name in one step, updates `latest` and prunes. A failure on any rank is
+agreed on by all ranks (no rank hangs) and reported as one line naming the step, the path and the
+newest intact step. Weights that are not finite are never written.
+
+Resuming: the newest step folder whose manifest verifies (sizes always; sha256 when
+`train.verify_checkpoints`) is used; each one skipped is named with its reason. Without a
+verifying checkpoint the run is refused rather than silently restarted.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 import shutil
@@ -21,28 +35,102 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidtrain.utils.io import atomic_dir, atomic_write_text
+from vidtrain.errors import CheckpointError, NonFiniteError
+from vidtrain.utils.faults import kill_point
+from vidtrain.utils.io import atomic_write_text, follow_umask, fsync_dir, sha256_file
 
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
+MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"
+# where the kill tests end a checkpoint write (vidtrain/utils/faults.py: VIDTRAIN_FAULT=stage@step)
+FAULT_STAGES = ("begin", "model", "state", "engine_begin", "engine", "manifest", "rename", "latest")
+__all__ = ["CheckpointError", "NonFiniteError", "find_resumable", "latest_checkpoint", "load_checkpoint"]
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:06d}"
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = run_dir / "checkpoints"
-    pointer = root / "latest"
-    if pointer.exists():
-        cand = root / pointer.read_text().strip()
-        if (cand / "trainer_state.pt").exists():
-            return cand
-    steps = sorted(
-        (int(m.group(1)), p)
-        for p in root.glob("step_*")
-        if (m := _STEP_RE.match(p.name)) and (p / "trainer_state.pt").exists()
+def staging_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp"
+
+
+def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every final-named step folder, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()
     )
-    return steps[-1][1] if steps else None
+
+
+# ---- verification -----------------------------------------------------------------------------
+
+
+def verify_checkpoint(folder: Path, hashes: bool = True, needs_engine: bool = False) -> str | None:
+    """Why `folder` cannot be resumed from, or None when it is intact.
+
+    A folder without a manifest was written by a vidtrain older than manifests: it counts as
+    intact when its trainer state is there (the caller says it was not verified).
+    """
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        if not (folder / STATE).exists():
+            return f"no {MANIFEST} and no {STATE} (an incomplete write)"
+    else:
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for rel, meta in files.items():
+            path = folder / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if path.stat().st_size != meta["size"]:
+                return f"{rel} has {path.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)"
+            if hashes and sha256_file(path) != meta["sha256"]:
+                return f"{rel} does not match its sha256 (corrupted)"
+    if needs_engine and not (folder / "engine").is_dir():
+        return "no engine/ (DeepSpeed's optimizer state); train.resume=weights_only resumes without it"
+    return None
+
+
+def find_resumable(
+    run_dir: Path, hashes: bool = True, needs_engine: bool = False
+) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint of a run and a line for each newer one that was skipped."""
+    notes = []
+    for _, folder in reversed(step_folders(run_dir)):
+        reason = verify_checkpoint(folder, hashes, needs_engine)
+        if reason is None:
+            if not (folder / MANIFEST).exists():
+                notes.append(
+                    f"{folder.name} has no {MANIFEST} (written by an older vidtrain): used unverified"
+                )
+            return folder, notes
+        notes.append(f"skipped {folder.name}: {reason}")
+    return None, notes
+
+
+def latest_checkpoint(run_dir: Path, hashes: bool = False) -> Path | None:
+    """The newest intact checkpoint of a run folder (file sizes checked; sha256 with `hashes`)."""
+    return find_resumable(Path(run_dir), hashes)[0]
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove temp folders of writes that were killed (call only while holding the run lock)."""
+    root = Path(run_dir) / "checkpoints"
+    gone = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".step_") and (".tmp" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+    return gone
+
+
+# ---- RNG --------------------------------------------------------------------------------------
 
 
 def rng_state() -> dict:
@@ -62,66 +150,192 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(trainer, step: int) -> Path:
-    """All ranks call it (sharded states gather); rank 0 writes; the folder appears whole or not at all."""
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def _nonfinite_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _write_main(trainer, tmp: Path, model_sd: dict, optim_sd: dict, step: int) -> None:
+    """Rank 0's part: model, EMA model, trainer state, recipe."""
+    from vidtrain.config import dump_recipe
     from vidtrain.models.wan.state_dict import save_model_state
+    from vidtrain.quant.qat import write_quant_record
 
-    strategy = trainer.strategy
-    model_sd = strategy.model_state(trainer.model)
-    optim_sd = strategy.optim_state(trainer.model, trainer.optimizer)
-    final = checkpoint_dir(trainer.run_dir, step)
-    if strategy.is_main:
-        with atomic_dir(final) as tmp:
-            save_model_state(trainer.model_config, model_sd, tmp / "model")
-            from vidtrain.quant.qat import write_quant_record
-
-            write_quant_record(strategy.unwrap(trainer.model), tmp / "model")
-            if trainer.ema is not None and all(k in model_sd for k in trainer.ema.shadow):
-                # the EMA weights as a model folder of their own: sample / fine-tune from them
-                ema_sd = {**model_sd, **{k: v.to(model_sd[k].dtype) for k, v in trainer.ema.shadow.items()}}
-                save_model_state(trainer.model_config, ema_sd, tmp / "model_ema")
-                write_quant_record(strategy.unwrap(trainer.model), tmp / "model_ema")
-            state = {
-                "step": step,
-                "optimizer": optim_sd,
-                "scheduler": trainer.scheduler.state_dict(),
-                "ema": trainer.ema.state_dict() if trainer.ema else None,
-                "method": trainer.method.state_dict(),
-                "rng": rng_state(),
-                "data": trainer.data_state(),
-            }
-            torch.save(state, tmp / "trainer_state.pt")
-            from vidtrain.config import dump_recipe
-
-            (tmp / "recipe.yaml").write_text(dump_recipe(trainer.recipe))
-        atomic_write_text(final.parent / "latest", final.name + "\n")
-        _prune(final.parent, trainer.recipe.train.keep_checkpoints)
-    strategy.barrier()
-    strategy.save_engine(trainer.model, final / "engine")
-    strategy.barrier()
-    return final
+    bad = _nonfinite_keys(model_sd)
+    if bad:
+        raise NonFiniteError(
+            f"weights are not finite at step {step} ({len(bad)} tensors, e.g. {bad[0]}): no checkpoint written"
+        )
+    plain = trainer.strategy.unwrap(trainer.model)
+    save_model_state(trainer.model_config, model_sd, tmp / "model")
+    write_quant_record(plain, tmp / "model")
+    kill_point("model", step, 0)
+    if trainer.ema is not None and all(k in model_sd for k in trainer.ema.shadow):
+        # the EMA weights as a model folder of their own: sample / fine-tune from them
+        ema_sd = {**model_sd, **{k: v.to(model_sd[k].dtype) for k, v in trainer.ema.shadow.items()}}
+        save_model_state(trainer.model_config, ema_sd, tmp / "model_ema")
+        write_quant_record(plain, tmp / "model_ema")
+    state = {
+        "step": step,
+        "optimizer": optim_sd,
+        "scheduler": trainer.scheduler.state_dict(),
+        "ema": trainer.ema.state_dict() if trainer.ema else None,
+        "method": trainer.method.state_dict(),
+        "rng": rng_state(),
+        "data": trainer.data_state(),
+        "nonfinite": dict(trainer.nonfinite),
+    }
+    torch.save(state, tmp / STATE)
+    kill_point("state", step, 0)
+    (tmp / "recipe.yaml").write_text(dump_recipe(trainer.recipe))
 
 
-def _prune(root: Path, keep: int) -> None:
+def write_manifest(folder: Path, step: int) -> None:
+    """Size and sha256 of every file under `folder` (each fsynced as it is hashed), then the
+    manifest itself, fsynced: a folder with a manifest is whole."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        follow_umask(path)
+        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        follow_umask(d, is_dir=True)
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"format": 1, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    follow_umask(folder / MANIFEST)
+
+
+def _commit(tmp: Path, final: Path, step: int, keep: int) -> None:
+    """Rank 0: manifest, one rename, `latest`, prune."""
+    write_manifest(tmp, step)
+    kill_point("manifest", step, 0)
+    if final.exists():  # a damaged folder of this step (skipped at resume): replaced whole
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    fsync_dir(final.parent)
+    kill_point("rename", step, 0)
+    atomic_write_text(final.parent / "latest", final.name + "\n")
+    kill_point("latest", step, 0)
+    _prune(final.parent.parent, keep, step)
+
+
+def _prune(run_dir: Path, keep: int, current: int) -> None:
+    """Keep the newest `keep` checkpoints up to `current` (the one just written, verified, is
+    always among them); folders of later steps (skipped as damaged at resume) are left alone."""
     if keep <= 0:
         return
-    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_RE.match(p.name)))
+    steps = [(s, p) for s, p in step_folders(run_dir) if s <= current]
     for _, p in steps[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(trainer, folder: Path) -> int:
-    """Restore everything `save_checkpoint` wrote; returns the step to continue from."""
-    from vidtrain.models.wan.state_dict import load_model_state
+def _describe_failure(e: BaseException, step: int, where: Path, intact: str) -> str:
+    if isinstance(e, NonFiniteError):
+        return f"{e}; {intact}"
+    if isinstance(e, OSError):
+        why = e.strerror or str(e)
+        path = e.filename or where
+    else:  # torch.save / safetensors report a full disk as RuntimeError ("unexpected pos", "write")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        path = where
+        try:
+            if shutil.disk_usage(where.parent if not where.exists() else where).free < 1 << 20:
+                why = f"no space left on device ({why})"
+        except OSError:
+            pass
+    return f"{why} while writing checkpoint step {step} to {path}; {intact}"
 
-    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if not trainer.strategy.load_engine(trainer.model, folder / "engine"):
-        load_model_state(trainer.strategy.unwrap(trainer.model), folder / "model")
-        trainer.strategy.load_optim_state(trainer.model, trainer.optimizer, state["optimizer"])
+
+def _agree(trainer, error: BaseException | None, step: int, where: Path) -> None:
+    """All ranks learn whether any rank failed; every rank raises (no rank waits forever)."""
+    intact = trainer.last_checkpoint
+    intact = f"{intact.name} is intact" if intact else "no earlier checkpoint exists"
+    msg = None if error is None else _describe_failure(error, step, where, intact)
+    msgs = [m for m in trainer.strategy.all_gather_object(msg) if m]
+    if not msgs:
+        return
+    if trainer.strategy.is_main:
+        shutil.rmtree(staging_dir(checkpoint_dir(trainer.run_dir, step)), ignore_errors=True)
+    if error is not None and not isinstance(error, OSError | RuntimeError | NonFiniteError):
+        raise error  # a bug, not a fault: keep its traceback
+    cls = NonFiniteError if isinstance(error, NonFiniteError) or "not finite" in msgs[0] else CheckpointError
+    raise cls(msg or msgs[0]) from None
+
+
+def save_checkpoint(trainer, step: int) -> Path:
+    """All ranks call it (sharded states gather); the folder appears whole or not at all."""
+    strategy = trainer.strategy
+    model_sd = strategy.model_state(trainer.model)
+    optim_sd = strategy.optim_state(trainer.model, trainer.optimizer)
+    final = checkpoint_dir(trainer.run_dir, step)
+    tmp = staging_dir(final)
+    error = None
+    if strategy.is_main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            kill_point("begin", step, 0)
+            _write_main(trainer, tmp, model_sd, optim_sd, step)
+        except Exception as e:
+            error = e
+    _agree(trainer, error, step, tmp)
+    try:
+        kill_point("engine_begin", step, strategy.rank)
+        strategy.save_engine(trainer.model, tmp / "engine")
+        kill_point("engine", step, strategy.rank)
+    except Exception as e:
+        error = e
+    _agree(trainer, error, step, tmp / "engine")
+    if strategy.is_main:
+        try:
+            _commit(tmp, final, step, trainer.recipe.train.keep_checkpoints)
+        except Exception as e:
+            error = e
+    _agree(trainer, error, step, final)
+    trainer.last_checkpoint = final
+    return final
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def read_state(folder: Path) -> dict:
+    try:
+        return torch.load(folder / STATE, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {folder / STATE}: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(trainer, folder: Path, weights_only: bool = False) -> int:
+    """Restore everything `save_checkpoint` wrote; returns the step to continue from.
+
+    `weights_only` (train.resume=weights_only): the model weights, EMA, schedule, RNG and data
+    position, with a fresh optimizer state (asked for explicitly, never a silent fallback).
+    """
+    state = read_state(folder)
+    s = trainer.strategy
+    try:
+        if weights_only:
+            s.load_weights(trainer.model, folder)
+        elif not s.load_engine(trainer.model, folder / "engine"):
+            s.load_weights(trainer.model, folder)
+            s.load_optim_state(trainer.model, trainer.optimizer, state["optimizer"])
+    except (OSError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"cannot resume from {folder}: {str(e).splitlines()[0]}") from None
     trainer.scheduler.load_state_dict(state["scheduler"])
     if trainer.ema and state["ema"] is not None:
         trainer.ema.load_state_dict(state["ema"])
     trainer.method.load_state_dict(state["method"])
     set_rng_state(state["rng"])
     trainer.load_data_state(state["data"])
+    trainer.nonfinite.update(state.get("nonfinite", {}))
     return int(state["step"])

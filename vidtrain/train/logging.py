@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from vidtrain.utils.io import atomic_write_text
+
 
 class MetricsLogger:
     """Rank 0 appends one JSON object per step to `metrics.jsonl`; wandb mirrors it."""
@@ -34,9 +36,18 @@ class MetricsLogger:
         """On resume, drop lines of steps that the restored checkpoint has not seen."""
         if not self.enabled or not self.path.exists():
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep, torn = [], 0
+        for ln in self.path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:  # a line torn by a kill mid-write
+                torn += int(bool(ln.strip()))
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(ln)
+        if torn:
+            print(f"[vidtrain] {self.path}: dropped {torn} torn line(s) (a write cut by a kill)")
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -52,7 +63,14 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The rows of a metrics.jsonl; a line torn by a kill is left out."""
+    rows = []
+    for ln in Path(path).read_text(errors="replace").splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def plot_loss(metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:

@@ -13,6 +13,7 @@ from vidtrain.forcing.meta import MaskRule
 from vidtrain.forcing.teacher import tf_loss_terms
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.registry import Registry
+from vidtrain.utils.faults import fault
 
 METHODS: Registry[type] = Registry("training method")
 
@@ -40,15 +41,20 @@ class Method:
         """One optimizer step: `grad_accum` micro-batches, backward through the strategy, step."""
         accum = self.recipe.train.grad_accum
         logs: dict[str, float] = {}
+        finite = True
         for micro in range(accum):
             batch = trainer.next_batch()
             with trainer.autocast():
                 loss, extra = self.loss(trainer, batch, micro)
+            if fault("nan", step + 1, trainer.strategy.rank):  # fault injection (tests)
+                loss = loss * float("nan")
+            finite = finite and bool(torch.isfinite(loss.detach()))
             trainer.strategy.backward(loss / accum, trainer.model)
             for k, v in extra.items():
                 logs[k] = logs.get(k, 0.0) + v / accum
+        # a non-finite loss on any rank (or gradient norm) skips the step on every rank
         logs["grad_norm"] = trainer.strategy.clip_and_step(
-            trainer.model, trainer.optimizer, self.recipe.optim.grad_clip
+            trainer.model, trainer.optimizer, self.recipe.optim.grad_clip, finite=finite
         )
         trainer.scheduler.step()
         return logs

@@ -1,0 +1,75 @@
+"""What a resumed run may change: the recipe of the checkpoint against the recipe given now.
+
+A resume continues a run exactly. Settings that only steer the loop from outside (how long it
+runs, how often it logs and checkpoints, what it verifies, where it logs) may change and are
+applied with a line each; anything else (model shape, flavor, data, method, seed, parallel
+layout, optimizer and schedule shape, precision) cannot be honoured exactly, so it is refused
+with a one-line diff unless `train.resume_changes=allow`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vidtrain.config import ConfigError
+
+# dotted keys (or section prefixes ending in ".") that a resume may change
+SAFE = (
+    "run.dir",  # a moved run folder
+    "run.name",
+    "run.resume",
+    "train.max_steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.verify_checkpoints",
+    "train.on_nonfinite",
+    "train.max_nonfinite_skips",
+    "train.resume",
+    "train.resume_changes",
+    "parallel.timeout_s",
+    "data.verify_shards",
+    "data.on_bad_sample",
+    "log.",
+)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def is_safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE)
+
+
+def recipe_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(safe, unsafe) changes as 'key: old -> new'; keys one side lacks (a newer or older
+    vidtrain's schema) are not changes."""
+    a, b = flatten(stored), flatten(new)
+    safe, unsafe = [], []
+    for key in sorted(a.keys() & b.keys()):
+        if a[key] != b[key]:
+            (safe if is_safe(key) else unsafe).append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return safe, unsafe
+
+
+def check_resume(stored: dict[str, Any], new: dict[str, Any], where: str) -> list[str]:
+    """Lines to print for the applied changes; ConfigError for changes that cannot be honoured."""
+    safe, unsafe = recipe_changes(stored, new)
+    allow = flatten(new).get("train.resume_changes") == "allow"
+    if unsafe and not allow:
+        raise ConfigError(
+            f"resuming {where} with a changed recipe that cannot be honoured exactly: {'; '.join(unsafe)} "
+            "(pass train.resume_changes=allow to accept, run.resume=false or a new run.dir to start over)"
+        )
+    notes = [f"resume applies {c}" for c in safe]
+    notes += [f"resume accepts (train.resume_changes=allow) {c}" for c in unsafe]
+    return notes
