@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from vidtrain.config import load_recipe
     from vidtrain.models.wan import CausalWanDiT
-    from vidtrain.quant.method import convert_for_recipe
+    from vidtrain.quant.convert import convert_for_recipe
 
     torch.set_num_threads(2)
     work = Path(args.workdir)

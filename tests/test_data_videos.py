@@ -13,7 +13,7 @@ import torch
 
 from vidtrain.config import load_recipe
 from vidtrain.data.videos import VideoBatchEncoder, VideoLatents, VideoShardDataset, collate_videos
-from vidtrain.parallel.testing import debug_vae, make_video_shards
+from vidtrain.testing.equality import debug_vae, make_video_shards
 from vidtrain.train.checkpoint import latest_checkpoint
 from vidtrain.train.trainer import train
 

@@ -18,7 +18,7 @@ import torch
 
 from vidtrain.config import load_recipe
 from vidtrain.distill import lora
-from vidtrain.parallel.testing import free_port
+from vidtrain.testing.equality import free_port
 
 WORLD, LOCAL_B, STEPS = 2, 2, 2
 CASES = {

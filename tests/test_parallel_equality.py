@@ -1,7 +1,7 @@
 """Every strategy and layout equals the single-process run (loss, gradients, weights after a step).
 
 Gloo ranks on CPU; one process group per world size serves several cases (see
-vidtrain.parallel.testing). fp32, debug model (4 heads), 16x12x4x4 latents.
+vidtrain.testing.equality). fp32, debug model (4 heads), 16x12x4x4 latents.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidtrain.parallel.testing import Case, reference, spawn_checks
+from vidtrain.testing.equality import Case, reference, spawn_checks
 
 WORLD2 = [
     Case("ddp", 1),

@@ -15,7 +15,7 @@ from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
 from vidtrain.parallel.balance import FIGURES, layout_report
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
 from vidtrain.parallel.sequence import layout_frame_span, layout_metas
-from vidtrain.parallel.testing import SCHEDULE_HALO, schedule_inputs, skewed_work, spawn_schedule_checks
+from vidtrain.testing.equality import SCHEDULE_HALO, schedule_inputs, skewed_work, spawn_schedule_checks
 
 TF = MaskRule("teacher_forcing", 3)
 WINDOWED = MaskRule("teacher_forcing", 3, window_frames=3, sink_frames=3, shot_sink=True)

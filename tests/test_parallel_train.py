@@ -12,7 +12,7 @@ import torch
 
 from vidtrain.config import load_recipe
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.parallel.testing import Case, make_video_shards, reference, spawn_checks
+from vidtrain.testing.equality import Case, make_video_shards, reference, spawn_checks
 from vidtrain.train.checkpoint import latest_checkpoint
 from vidtrain.train.trainer import train
 

@@ -17,8 +17,8 @@ from vidtrain.forcing.teacher import build_tf_sequence, noisy_prediction_frames
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.quant import nvfp4 as N
+from vidtrain.quant.convert import convert_for_recipe
 from vidtrain.quant.kv import KVFakeQuantHook, fake_quantize_kv_grouped
-from vidtrain.quant.method import convert_for_recipe
 from vidtrain.quant.qat import export_weights
 
 FPC, F, H, W, B = 3, 9, 4, 4, 2  # 3 chunks of 3 latent frames, 4 tokens per frame

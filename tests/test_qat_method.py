@@ -13,11 +13,12 @@ from torch import nn
 from vidtrain.config import load_recipe
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.state_dict import load_model_state
+from vidtrain.quant.convert import convert_for_recipe
 from vidtrain.quant.kv import KVFakeQuantHook
-from vidtrain.quant.method import QAT, convert_for_recipe
 from vidtrain.quant.qat import NVFP4Linear
 from vidtrain.train.checkpoint import latest_checkpoint
 from vidtrain.train.methods import METHODS, make_method
+from vidtrain.train.qat_method import QAT
 from vidtrain.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

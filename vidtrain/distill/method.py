@@ -152,7 +152,7 @@ class DMD(Method):
             not apply_quant_record(model, resolve_model_folder(self.teacher_path))
             and self.recipe.quant.enabled
         ):
-            from vidtrain.quant.method import convert_for_recipe
+            from vidtrain.quant.convert import convert_for_recipe
 
             convert_for_recipe(model, self.recipe.quant, trainer.device)
         d = self.cfg

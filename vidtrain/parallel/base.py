@@ -173,6 +173,4 @@ STRATEGIES.add("none", Strategy)
 
 def make_strategy(recipe) -> Strategy:
     """Instantiate the recipe's strategy (`parallel.strategy`)."""
-    import vidtrain.parallel  # noqa: F401  (registers the distributed strategies)
-
     return STRATEGIES.get(recipe.parallel.strategy)(recipe)

@@ -115,7 +115,5 @@ class TeacherForcing(Method):
 
 
 def make_method(recipe) -> Method:
-    import vidtrain.distill.method  # registers "dmd"
-    import vidtrain.quant.method  # noqa: F401  (registers "qat")
-
+    """The recipe's method (`method.name`); plugins register through vidtrain/plugins.py."""
     return METHODS.get(recipe.method.name)(recipe)

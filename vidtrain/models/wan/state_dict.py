@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from vidtrain.utils.run_folder import latest_checkpoint
+
 OURS_CONFIG = "vidtrain_model.json"
 OURS_WEIGHTS = "model.safetensors"
 
@@ -147,13 +149,11 @@ def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: 
 
 def resolve_model_folder(path: str | Path) -> Path:
     """A model folder from: a model folder, a checkpoint step folder (has model/), or a run
-    folder (its checkpoints/latest)."""
+    folder (its newest intact checkpoint)."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint not found: {folder}")
     if (folder / "checkpoints").is_dir():
-        from vidtrain.train.checkpoint import latest_checkpoint
-
         step = latest_checkpoint(folder)
         if step is None:
             raise FileNotFoundError(f"run folder {folder} has no complete checkpoint yet")

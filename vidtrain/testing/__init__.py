@@ -1,0 +1,2 @@
+"""Test harnesses shipped for users' own equality checks; the library itself never imports them
+(an import-linter contract in pyproject.toml holds that)."""
