@@ -52,12 +52,54 @@ def check_writable(out_dir: Path) -> None:
         ) from e
 
 
-def sha256_file(path: Path) -> str:
+HASH_BLOCK = 4 << 20  # bytes read per step while hashing (bench/verify_bench.py)
+
+
+def sha256_file(path: Path, block: int = HASH_BLOCK) -> str:
+    """sha256 of a file, streamed in `block`-byte reads into one reused buffer (constant memory)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def check_shard(path: Path, entry: dict[str, Any]) -> str | None:
+    """None when the shard matches its manifest entry (size first, then sha256), else what is wrong."""
+    size = path.stat().st_size
+    want = entry.get("bytes")
+    if want is not None and size != want:
+        return f"{size} bytes, manifest.json says {want} (truncated or changed after it was written)"
+    if entry.get("sha256"):
+        got = sha256_file(path)
+        if got != entry["sha256"]:
+            return (
+                f"sha256 {got[:16]}... does not match manifest.json's {entry['sha256'][:16]}... "
+                "(damaged or changed after it was written)"
+            )
+    return None
+
+
+def readable_keys(path: Path) -> tuple[list[str], str | None]:
+    """The sample keys of a shard read as far as it goes, and why it stopped early (None: it did not)."""
+    keys: list[str] = []
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                key = Path(m.name).name.split(".", 1)[0]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return keys, f"unreadable after {len(keys)} sample(s) ({type(e).__name__}: {error_text(e)})"
+    return keys, None
+
+
+def error_text(e: BaseException) -> str:
+    """First line of an exception's message (webdataset wraps tar errors in a tuple with the file)."""
+    msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    return msg.split(" @ <", 1)[0].splitlines()[0][:200] if msg else type(e).__name__
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -197,6 +239,16 @@ def write_manifest(
 def load_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def manifest_of(source: str | Path | Iterable[str | Path]) -> dict[str, Any] | None:
+    """The manifest a shard source is read through (a folder's or the given file), else None."""
+    if not isinstance(source, (str, Path)):
+        return None
+    p = Path(source)
+    if p.is_file() and p.name.endswith(".json"):
+        return json.loads(p.read_text())
+    return load_manifest(p) if p.is_dir() else None
 
 
 def resolve_shards(source: str | Path | Iterable[str | Path]) -> list[Path]:

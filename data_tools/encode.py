@@ -35,7 +35,9 @@ from vidtrain.data_tools._shards import (
     ToolError,
     atomic_write_json,
     check_settings,
+    check_shard,
     check_writable,
+    manifest_of,
     report_skipped,
     resolve_shards,
     run_cli,
@@ -134,6 +136,18 @@ class Encoder:
         return z_BCFHW.float().cpu().numpy(), texts
 
 
+def nonfinite_reason(z_CFHW: np.ndarray, t_LD: np.ndarray) -> str | None:
+    """Why a sample's latents or text embeddings cannot be written (NaN/Inf), or None."""
+    for name, a, hint in (
+        ("latents", z_CFHW, "the VAE overflowed or the clip is corrupt; try --dtype fp32"),
+        ("text embeddings", t_LD, "float16 overflow in the text encoder output"),
+    ):
+        bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+        if bad:
+            return f"non-finite {name}: {bad} NaN/Inf value(s) of {a.size} ({hint})"
+    return None
+
+
 def encode_shard(src: Path, dst_index: int, out: Path, enc: Encoder, bar: Any) -> list[dict[str, str]]:
     """Encode one video shard into output shard `dst_index`; return the skipped samples."""
     skipped: list[dict[str, str]] = []
@@ -145,6 +159,11 @@ def encode_shard(src: Path, dst_index: int, out: Path, enc: Encoder, bar: Any) -
             return
         z, texts = enc.encode_batch(np.stack([p[1] for p in pending]), [p[2]["caption"] for p in pending])
         for (key, _, meta), z_CFHW, t_LD in zip(pending, z, texts):
+            problem = nonfinite_reason(z_CFHW, t_LD)
+            if problem is not None:  # refused: a NaN/Inf latent would poison every training step
+                skipped.append({"input": f"{src.name}/{key}", "reason": problem})
+                bar.update(1)
+                continue
             meta = {**meta, "text_tokens": len(t_LD), "latent_shape": list(z_CFHW.shape)}
             meta.update(vae=enc.args.vae, text_encoder=enc.args.text_encoder or "tiny")
             writer.write(
@@ -198,8 +217,10 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         shards = resolve_shards(args.input)
+        manifest = manifest_of(args.input)
     except ValueError as e:
         raise ToolError(str(e)) from e
+    entries = {str(s): e for s, e in zip(shards, manifest["shards"])} if manifest else {}
     out = Path(args.out)
     check_writable(out)
     settings = {
@@ -227,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
         for i, src in todo:
             if not src.is_file():
                 skipped.append({"input": str(src), "reason": "shard file does not exist"})
+                continue
+            problem = check_shard(src, entries[str(src)]) if str(src) in entries else None
+            if problem is not None:  # damaged since vidtrain-shard wrote it: not encoded
+                skipped.append({"input": str(src), "reason": f"input shard {problem}"})
                 continue
             try:
                 skipped += encode_shard(src, i, out, enc, bar)

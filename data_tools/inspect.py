@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ import numpy as np
 
 from vidtrain.data_tools._shards import (
     ToolError,
+    error_text,
     load_manifest,
+    readable_keys,
     resolve_shards,
     run_cli,
     sha256_file,
-    shard_keys,
 )
 
 TOOL = "vidtrain-inspect"
@@ -47,8 +49,11 @@ def verify(shards: list[Path], manifest: dict[str, Any] | None) -> tuple[list[st
         if not p.is_file():
             problems.append(f"{p.name}: missing")
             continue
-        n = len(shard_keys(p))
+        keys, unreadable = readable_keys(p)
+        n = len(keys)
         total += n
+        if unreadable:
+            problems.append(f"{p.name}: {unreadable}")
         want = listed.get(p.name)
         if want is None:
             continue
@@ -59,33 +64,53 @@ def verify(shards: list[Path], manifest: dict[str, Any] | None) -> tuple[list[st
     return problems, total
 
 
-def describe(shards: list[Path], max_samples: int) -> tuple[str, Counter, list[dict[str, Any]]]:
-    """Kind of shard set, a count of shapes, and (for video) a few decoded clips."""
-    import decord
-
+def describe(
+    shards: list[Path], max_samples: int, problems: list[str] | None = None
+) -> tuple[str, Counter, list[dict[str, Any]]]:
+    """Kind of shard set, a count of shapes, and (for video) a few decoded clips. Samples that
+    cannot be decoded or hold non-finite latents are added to `problems`."""
     shapes: Counter = Counter()
     kind, clips, seen = "unknown", [], 0
+    problems = [] if problems is None else problems
     for p in shards:
         if not p.is_file():
             continue
-        for s in _samples(p):
-            if seen >= max_samples:
-                return kind, shapes, clips
-            seen += 1
-            if "mp4" in s:
-                kind = "video"
-                vr = decord.VideoReader(io.BytesIO(s["mp4"]))
-                frames = vr.get_batch(list(range(len(vr)))).asnumpy()
-                shapes["x".join(map(str, frames.shape[:3])) + " (frames x H x W)"] += 1
-                clips.append({"key": s["__key__"], "frames": frames})
-            elif "latents.npy" in s:
-                kind = "latent"
-                lat = np.load(io.BytesIO(s["latents.npy"]))
-                shapes["latents " + "x".join(map(str, lat.shape))] += 1
-                if "text.npy" in s:
-                    t = np.load(io.BytesIO(s["text.npy"]))
-                    shapes[f"text width {t.shape[-1]} ({t.dtype})"] += 1
+        try:
+            for s in _samples(p):
+                if seen >= max_samples:
+                    return kind, shapes, clips
+                seen += 1
+                try:
+                    kind = _describe_sample(s, shapes, clips) or kind
+                except Exception as e:  # a damaged sample: reported, the rest still described
+                    problems.append(f"{p.name}: sample {s['__key__']}: {type(e).__name__}: {error_text(e)}")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problems.append(f"{p.name}: unreadable ({type(e).__name__}: {error_text(e)})")
     return kind, shapes, clips
+
+
+def _describe_sample(s: dict[str, Any], shapes: Counter, clips: list[dict[str, Any]]) -> str | None:
+    import decord
+
+    if "mp4" in s:
+        vr = decord.VideoReader(io.BytesIO(s["mp4"]))
+        frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+        shapes["x".join(map(str, frames.shape[:3])) + " (frames x H x W)"] += 1
+        clips.append({"key": s["__key__"], "frames": frames})
+        return "video"
+    if "latents.npy" in s:
+        lat = np.load(io.BytesIO(s["latents.npy"]))
+        shapes["latents " + "x".join(map(str, lat.shape))] += 1
+        arrays = [("latents", lat)]
+        if "text.npy" in s:
+            t = np.load(io.BytesIO(s["text.npy"]))
+            shapes[f"text width {t.shape[-1]} ({t.dtype})"] += 1
+            arrays.append(("text", t))
+        for name, a in arrays:
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} hold non-finite values (NaN/Inf)")
+        return "latent"
+    return None
 
 
 def contact_sheet(clips: list[dict[str, Any]], path: Path, frames_per_row: int, rows: int) -> None:
@@ -120,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.shards) if Path(args.shards).is_dir() else Path(args.shards).parent
     manifest = load_manifest(folder)
     problems, total = verify(shards, manifest)
-    kind, shapes, clips = describe(shards, args.max_samples)
+    kind, shapes, clips = describe(shards, args.max_samples, problems)
     listed = f" (manifest: {manifest['num_samples']})" if manifest else " (no manifest.json)"
     print(f"{folder}: {kind} shards, {len(shards)} shard(s), {total} sample(s){listed}")
     if manifest:

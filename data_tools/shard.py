@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import multiprocessing as mp
@@ -30,7 +31,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,11 @@ from vidtrain.data_tools._shards import (
     check_settings,
     check_writable,
     finished_shards,
+    readable_keys,
     remove_stale_tmp,
     report_skipped,
     run_cli,
     safe_key,
-    shard_keys,
     write_manifest,
 )
 
@@ -61,6 +62,7 @@ class VideoInput:
     caption: str
     start: float | None = None  # seconds
     end: float | None = None
+    digest_len: int = 8  # hex digits of the source digest in its keys (longer only on a collision)
 
 
 @dataclass(frozen=True)
@@ -78,46 +80,131 @@ class ClipSpec:
 
 
 def list_inputs(source: Path) -> list[VideoInput]:
-    """Videos of a folder (sorted, recursive) or the rows of a CSV / JSONL list."""
+    """Videos of a folder (sorted, recursive) or the rows of a CSV / JSONL list.
+
+    A list must be UTF-8; a row needs `path`; `start` / `end` are finite seconds >= 0 with end
+    after start. Two rows of the same video and range are refused (their clips' keys would be
+    equal); distinct videos whose keys would collide get a longer digest in the later one's keys.
+    """
     if source.is_dir():
         vids = sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
-        return [VideoInput(str(p), _sidecar_caption(p)) for p in vids]
+        return _unique_keys([(str(p), VideoInput(str(p), _sidecar_caption(p))) for p in vids])
     if not source.is_file():
         raise ToolError(f"input {source} does not exist (give a folder of videos, a .csv or a .jsonl)")
-    if source.suffix.lower() == ".csv":
-        with open(source, newline="") as f:
-            rows = list(csv.DictReader(f))
-    elif source.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(source.read_text().splitlines(), 1):
+    suffix = source.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise ToolError(f"input {source}: expected a folder, a .csv or a .jsonl file")
+    text = _read_utf8(source)
+    rows: list[tuple[int, Any]] = []  # (line, row)
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = [(reader.line_num, row) for row in reader]
+        except csv.Error as e:
+            raise ToolError(f"{source}:{reader.line_num}: not valid CSV ({e})") from None
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ToolError(f"{source}:{n}: not a JSON object ({e.msg})") from None
-    else:
-        raise ToolError(f"input {source}: expected a folder, a .csv or a .jsonl file")
     inputs = []
-    for n, row in enumerate(rows, 1):
+    for n, row in rows:
         if not isinstance(row, dict) or not row.get("path"):
-            raise ToolError(f"{source}: row {n} has no 'path' (columns: path, caption, optional start, end)")
+            raise ToolError(f"{source}:{n}: no 'path' (columns: path, caption, optional start, end)")
         try:
-            inputs.append(_row_input(row, source.parent))
+            inputs.append((f"{source}:{n}", _row_input(row, source.parent)))
         except ValueError as e:
-            raise ToolError(f"{source}: row {n}: start/end must be seconds ({e})") from None
-    return inputs
+            raise ToolError(f"{source}:{n}: {e}") from None
+    return _unique_keys(inputs)
+
+
+def _read_utf8(source: Path) -> str:
+    raw = source.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM, as spreadsheet programs write
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ToolError(
+            f"{source}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "save the list as UTF-8"
+        ) from None
+
+
+def _seconds(row: dict[str, Any], name: str) -> float | None:
+    value = row.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return x
 
 
 def _row_input(row: dict[str, Any], base: Path) -> VideoInput:
     path = Path(str(row["path"]))
     path = path if path.is_absolute() else base / path
-    start, end = row.get("start"), row.get("end")
-    return VideoInput(
-        str(path),
-        str(row.get("caption") or path.stem),
-        float(start) if start not in (None, "") else None,
-        float(end) if end not in (None, "") else None,
-    )
+    start, end = _seconds(row, "start"), _seconds(row, "end")
+    if end is not None and end <= (start or 0.0):
+        raise ValueError(f"end ({end:g} s) must be after start ({start or 0.0:g} s)")
+    return VideoInput(str(path), str(row.get("caption") or path.stem), start, end)
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _digest(ident: str, n: int) -> str:
+    return _sha1(ident)[:n]
+
+
+def _ident(video: VideoInput) -> str:
+    return f"{Path(video.path).resolve()}|{video.start}|{video.end}"
+
+
+def _key_prefix(video: VideoInput) -> str:
+    return f"{safe_key(Path(video.path).stem)[:60]}_{_digest(_ident(video), video.digest_len)}"
+
+
+def _unique_keys(inputs: list[tuple[str, VideoInput]]) -> list[VideoInput]:
+    """Refuse two inputs of the same video and range; give a distinct video whose key prefix
+    collides with an earlier one's a longer digest (16, then 40 hex), reported on stderr."""
+    by_ident: dict[str, str] = {}
+    by_prefix: dict[str, str] = {}
+    out = []
+    for where, v in inputs:
+        ident = _ident(v)
+        if ident in by_ident:
+            raise ToolError(
+                f"{where}: same video and clip range as {_where_short(by_ident[ident], where)} "
+                f"({v.path}, start={v.start}, end={v.end}); their clips' keys would collide: remove one"
+            )
+        by_ident[ident] = where
+        for n in (8, 16, 40):
+            v = replace(v, digest_len=n)
+            prefix = _key_prefix(v)
+            if prefix not in by_prefix:
+                break
+            other = _where_short(by_prefix[prefix], where)
+            print(f"{TOOL}: note: {where}: key {prefix} collides with {other} (another file); using a longer digest",
+                  file=sys.stderr)  # fmt: skip
+        by_prefix[prefix] = where
+        out.append(v)
+    return out
+
+
+def _where_short(other: str, where: str) -> str:
+    """'line N' when `other` is a line of the same list as `where`, else `other` itself."""
+    src, _, line = other.rpartition(":")
+    return f"line {line}" if src and where.startswith(src + ":") and line.isdigit() else other
 
 
 def _sidecar_caption(video: Path) -> str:
@@ -234,9 +321,7 @@ def make_clips(task: tuple[VideoInput, dict[str, Any], ClipSpec, list[int]]) -> 
 
 
 def clip_key(video: VideoInput, clip: int) -> str:
-    ident = f"{Path(video.path).resolve()}|{video.start}|{video.end}"
-    digest = hashlib.sha1(ident.encode()).hexdigest()[:8]
-    return f"{safe_key(Path(video.path).stem)[:60]}_{digest}_c{clip:05d}"
+    return f"{_key_prefix(video)}_c{clip:05d}"
 
 
 def _sample(
@@ -296,7 +381,14 @@ def run(args: argparse.Namespace) -> int:
         )
 
     done_shards = finished_shards(out)
-    done_keys = {k for p in done_shards.values() for k in shard_keys(p)}
+    done_keys: set[str] = set()
+    for p in done_shards.values():
+        keys, problem = readable_keys(p)
+        if problem is not None:  # finished shards are renamed complete: this one was damaged since
+            raise ToolError(
+                f"finished shard {p} is damaged ({problem}); delete it and re-run to re-make its clips"
+            )
+        done_keys.update(keys)
     writer = RollingShardWriter(
         out,
         start_index=max(done_shards, default=-1) + 1,

@@ -6,7 +6,9 @@
 
 Every launcher ends in the same entry, `python -m vidtrain.cli train RECIPE k=v ...`, with
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment (what the
-strategies read). `--dry-run` prints the command (or the rendered sbatch script) and exits.
+strategies read). `--dry-run` prints the command (or the rendered sbatch script) and exits. The
+recipe and overrides are loaded as `vidtrain train` loads them before anything starts: a typo is
+one line and exit 2, not a traceback after the nodes are allocated.
 """
 
 from __future__ import annotations
@@ -132,7 +134,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError(f"--nproc and --nnodes must be >= 1, got {a.nproc}, {a.nnodes}")
     if not Path(a.recipe).is_file():
         raise ValueError(f"recipe {a.recipe!r} not found")
+    check_recipe(a)
     return a
+
+
+def check_recipe(a: argparse.Namespace) -> None:
+    """Load the recipe and overrides as `vidtrain train` will (a ConfigError is one line), and check
+    that the ranks fit it, before any process starts or any script is rendered."""
+    from vidtrain.config import load_recipe
+
+    recipe = load_recipe(a.recipe, a.overrides)
+    world, sp = a.nproc * a.nnodes, recipe.parallel.sp_size
+    if a.launcher == "deepspeed" and a.hostfile:  # the hostfile's slots decide the rank count
+        return
+    if world % sp:
+        raise ValueError(
+            f"{world} rank(s) ({a.nnodes} node(s) x {a.nproc}) are not divisible by parallel.sp_size={sp}: "
+            "give --nproc / --nnodes whose product is a multiple of it"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +182,14 @@ def _slurm(a: argparse.Namespace) -> int:
         else Path(tempfile.mkstemp(prefix="vidtrain-", suffix=".sbatch")[1])
     )
     path.write_text(script)
-    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        print(
+            f"vidtrain-launch: error: sbatch not found (is Slurm installed here?); the script is {path}",
+            file=sys.stderr,
+        )
+        return 2
     if out.returncode:
         print(f"vidtrain-launch: sbatch failed: {out.stderr.strip()}", file=sys.stderr)
         return out.returncode

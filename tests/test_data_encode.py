@@ -161,3 +161,43 @@ def test_inspect_video_and_latent_shards(
         f.write(b"\0" * 512)
     assert inspect.main([str(bad)]) == 1
     assert "checksum MISMATCH" in capsys.readouterr().out
+
+
+def test_encode_refuses_nonfinite_latents_and_unverified_inputs(
+    video_shards: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    real = encode.Encoder.encode_batch
+
+    def overflowing(self, clips, captions):  # a VAE that overflows on the first clip of a batch
+        z, texts = real(self, clips, captions)
+        z[0, 0, 0, 0, 0] = np.nan
+        texts[-1][0, 0] = np.inf if len(texts) > 1 else texts[-1][0, 0]
+        return z, texts
+
+    monkeypatch.setattr(encode.Encoder, "encode_batch", overflowing)
+    out = tmp_path / "lat"
+    assert encode.main([str(video_shards), str(out), "--batch-size", "2", *ENC]) == 1  # nothing usable
+    m = json.loads((out / "manifest.json").read_text())
+    reasons = {s["input"]: s["reason"] for s in m["skipped"]}
+    # shard 0 holds 2 clips (one batch: first has NaN latents, second inf text), shard 1 one clip
+    assert m["num_samples"] == 0 and len(reasons) == 3, reasons
+    assert all("non-finite" in r for r in reasons.values())
+    assert (
+        sum("latents" in r for r in reasons.values()) == 2 and sum("text" in r for r in reasons.values()) == 1
+    )
+    assert "non-finite" in capsys.readouterr().err
+    assert m["shards"] == [] and not list(out.glob("shard-*"))  # no shard holds a refused sample
+    monkeypatch.setattr(encode.Encoder, "encode_batch", real)
+
+    # an input shard that does not match its manifest is skipped, not encoded
+    src = tmp_path / "vs"
+    shutil.copytree(video_shards, src)
+    data = bytearray((src / "shard-000001.tar").read_bytes())
+    data[-2000] ^= 0xFF
+    (src / "shard-000001.tar").write_bytes(bytes(data))
+    out2 = tmp_path / "lat2"
+    assert encode.main([str(src), str(out2), *ENC]) == 0
+    m = json.loads((out2 / "manifest.json").read_text())
+    assert m["num_samples"] == 2 and [s["name"] for s in m["shards"]] == ["shard-000000.tar"]
+    (bad,) = m["skipped"]
+    assert bad["input"].endswith("shard-000001.tar") and "does not match manifest.json" in bad["reason"]

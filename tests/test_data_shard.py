@@ -176,3 +176,82 @@ def test_copy_of_folder_keeps_keys_distinct(tmp_path: Path) -> None:
     assert shard.main([str(vids), str(out), *FAST]) == 0
     keys = list(_read_shard(out / "shard-000000.tar"))
     assert len(keys) == 2 and len(set(keys)) == 2
+
+
+def _one_line_error(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("vidtrain-shard: error: ")
+    return err
+
+
+@pytest.mark.parametrize(
+    "body,line,needle",
+    [
+        ("path,caption,start,end\n{v},a,2,1\n", 2, "end (1 s) must be after start (2 s)"),
+        ("path,caption,start,end\n{v},a,1,1\n", 2, "end (1 s) must be after start (1 s)"),
+        (
+            "path,caption,start,end\n{v},a,0,5\n{v},b,nan,\n",
+            3,
+            "start must be a finite number of seconds >= 0, got 'nan'",
+        ),
+        ("path,caption,start,end\n{v},a,-1,\n", 2, "start must be a finite number of seconds >= 0, got '-1'"),
+        ("path,caption,start,end\n{v},a,,inf\n", 2, "end must be a finite number of seconds >= 0, got 'inf'"),
+        ("path,caption,start,end\n{v},a,one,\n", 2, "start must be a number of seconds, got 'one'"),
+        ("path,caption\n{v},a\n{v},b\n", 3, "same video and clip range as line 2"),
+        ('{{"path": "{v}", "start": NaN}}\n', 1, "start must be a finite number of seconds >= 0, got nan"),
+        ('{{"path": "{v}", "start": 3, "end": 2}}\n', 1, "end (2 s) must be after start (3 s)"),
+        ('{{"path": "{v}", "start": true}}\n', 1, "start must be a number of seconds, got True"),
+        ('{{"path": "{v}"}}\n\n{{"path": "{v}", "start": null}}\n', 3, "same video and clip range as line 1"),
+    ],
+)
+def test_bad_list_rows_are_refused_naming_the_line(tmp_path, capsys, body, line, needle) -> None:
+    carphone = next(v for v in sample_videos() if v.name.startswith("carphone"))
+    lst = tmp_path / ("list.jsonl" if body.startswith("{") else "list.csv")
+    lst.write_text(body.format(v=carphone))
+    out = tmp_path / "o"
+    assert shard.main([str(lst), str(out), *FAST]) == 2
+    err = _one_line_error(capsys)
+    assert f"{lst}:{line}: " in err and needle in err, err
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_non_utf8_list_is_one_line_naming_the_line(tmp_path, capsys, suffix) -> None:
+    lst = tmp_path / f"list{suffix}"
+    head = b"path,caption\n" if suffix == ".csv" else b""
+    row = b"a.mp4,caf\xe9 au lait\n" if suffix == ".csv" else b'{"path": "a.mp4", "caption": "caf\xe9"}\n'
+    lst.write_bytes(head + b"b.mp4,fine\n" * (suffix == ".csv") + row)
+    assert shard.main([str(lst), str(tmp_path / "o"), *FAST]) == 2
+    err = _one_line_error(capsys)
+    line = 3 if suffix == ".csv" else 1
+    assert f"{lst}:{line}: not valid UTF-8 (byte 0xe9" in err and "save the list as UTF-8" in err
+    assert not (tmp_path / "o").exists()
+    lst.write_bytes(b"\xef\xbb\xbf" + head + row.replace(b"\xe9", "é".encode()))  # UTF-8 with a BOM reads
+    assert shard.list_inputs(lst)[0].caption.startswith("café")
+
+
+def test_distinct_videos_with_colliding_keys_get_longer_digests(tmp_path, capsys, monkeypatch) -> None:
+    carphone = next(v for v in sample_videos() if v.name.startswith("carphone"))
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(carphone, tmp_path / d / "clip.mp4")
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,caption\na/clip.mp4,first\nb/clip.mp4,second\n")
+    monkeypatch.setattr(shard, "_digest", lambda ident, n: "0" * n if n == 8 else shard._sha1(ident)[:n])
+    inputs = shard.list_inputs(lst)
+    keys = [shard.clip_key(v, 0) for v in inputs]
+    assert keys[0] == "clip_00000000_c00000" and keys[1].startswith("clip_") and len(set(keys)) == 2
+    assert len(keys[1].split("_")[1]) == 16  # the later row gets a 16-hex digest, deterministically
+    assert keys == [shard.clip_key(v, 0) for v in shard.list_inputs(lst)]
+    err = capsys.readouterr().err
+    assert f"{lst}:3: " in err and "collides with line 2" in err
+
+
+def test_damaged_finished_shard_is_named_on_resume(tmp_path, capsys) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"\x00garbage" * 100)
+    assert shard.main([str(_videos(tmp_path)), str(out), *FAST]) == 2
+    err = _one_line_error(capsys)
+    assert "finished shard" in err and "shard-000000.tar is damaged" in err and "delete it" in err

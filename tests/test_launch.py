@@ -151,3 +151,35 @@ def test_slurm_sbatch_two_tasks(tmp_path):
     logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert "run folder" in logs, logs[-3000:]
     _finished(run, 2)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "slurm"])
+def test_recipe_and_overrides_are_checked_before_anything_starts(capsys, tmp_path, launcher):
+    script = tmp_path / "job.sbatch"
+    base = ["--launcher", launcher, "--nproc", "2", "--script-out", str(script)]
+    for extra in ([], ["--dry-run"]):  # a real launch would fail the same way, before any process
+        assert main([*base, *extra, str(RECIPE), "train.max_step=3"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(
+            "vidtrain-launch: error: unknown key 'train.max_step': did you mean 'max_steps'"
+        )
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  ckpt_every: 0\n")
+    assert main([*base, "--dry-run", str(bad)]) == 2
+    assert "train.ckpt_every must be >= 1" in capsys.readouterr().err
+    # sequence-parallel groups must tile the ranks
+    assert main(["--launcher", launcher, "--nproc", "3", "--dry-run", str(RECIPE)]) == 2
+    assert "not divisible by parallel.sp_size=2" in capsys.readouterr().err
+    assert not script.exists()
+
+
+def test_launch_typo_in_a_subprocess_is_one_line_exit_2(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "vidtrain.launch.launcher", "--launcher", "slurm", "--dry-run", str(RECIPE),
+         "data.batchsize=2"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 2 and res.stdout == ""
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "unknown key 'data.batchsize'" in err and "batch_size" in err

@@ -243,3 +243,136 @@ def test_lora_record_sets_steps_over_recipe(ckpt, tmp_path):
     args = parser().parse_args([*base, "--steps", "1000,750,500", "--shift", "5"])
     cfg = sampler_config(fill_sampler_args(args, args.checkpoint, args.lora))
     assert cfg.timesteps == (1000.0, 750.0, 500.0) and cfg.shift == 5.0
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--shift", "nan"], "--shift must be a finite number > 0, got nan"),
+        (["--shift", "inf"], "--shift must be a finite number > 0, got inf"),
+        (["--shift", "0"], "--shift must be a finite number > 0, got 0"),
+        (["--steps", "0"], "timesteps must be in (0, 1000]"),
+        (["--steps", "-250"], "timesteps must be in (0, 1000]"),
+        (["--steps", "nan"], "timesteps must be in (0, 1000]"),
+        (["--steps", ","], "--steps needs at least one timestep"),
+        (["--steps", ",".join(str(1000 - i / 2) for i in range(1200))], "--steps takes at most 1000"),
+        (["--fps", "nan"], "--fps must be a finite number in (0, 1000], got nan"),
+        (["--fps", "1e9"], "--fps must be a finite number in (0, 1000], got 1e+09"),
+        (["--width", "16000000"], "--width 16000000 is 1000000 patches: more than the 1024 RoPE positions"),
+        (["--height", "16400"], "--height 16400 is 1025 patches: more than the 1024 RoPE positions"),
+        (["--width", "0"], "--height/--width must be positive multiples of 16"),
+        (["--frames-per-chunk", "0"], "--frames-per-chunk must be >= 1, got 0"),
+        (["--sink-frames", "-1"], "--sink-frames must be >= 0, got -1"),
+        (["--window-frames", "-3"], "window_frames must be >= 0"),
+        (["--shot-rope-offset", "-2"], "--shot-rope-offset must be >= 0, got -2"),
+        (["--shot-rope-offset", "5000"], "temporal RoPE positions reach 5005"),
+        (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+        (["--max-memory-gib", "nan"], "--max-memory-gib must be a finite number > 0, got nan"),
+        (["--max-memory-gib", "0.00001"], "needs an estimated"),
+    ],
+)
+def test_out_of_range_sampler_args_exit_2_one_line_nothing_written(ckpt, tmp_path, capsys, extra, needle):
+    from vidtrain.cli import main
+
+    shots = _shots(tmp_path, "shots:\n  - prompt: a\n    chunks: 1\n  - prompt: b\n    chunks: 1\n")
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"an older video")
+    before = _listing(tmp_path)
+    argv = ["sample", "--checkpoint", str(ckpt), "--shots", str(shots), "--out", str(out), "--height", "32",
+            "--width", "32", "--steps", "1000,500", *extra]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vidtrain sample: error: ") and len(err.splitlines()) == 1, err
+    assert needle in err, err
+    assert _listing(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_huge_shots_file_and_memory_estimate_are_refused_up_front(ckpt, tmp_path, capsys):
+    from vidtrain.cli import main
+
+    out = tmp_path / "v.mp4"
+    base = ["sample", "--checkpoint", str(ckpt), "--out", str(out), "--height", "32", "--width", "32"]
+    huge = _shots(tmp_path, "shots:\n  - prompt: a\n    chunks: 100000000\n")
+    assert main([*base, "--shots", str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert "temporal RoPE positions reach 299999999" in err and "1024" in err
+    long = _shots(tmp_path, "shots:\n  - prompt: a\n    seconds: 1.0e+300\n")
+    assert main([*base, "--shots", str(long)]) == 2
+    assert "temporal RoPE positions reach" in capsys.readouterr().err
+    # all history kept (no window) at a large size: refused by the memory estimate, with its parts
+    ok = _shots(tmp_path, "shots:\n  - prompt: a\n    chunks: 300\n")
+    big = ["--height", "8192", "--width", "8192", "--window-frames", "none", "--max-memory-gib", "64"]
+    assert main([*base, "--shots", str(ok), *big]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs an estimated" in err and "KV cache" in err and "--max-memory-gib" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_out_is_replaced_atomically_and_a_killed_run_keeps_the_old_video(ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    shots = _shots(tmp_path, "shots:\n  - prompt: a cat\n    chunks: 2\n")
+    out = tmp_path / "video.mp4"
+    old = {
+        out: b"the old video",
+        out.with_suffix(".metrics.json"): b"{}",
+        out.with_suffix(".timeline.png"): b"png",
+    }
+    for p, data in old.items():
+        p.write_bytes(data)
+    argv = ["--checkpoint", str(ckpt), "--shots", str(shots), "--out", str(out), "--height", "32",
+            "--width", "32", "--steps", "1000", "--decode", "sync"]  # fmt: skip
+    child = (
+        "import os, sys\n"
+        "import vidtrain.sample.cli as c\n"
+        "real = c.stream_video\n"
+        "def dying(sampler, conds, chunks, hw, seeds, vae, mode, sink, **kw):\n"
+        "    def sink2(x):\n"
+        "        sink(x)\n"
+        "        os._exit(9)  # killed after the first decoded chunk reached the writer\n"
+        "    return real(sampler, conds, chunks, hw, seeds, vae, mode, sink2, **kw)\n"
+        "c.stream_video = dying\n"
+        f"sys.exit(c.main({argv!r}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 9, res.stderr[-2000:]
+    for p, data in old.items():
+        assert p.read_bytes() == data  # untouched
+    stale = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert stale  # the killed run's temp file
+
+    from vidtrain.sample.cli import main
+
+    assert main(argv) == 0
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(out))
+    assert sum(1 for _ in reader) == 1 + 4 * 5
+    reader.close()
+    assert json.loads(out.with_suffix(".metrics.json").read_text())["pixel_frames"] == 21
+    assert out.with_suffix(".timeline.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the dead run's temp is cleaned
+
+
+def test_a_failing_run_leaves_the_old_outputs(ckpt, tmp_path, monkeypatch, capsys):
+    import vidtrain.sample.cli as c
+
+    shots = _shots(tmp_path, "shots:\n  - prompt: a cat\n    chunks: 1\n")
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"old")
+
+    def failing(*a, **kw):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(c, "stream_video", failing)
+    before = _listing(tmp_path)
+    with pytest.raises(RuntimeError, match="simulated"):
+        c.main(["--checkpoint", str(ckpt), "--shots", str(shots), "--out", str(out), "--height", "32",
+                "--width", "32", "--steps", "1000"])  # fmt: skip
+    assert _listing(tmp_path) == before

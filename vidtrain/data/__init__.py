@@ -2,6 +2,7 @@
 videos.py: training from videos, latents encoded per rank)."""
 
 from vidtrain.data.latents import (
+    BadDataError,
     LatentLoader,
     LatentShardDataset,
     ResumableStream,
@@ -11,6 +12,7 @@ from vidtrain.data.latents import (
 )
 
 __all__ = [
+    "BadDataError",
     "LatentLoader",
     "LatentShardDataset",
     "ResumableStream",

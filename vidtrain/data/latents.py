@@ -17,6 +17,15 @@ DataLoader takes batches from its workers round-robin) and, on resume, rotates t
 roles so the next batch comes from the role whose turn it was. Resuming thus yields exactly
 the samples the uninterrupted run would have yielded next.
 
+Integrity. A shard read through a manifest is checked against it the first time this process
+opens it (`verify`: size, then sha256 streamed in blocks; once per process). A shard that fails
+the check, is truncated or unreadable, and a sample that cannot be decoded or holds non-finite
+values stop the stream with a `BadDataError` naming the shard (and the sample), or with
+`on_bad_sample="skip"` are skipped: printed once per shard and counted in the position
+(`state_dict()["skipped"]`). A bad shard still fills its manifest's sample count as bad slots,
+so the position counts slots, good or skipped: the stream of slots stays a fixed function of
+(seed, shards, n) and a resume after a skip continues at the same sample.
+
 Legend: B batch, C channels, F latent frames, H, W latent height and width, L text tokens,
 D text width.
 """
@@ -24,18 +33,62 @@ D text width.
 from __future__ import annotations
 
 import io
-import json
+import os
+import sys
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vidtrain.data_tools._shards import resolve_shards, shard_keys
+from vidtrain.data_tools._shards import check_shard, error_text, manifest_of, readable_keys, resolve_shards
 
 _STATE_VERSION = 1
+BAD_SAMPLE_POLICIES = ("error", "skip")
+# what reading a damaged tar raises (webdataset passes tarfile's errors through)
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, KeyError)
+_FIX = "re-create it (vidtrain-shard / vidtrain-encode) or set data.on_bad_sample=skip"
+
+# per process: shard path -> ((size, mtime_ns, expected sha256), problem or None); hashed once
+_VERIFIED: dict[str, tuple[tuple[Any, ...], str | None]] = {}
+_REPORTED: set[tuple[str, str]] = set()  # (kind, shard) already printed by this process
+
+
+class BadDataError(ValueError):
+    """A shard or sample the reader cannot use; the message names it and what to do."""
+
+
+class BadSample(Exception):
+    """Raised by `_decode` for a record that cannot be used (turned into a skip or a BadDataError)."""
+
+    def __init__(self, shard: str | None, key: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.shard, self.key, self.reason = shard, key, reason
+
+
+class _Slot(NamedTuple):
+    """An item with the position after it (slots read, samples skipped), or an error."""
+
+    item: Any
+    done: int
+    skipped: int
+    error: str | None = None
+
+
+def _report(kind: str, shard: str, message: str) -> None:
+    if (kind, shard) not in _REPORTED:
+        _REPORTED.add((kind, shard))
+        print(f"[vidtrain] data: {message}", file=sys.stderr, flush=True)
+
+
+def _nonfinite(name: str, a: np.ndarray) -> str | None:
+    if a.dtype.kind not in "fc":
+        return None
+    bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+    return f"{name} hold {bad} non-finite value(s) (NaN/Inf) of {a.size}" if bad else None
 
 
 def _rng(*seeds: int) -> np.random.Generator:
@@ -63,15 +116,28 @@ class ResumableStream(IterableDataset):
     `_decode`, which turns a raw record into an item (skipped records are never decoded).
     """
 
-    def __init__(self, *, seed: int, rank: int, world_size: int, shuffle: bool, shuffle_buffer: int) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        on_bad_sample: str = "error",
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.on_bad_sample = on_bad_sample
         self._roles = 1  # W of the run that produced `_consumed`
-        self._consumed = [0]
+        self._consumed = [0]  # slots read per role (good or skipped)
+        self._skipped = [0]  # of those, skipped as bad
         self._next_role = 0
 
     # -- to implement
@@ -135,6 +201,14 @@ class ResumableStream(IterableDataset):
 
     # -- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for slot in self._iter_slots():
+            if slot.error is not None:
+                raise BadDataError(slot.error)
+            yield slot.item
+
+    def _iter_slots(self) -> Iterator[_Slot]:
+        """Items with their position; a bad record ends the stream in an error slot (repeated, so a
+        DataLoader batch fills and reaches the main process) unless on_bad_sample is skip."""
         info = get_worker_info()
         roles = info.num_workers if info is not None else 1
         if roles != self._roles:
@@ -145,24 +219,53 @@ class ResumableStream(IterableDataset):
         role = ((info.id if info is not None else 0) + self._next_role) % roles
         c, n = self.rank * roles + role, self.world_size * roles
         self._check_split(n)
-        done = self._consumed[role]
+        done, skipped = self._consumed[role], self._skipped[role]
         epoch, offset = self._locate(done, c, n)
-        while True:
-            for i, raw in enumerate(self._epoch_items(epoch, c, n)):
-                if i < offset:
-                    continue
-                item = self._decode(raw)
-                done += 1
-                self._consumed[role] = done
-                yield item
-            epoch, offset = epoch + 1, 0
+        try:
+            while True:
+                good = 0
+                for i, raw in enumerate(self._epoch_items(epoch, c, n)):
+                    if i < offset:
+                        continue
+                    done += 1
+                    try:
+                        item = self._decode_slot(raw)
+                    except BadSample as e:
+                        where = f"shard {e.shard}" + (f" sample {e.key}" if e.key else "")
+                        if self.on_bad_sample == "error":
+                            raise BadDataError(f"{where}: {e.reason}; {_FIX}") from None
+                        skipped += 1
+                        if e.key is not None:  # whole-shard skips were printed when the shard was read
+                            _report(
+                                "sample", str(e.shard), f"skipping sample {e.key} of shard {e.shard}: {e.reason} "
+                                "(data.on_bad_sample=skip; "
+                                "further bad samples of this shard are counted, not printed)",
+                            )  # fmt: skip
+                        continue
+                    good += 1
+                    self._consumed[role], self._skipped[role] = done, skipped
+                    yield _Slot(item, done, skipped)
+                if good == 0 and offset == 0:
+                    raise BadDataError(
+                        f"no usable sample: all {self._epoch_len(epoch, c, n)} sample(s) this reader "
+                        f"(consumer {c} of {n}) reads in epoch {epoch} are bad or the shards are empty"
+                    )
+                epoch, offset = epoch + 1, 0
+        except BadDataError as e:
+            while True:
+                yield _Slot(None, done, skipped, str(e))
+
+    def _decode_slot(self, raw: Any) -> dict[str, Any]:
+        if isinstance(raw, dict) and "__bad__" in raw:  # a slot of a shard found bad when read
+            raise BadSample(raw["__url__"], None, raw["__bad__"])
+        return self._decode(raw)
 
     # -- position
     def state_dict(self) -> dict[str, Any]:
         """Position after the samples yielded so far by in-process iteration."""
-        return self._state(self._consumed, self._next_role)
+        return self._state(self._consumed, self._next_role, self._skipped)
 
-    def _state(self, consumed: list[int], next_role: int) -> dict[str, Any]:
+    def _state(self, consumed: list[int], next_role: int, skipped: list[int] | None = None) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
             "seed": self.seed,
@@ -170,7 +273,8 @@ class ResumableStream(IterableDataset):
             "world_size": self.world_size,
             "num_units": self._num_units(),
             "roles": len(consumed),
-            "consumed": list(consumed),
+            "consumed": list(consumed),  # slots read per role, skipped ones included
+            "skipped": list(skipped) if skipped is not None else [0] * len(consumed),
             "next_role": next_role,
         }
 
@@ -188,6 +292,7 @@ class ResumableStream(IterableDataset):
                 raise ValueError(f"saved data position has {k}={state.get(k)!r}, this dataset has {v!r}")
         self._roles = int(state["roles"])
         self._consumed = [int(x) for x in state["consumed"]]
+        self._skipped = [int(x) for x in state.get("skipped") or [0] * len(self._consumed)]
         self._next_role = int(state["next_role"])
 
 
@@ -195,7 +300,9 @@ class ShardStream(ResumableStream):
     """Webdataset shards as an endless resumable stream (one unit per shard); subclasses decode.
 
     `source` is a shard folder (manifest order when it has `manifest.json`), a manifest path
-    or a list of `.tar` paths.
+    or a list of `.tar` paths. `verify` checks each shard against the manifest (size and
+    sha256) the first time this process opens it; `on_bad_sample` is "error" or "skip" (module
+    docstring).
     """
 
     def __init__(
@@ -207,23 +314,40 @@ class ShardStream(ResumableStream):
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        verify: bool = True,
+        on_bad_sample: str = "error",
     ) -> None:
         super().__init__(
-            seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer
-        )
+            seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+            on_bad_sample=on_bad_sample,
+        )  # fmt: skip
+        if not isinstance(source, (str, Path)):
+            source = list(source)
         self.shards = [str(p) for p in resolve_shards(source)]
         missing = [p for p in self.shards if not Path(p).is_file()]
         if missing:
             raise ValueError(f"{len(missing)} shard(s) missing, e.g. {missing[0]}")
-        self.counts = self._sample_counts(source)
+        self.verify = verify
+        manifest = manifest_of(source)
+        # per shard: its manifest entry (None: no manifest to check against)
+        self.entries: list[dict[str, Any] | None] = (
+            list(manifest["shards"]) if manifest is not None else [None] * len(self.shards)
+        )
+        self._problems: dict[int, str] = {}  # shards found bad while counting (no manifest)
+        if manifest is not None:
+            self.counts = [int(s["samples"]) for s in manifest["shards"]]
+        else:
+            if verify:
+                where = source if isinstance(source, (str, Path)) else f"{len(self.shards)} listed shard(s)"
+                _report("unverified", str(where), f"{where}: no manifest.json, shard checksums not verified")
+            self.counts = [self._count(u) for u in range(len(self.shards))]
 
-    def _sample_counts(self, source: Any) -> list[int]:
-        if isinstance(source, (str, Path)):
-            p = Path(source)
-            manifest = p if p.is_file() and p.suffix == ".json" else p / "manifest.json"
-            if manifest.is_file():
-                return [int(s["samples"]) for s in json.loads(manifest.read_text())["shards"]]
-        return [len(shard_keys(Path(s))) for s in self.shards]
+    def _count(self, unit: int) -> int:
+        keys, problem = readable_keys(Path(self.shards[unit]))
+        if problem is not None:
+            self._bad_shard(unit, problem, len(keys))
+            self._problems[unit] = problem
+        return len(keys)
 
     def _num_units(self) -> int:
         return len(self.shards)
@@ -231,29 +355,80 @@ class ShardStream(ResumableStream):
     def _unit_len(self, unit: int) -> int:
         return self.counts[unit]
 
+    def _check(self, unit: int) -> str | None:
+        """What is wrong with a shard against its manifest entry, checked once per process."""
+        path, entry = self.shards[unit], self.entries[unit]
+        if unit in self._problems:
+            return self._problems[unit]
+        if not self.verify or entry is None:
+            return None
+        st = os.stat(path)
+        sig = (st.st_size, st.st_mtime_ns, entry.get("bytes"), entry.get("sha256"))
+        hit = _VERIFIED.get(path)
+        if hit is None or hit[0] != sig:
+            hit = _VERIFIED[path] = (sig, check_shard(Path(path), entry))
+        return hit[1]
+
+    def _bad_shard(self, unit: int, problem: str, slots: int) -> None:
+        """A bad shard: BadDataError (on_bad_sample=error), else print it once and go on."""
+        path = self.shards[unit]
+        if self.on_bad_sample == "error":
+            raise BadDataError(f"shard {path}: {problem}; {_FIX}")
+        _report(
+            "shard",
+            path,
+            f"skipping shard {path} ({slots} sample slot(s)): {problem} (data.on_bad_sample=skip)",
+        )
+
     def _read_unit(self, unit: int) -> Iterator[dict[str, Any]]:
+        """The shard's records (raw bytes per extension; decoded only when kept), always exactly
+        its manifest's sample count: a bad shard's missing records come as bad slots."""
         import webdataset as wds
 
-        ds = wds.WebDataset(
-            [self.shards[unit]], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-        yield from ds  # raw bytes per extension; decoded only when kept
+        want, n = self.counts[unit], 0
+        problem = self._check(unit)
+        if problem is None:
+            ds = wds.WebDataset(
+                [self.shards[unit]], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                empty_check=False,
+            )  # fmt: skip
+            try:
+                for raw in ds:
+                    if n == want:
+                        problem = f"holds more samples than the {want} manifest.json lists"
+                        break
+                    yield raw
+                    n += 1
+            except _READ_ERRORS as e:
+                problem = f"unreadable after {n} of {want} sample(s) ({type(e).__name__}: {error_text(e)})"
+            if problem is None and n < want:
+                problem = f"truncated: {n} of {want} sample(s) readable"
+        if problem is not None:
+            self._bad_shard(unit, problem, want - n)
+        for _ in range(want - n):
+            yield {"__bad__": problem, "__url__": self.shards[unit], "__key__": None}
 
 
 class LatentShardDataset(ShardStream):
     """Latent shards (`latents.npy`, `text.npy`, `json`) as an endless resumable stream."""
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
-        if "latents.npy" not in raw or "text.npy" not in raw:
-            raise ValueError(
-                f"sample {raw.get('__key__')} of {raw.get('__url__')} lacks latents.npy or text.npy"
-            )
-        latents = np.load(io.BytesIO(raw["latents.npy"]))
-        text = np.load(io.BytesIO(raw["text.npy"]))
+        shard, key = raw.get("__url__"), raw.get("__key__")
+        lacking = [k for k in ("latents.npy", "text.npy") if k not in raw]
+        if lacking:
+            raise BadSample(shard, key, f"lacks {' and '.join(lacking)}")
+        try:
+            latents = np.load(io.BytesIO(raw["latents.npy"]))
+            text = np.load(io.BytesIO(raw["text.npy"]))
+        except (ValueError, OSError, EOFError) as e:
+            raise BadSample(shard, key, f"unreadable .npy ({type(e).__name__}: {error_text(e)})") from None
+        problem = _nonfinite("latents", latents) or _nonfinite("text embeddings", text)
+        if problem:
+            raise BadSample(shard, key, problem)
         return {
             "latents": torch.from_numpy(latents.astype(np.float32, copy=False)),
             "text": torch.from_numpy(text.astype(np.float32, copy=False)),
-            "key": raw["__key__"],
+            "key": key,
         }
 
 
@@ -323,11 +498,36 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class _Slots(IterableDataset):
+    """The slots of a stream (items with their position), for LatentLoader's DataLoader."""
+
+    def __init__(self, dataset: ResumableStream) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[_Slot]:
+        return self.dataset._iter_slots()
+
+
+class _CollateSlots:
+    """Collates the items of a batch of slots; returns (batch, slots read, skipped, error)."""
+
+    def __init__(self, collate_fn: Callable[[list[dict[str, Any]]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, slots: list[_Slot]) -> tuple[Any, int, int, str | None]:
+        error = next((s.error for s in slots if s.error is not None), None)
+        if error is not None:
+            return None, 0, 0, error
+        return self.collate_fn([s.item for s in slots]), slots[-1].done, slots[-1].skipped, None
+
+
 class LatentLoader:
     """An endless DataLoader over a ResumableStream whose position survives a restart.
 
-    It counts the batches it hands out; batch k came from worker role `k % W`, each batch of
-    `batch_size` samples, so the count gives every role's position.
+    Batch k comes from worker role `k % W` (the DataLoader takes them round-robin) and carries
+    the position its role reached (slots read, samples skipped), so every role's position is
+    known exactly, bad samples skipped or not. A bad record in a worker ends the stream with the
+    worker's one-line BadDataError, raised here.
     """
 
     def __init__(
@@ -344,24 +544,33 @@ class LatentLoader:
         self.collate_fn, self.loader_kwargs = collate_fn, loader_kwargs
         self.roles = max(1, num_workers)
         self._consumed = [0] * self.roles
+        self._skipped = [0] * self.roles
         self._next_role = 0
 
     def __iter__(self) -> Iterator[Any]:
-        self.dataset.load_state_dict(self.dataset._state(self._consumed, self._next_role))
+        self.dataset.load_state_dict(self.dataset._state(self._consumed, self._next_role, self._skipped))
         loader = DataLoader(
-            self.dataset,
+            _Slots(self.dataset),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
+            collate_fn=_CollateSlots(self.collate_fn),
             **self.loader_kwargs,
         )
-        for batch in loader:
-            self._consumed[self._next_role] += self.batch_size
-            self._next_role = (self._next_role + 1) % self.roles
+        for batch, done, skipped, error in loader:
+            if error is not None:
+                raise BadDataError(error)
+            role = self._next_role
+            self._consumed[role], self._skipped[role] = done, skipped
+            self._next_role = (role + 1) % self.roles
             yield batch
 
+    @property
+    def skipped(self) -> int:
+        """Bad samples skipped so far (data.on_bad_sample=skip), over all worker roles."""
+        return sum(self._skipped)
+
     def state_dict(self) -> dict[str, Any]:
-        return self.dataset._state(self._consumed, self._next_role)
+        return self.dataset._state(self._consumed, self._next_role, self._skipped)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["roles"]) != self.roles:
@@ -371,4 +580,5 @@ class LatentLoader:
             )
         self.dataset.load_state_dict(state)
         self._consumed = [int(x) for x in state["consumed"]]
+        self._skipped = [int(x) for x in state.get("skipped") or [0] * self.roles]
         self._next_role = int(state["next_role"])

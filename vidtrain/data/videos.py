@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidtrain.data.latents import LatentLoader, ShardStream
+from vidtrain.data.latents import BadSample, LatentLoader, ShardStream
+from vidtrain.data_tools._shards import error_text
 
 TEXT_MAX_LENGTH = 512  # Wan2.1's umT5 context; batches are trimmed to their longest caption
 
@@ -42,13 +43,18 @@ class VideoShardDataset(ShardStream):
     """Video shards as an endless resumable stream of decoded clips and their captions."""
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        shard, key = raw.get("__url__"), raw.get("__key__")
         if "mp4" not in raw:
-            raise ValueError(f"sample {raw.get('__key__')} of {raw.get('__url__')} has no mp4")
-        if "txt" in raw:
-            caption = raw["txt"].decode()
-        else:
-            caption = json.loads(raw["json"]).get("caption", "") if "json" in raw else ""
-        return {"video": decode_mp4(raw["mp4"]), "caption": caption, "key": raw["__key__"]}
+            raise BadSample(shard, key, "has no mp4")
+        try:
+            if "txt" in raw:
+                caption = raw["txt"].decode()
+            else:
+                caption = json.loads(raw["json"]).get("caption", "") if "json" in raw else ""
+            video = decode_mp4(raw["mp4"])
+        except Exception as e:  # decord raises its own types for a damaged mp4
+            raise BadSample(shard, key, f"cannot decode ({type(e).__name__}: {error_text(e)})") from None
+        return {"video": video, "caption": caption, "key": key}
 
 
 def collate_videos(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -140,6 +146,11 @@ class EncodingLoader:
         for batch in self.loader:
             yield self.encode(batch)
 
+    @property
+    def skipped(self) -> int:
+        """Bad samples skipped so far (data.on_bad_sample=skip)."""
+        return self.loader.skipped
+
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
@@ -168,7 +179,7 @@ def make_video_loader(recipe, strategy, in_channels: int, text_dim: int) -> Enco
     d = recipe.data
     ds = VideoShardDataset(
         d.shards, shuffle_buffer=d.shuffle_buffer, seed=recipe.seed, rank=strategy.dp_rank,
-        world_size=strategy.dp_size,
+        world_size=strategy.dp_size, verify=d.verify_shards, on_bad_sample=d.on_bad_sample,
     )  # fmt: skip
     vae = load_vae(d.vae, recipe.seed, strategy.device, torch.float32)  # flavors: seeded, equal on all ranks
     if vae.z_dim != in_channels:

@@ -3,15 +3,24 @@
     vidtrain sample --checkpoint runs/debug --shots recipes/shots_example.yaml --out video.mp4 \\
         --kv-cache nvfp4 --decode async --window-frames 6 --sink-frames 3 --height 64 --width 64
 
-Writes video.mp4 (libx264, yuv420p), video.metrics.json and video.timeline.png. Every input is
-checked (checkpoint, shots file, output path, sizes, VAE / text encoder against the model)
-before any generation starts.
+Writes video.mp4 (libx264, yuv420p), video.metrics.json and video.timeline.png, each into a
+temporary file beside it, renamed over the old one only when complete: a failed or killed run
+leaves the previous outputs as they were. Every input is checked (checkpoint, shots file, output
+path, sizes, VAE / text encoder against the model) before any generation starts, and numbers
+are bounded by what the model represents: at most `ROPE_POSITIONS` positions on each RoPE axis
+(the length of Wan2.1's RoPE tables; a diffusers config's `rope_max_seq_len` when it gives one),
+and a memory estimate (weights + KV cache + one chunk's activations + VAE decode) under
+`--max-memory-gib` (default: the device's memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -82,11 +91,40 @@ def load_text_encoder(path: str | None, text_dim: int, device):
     return enc
 
 
+ROPE_POSITIONS = 1024  # per axis: Wan2.1's rope_params(1024, ...), diffusers' rope_max_seq_len
+MAX_STEPS = 1000  # denoising steps (the training schedule has 1000 timesteps)
+MAX_FPS = 1000.0
+PATCH = 2  # spatial patch of the DiT (WanConfig.patch_size (1, 2, 2))
+SPATIAL = 8  # VAE spatial compression
+
+
 def parse_steps(s: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in s.split(",") if x.strip())
+        steps = tuple(float(x) for x in s.split(",") if x.strip())
     except ValueError as e:
         raise ValueError(f"--steps must be comma-separated numbers, got {s!r}") from e
+    if not steps:
+        raise ValueError(f"--steps needs at least one timestep, got {s!r}")
+    if len(steps) > MAX_STEPS:
+        raise ValueError(f"--steps takes at most {MAX_STEPS} timesteps, got {len(steps)}")
+    return steps
+
+
+def check_numbers(args) -> None:
+    """Finite, in-range numeric flags (one line each); `sampler_config` and SamplerConfig check the
+    sampler's own (steps, shift, window)."""
+    if not 0 < args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be a finite number in (0, {MAX_FPS:g}], got {args.fps:g}")
+    if args.frames_per_chunk is not None and args.frames_per_chunk < 1:
+        raise ValueError(f"--frames-per-chunk must be >= 1, got {args.frames_per_chunk}")
+    if args.sink_frames is not None and args.sink_frames < 0:
+        raise ValueError(f"--sink-frames must be >= 0, got {args.sink_frames}")
+    if args.shot_rope_offset < 0:
+        raise ValueError(f"--shot-rope-offset must be >= 0, got {args.shot_rope_offset}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.max_memory_gib is not None and not 0 < args.max_memory_gib < math.inf:
+        raise ValueError(f"--max-memory-gib must be a finite number > 0, got {args.max_memory_gib:g}")
 
 
 def check_output(out: Path) -> None:
@@ -235,9 +273,12 @@ def sampler_config(args) -> SamplerConfig:
     d = _DEFAULTS
     window = None if args.window_frames == NO_WINDOW else args.window_frames
     shot_sink = (window is not None) if args.shot_sink is None else args.shot_sink
+    shift = d.shift if args.shift is None else float(args.shift)
+    if not 0 < shift < math.inf:  # NaN passes SamplerConfig's `shift > 0` and samples a black video
+        raise ValueError(f"--shift must be a finite number > 0, got {shift:g}")
     return SamplerConfig(
         timesteps=d.timesteps if args.steps is None else parse_steps(args.steps),
-        shift=d.shift if args.shift is None else args.shift, update=args.update,
+        shift=shift, update=args.update,
         frames_per_chunk=d.frames_per_chunk if args.frames_per_chunk is None else args.frames_per_chunk,
         window_frames=window, sink_frames=d.sink_frames if args.sink_frames is None else args.sink_frames,
         shot_sink=shot_sink and window is not None, kv_cache=args.kv_cache,
@@ -245,12 +286,136 @@ def sampler_config(args) -> SamplerConfig:
     )  # fmt: skip
 
 
-def latent_size(height: int, width: int, spatial: int = 8) -> tuple[int, int]:
-    if height % (2 * spatial) or width % (2 * spatial) or height <= 0 or width <= 0:
+def latent_size(height: int, width: int, spatial: int = SPATIAL, rope_positions: int = ROPE_POSITIONS):
+    """(h, w) latent size of a pixel size: positive multiples of 16 whose patch rows and columns
+    fit the RoPE positions."""
+    if height % (PATCH * spatial) or width % (PATCH * spatial) or height <= 0 or width <= 0:
         raise ValueError(
-            f"--height/--width must be positive multiples of {2 * spatial}, got {height}x{width}"
+            f"--height/--width must be positive multiples of {PATCH * spatial}, got {height}x{width}"
         )
+    for name, px in (("--height", height), ("--width", width)):
+        patches = px // (PATCH * spatial)
+        if patches > rope_positions:
+            raise ValueError(
+                f"{name} {px} is {patches} patches: more than the {rope_positions} RoPE positions the "
+                f"model represents per axis (at most {rope_positions * PATCH * spatial} px)"
+            )
     return height // spatial, width // spatial
+
+
+def model_config(checkpoint: str | Path):
+    """(WanConfig, RoPE positions per axis) of a checkpoint, read without its weights."""
+    from vidtrain.models.wan.config import WanConfig
+    from vidtrain.models.wan.state_dict import (
+        config_from_diffusers,
+        config_from_wan,
+        detect_layout,
+        resolve_model_folder,
+    )
+
+    layout, raw = detect_layout(resolve_model_folder(checkpoint))
+    if layout == "vidtrain":
+        return WanConfig.from_dict(raw), ROPE_POSITIONS
+    if layout == "diffusers":
+        return config_from_diffusers(raw), int(raw.get("rope_max_seq_len") or ROPE_POSITIONS)
+    return config_from_wan(raw), ROPE_POSITIONS
+
+
+def check_positions(shots: list[Shot], cfg: SamplerConfig, rope_positions: int) -> int:
+    """The last temporal RoPE position the video reaches; refused past the model's positions."""
+    chunks = sum(s.chunks for s in shots)
+    last = chunks * cfg.frames_per_chunk - 1 + (len(shots) - 1) * cfg.shot_rope_offset
+    if last >= rope_positions:
+        raise ValueError(
+            f"{chunks} chunk(s) of {cfg.frames_per_chunk} latent frames over {len(shots)} shot(s) "
+            f"(--shot-rope-offset {cfg.shot_rope_offset}): temporal RoPE positions reach {last}, the model "
+            f"represents {rope_positions} (0..{rope_positions - 1}); shorten the shots"
+        )
+    return last
+
+
+KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nvfp4": 0.5625}  # per element (NVFP4 with scales)
+TEXT_TOKENS = 512  # cross-attention context per shot (umT5's length)
+
+
+def memory_estimate(wan, cfg: SamplerConfig, latent_hw, total_frames: int, vae_spec: str, dtype_bytes: int):
+    """Bytes by part: weights, KV cache, one chunk's activations, VAE decode (batch 1). An estimate
+    (attention score buffers, allocator slack and the CUDA context are not counted)."""
+    from vidtrain.models.vae import VAE_FLAVORS, VAEConfig
+    from vidtrain.models.wan import CausalWanDiT
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in CausalWanDiT(wan).parameters())
+    c = cfg.frames_per_chunk
+    tokens_per_frame = (latent_hw[0] // PATCH) * (latent_hw[1] // PATCH)
+    if cfg.window_frames is None:
+        kept = total_frames
+    else:
+        blocks = math.ceil(cfg.window_frames / c) + 1 + math.ceil(cfg.sink_frames / c) + int(cfg.shot_sink)
+        kept = min(total_frames, c * blocks)
+    per_token = 2 * wan.dim * wan.num_layers  # K and V of every layer
+    kv = per_token * (kept * tokens_per_frame * KV_BYTES[cfg.kv_cache] + TEXT_TOKENS * dtype_bytes)
+    lq = c * tokens_per_frame
+    lk = lq + kept * tokens_per_frame
+    # fp32 residual stream + q, k, v, out, FFN hidden in the compute dtype + the K/V handed to attention
+    act = lq * (4 * wan.dim + (4 * wan.dim + wan.ffn_dim) * dtype_bytes) + 2 * lk * wan.dim * dtype_bytes
+    vae = VAE_FLAVORS.get(vae_spec, VAEConfig())
+    h, w = latent_hw[0] * SPATIAL, latent_hw[1] * SPATIAL
+    # one latent frame (4 pixel frames) per decode pass at ~6 x base_dim values per pixel, plus the
+    # chunk's decoded frames in fp32
+    dec = 4 * h * w * (6 * vae.base_dim * dtype_bytes + 3 * 4 * c)
+    return {
+        "weights": params * dtype_bytes,
+        "KV cache": kv,
+        "one chunk's activations": act,
+        "VAE decode": dec,
+    }
+
+
+def memory_limit(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory), f"{device} memory"
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine's memory"
+
+
+def check_memory(parts: dict[str, float], limit_gib: float | None, device: torch.device) -> float:
+    total = sum(parts.values())
+    limit, what = (limit_gib * 2**30, "--max-memory-gib") if limit_gib else memory_limit(device)
+    if total > limit:
+        detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+        raise ValueError(
+            f"this request needs an estimated {total / 2**30:.2f} GiB ({detail} GiB) but the limit is "
+            f"{limit / 2**30:.2f} GiB ({what}; --max-memory-gib sets it): lower --height/--width, "
+            "set --window-frames or use --kv-cache nvfp4"
+        )
+    return total
+
+
+def _tmp_beside(path: Path) -> Path:
+    """A temp name in the same folder (same file system: the rename is atomic), same suffix (the
+    writers pick the format from it), naming this host and process."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}{path.suffix}")
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temp files of earlier runs on this host whose process is gone (a killed run)."""
+    pat = re.compile(rf"^\.{re.escape(out.stem)}\..*\.tmp-{re.escape(socket.gethostname())}-(\d+)\.[^.]+$")
+    removed = []
+    for p in out.parent.glob(f".{out.stem}.*.tmp-*"):
+        m = pat.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -264,6 +429,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default=None, help="local umT5/T5 encoder folder")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="refuse requests whose memory estimate exceeds this (default: the device's memory)",
+    )
     add_sampler_args(p)
     return p
 
@@ -273,32 +444,49 @@ def main(argv: list[str] | None = None) -> int:
     # 1. everything that can be wrong, before compute
     out = Path(args.out)
     check_output(out)
-    if not 0 < args.fps < float("inf"):
-        raise ValueError(f"--fps must be a finite number > 0, got {args.fps}")
+    check_numbers(args)
     cfg = sampler_config(fill_sampler_args(args, args.checkpoint, args.lora))
     shots: list[Shot] = load_shots(args.shots, fps=args.fps, frames_per_chunk=cfg.frames_per_chunk)
-    latent_hw = latent_size(args.height, args.width)
+    wan, rope_positions = model_config(args.checkpoint)
+    latent_hw = latent_size(args.height, args.width, rope_positions=rope_positions)
+    check_positions(shots, cfg, rope_positions)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    frames = sum(s.chunks for s in shots) * cfg.frames_per_chunk
+    parts = memory_estimate(wan, cfg, latent_hw, frames, args.vae, torch.finfo(dtype).bits // 8)
+    need = check_memory(parts, args.max_memory_gib, device)
+    print(f"[vidtrain] memory estimate {need / 2**30:.2f} GiB (" + ", ".join(
+        f"{k} {v / 2**30:.2f}" for k, v in parts.items()) + ")")  # fmt: skip
     model = load_model(args.checkpoint, args.lora)
     model = model.to(device, dtype).eval().requires_grad_(False)
     vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)
     text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)
-    # 2. generate + decode
-    conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim)
-    writer = VideoWriter(out, args.fps)
+    # 2. generate + decode into temp files beside the outputs; renamed over them once all are complete
+    for stale in remove_stale_temps(out):
+        print(f"[vidtrain] removed {stale.name}, left by a killed run")
+    finals = [out, out.with_suffix(".metrics.json"), out.with_suffix(".timeline.png")]
+    temps = [_tmp_beside(p) for p in finals]
     try:
-        metrics = stream_video(
-            StreamingSampler(model, cfg), conds, [s.chunks for s in shots], latent_hw, [args.seed], vae,
-            args.decode, writer,
-        )  # fmt: skip
+        conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim)
+        writer = VideoWriter(temps[0], args.fps)
+        try:
+            metrics = stream_video(
+                StreamingSampler(model, cfg), conds, [s.chunks for s in shots], latent_hw, [args.seed], vae,
+                args.decode, writer,
+            )  # fmt: skip
+        finally:
+            writer.close()
+        # 3. metrics and timeline beside the video
+        metrics.update(fps=args.fps, shots=[{"prompt": s.prompt, "chunks": s.chunks} for s in shots],
+                       frames_written=writer.frames, height=args.height, width=args.width)  # fmt: skip
+        write_metrics(metrics, temps[1])
+        plot_timeline(metrics["timeline"], temps[2], f"{out.name}: {args.decode} decode")
+        for tmp, final in zip(temps, finals):
+            os.replace(tmp, final)
     finally:
-        writer.close()
-    # 3. metrics and timeline beside the video
-    metrics.update(fps=args.fps, shots=[{"prompt": s.prompt, "chunks": s.chunks} for s in shots],
-                   frames_written=writer.frames, height=args.height, width=args.width)  # fmt: skip
-    write_metrics(metrics, out.with_suffix(".metrics.json"))
-    plot_timeline(metrics["timeline"], out.with_suffix(".timeline.png"), f"{out.name}: {args.decode} decode")
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     print(
         f"[vidtrain] wrote {out} ({writer.frames} frames at {args.fps:g} fps), "
         f"{metrics['fps_end_to_end']:.2f} frames/s end to end, first chunk {metrics['first_chunk_latency_s']:.2f} s, "

@@ -241,6 +241,8 @@ class Trainer:
                 seed=self.recipe.seed,
                 rank=s.dp_rank,
                 world_size=s.dp_size,
+                verify=d.verify_shards,
+                on_bad_sample=d.on_bad_sample,
             )
         return LatentLoader(ds, d.batch_size, d.num_workers)
 
@@ -371,6 +373,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "step_time_s": seconds,
             "samples_per_s": samples / seconds,
+            "data_skipped": float(self.loader.skipped),  # bad samples skipped (data.on_bad_sample=skip)
         }
 
     def finish(self) -> None:
