@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import vidtrain.models.wan.model as wan_model
-from vidtrain.forcing.meta import MaskRule
+from vidtrain.tokens import MaskRule
 from vidtrain.forcing.teacher import build_tf_sequence
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext

@@ -139,7 +139,7 @@ def euler(model, text: torch.Tensor, seeds: list[int], n: int, batch: int = 256)
     """The teacher's own sampler: flow-ODE Euler over n shifted steps, chunk by chunk (causal)."""
     from vidtrain.distill.rollout import chunk_velocity_fn, sample_chunks
     from vidtrain.forcing.flow import shift_sigma
-    from vidtrain.forcing.meta import MaskRule
+    from vidtrain.tokens import MaskRule
 
     sig = [float(s) for s in shift_sigma(torch.linspace(1.0, 0.0, n + 1)[:-1].double(), 5.0)]
     noise = torch.cat(

@@ -23,7 +23,7 @@ def run_variant(variant: str, dim: int, layers: int, rank: int) -> dict:
 
     from vidtrain.distill import lora
     from vidtrain.distill.rollout import tf_velocity
-    from vidtrain.forcing.meta import MaskRule
+    from vidtrain.tokens import MaskRule
     from vidtrain.models.wan import CausalWanDiT
 
     cuda = torch.cuda.is_available()

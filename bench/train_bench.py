@@ -25,7 +25,7 @@ Model FLOPs per step (MFU counts these; recomputation under checkpointing is not
              embedding, cross-attn k/v); time embeddings (a few distinct timesteps) are left out
   self-attn  3 * 4 * B * pairs * dim * layers   (QK^T and PV: 2 * dim each per allowed pair;
              x3 for forward + backward); pairs = query-key pairs the teacher-forcing mask allows,
-             counted from token metadata (forcing/meta.py) on one token per frame, x tokens/frame^2
+             counted from token metadata (vidtrain/tokens.py) on one token per frame, x tokens/frame^2
   cross-attn 3 * 4 * B * L * S * dim * layers
 L = 2 x frames x tokens/frame (clean + noisy copies), S = text tokens.
 MFU = FLOPs per step / step time / peak dense bf16 FLOP/s of the device (datasheet; CPU: n/a).
@@ -56,7 +56,7 @@ def peak_flops(device_name: str) -> float | None:
 
 def tf_mask_pairs(frames: int, frames_per_chunk: int, tokens_per_frame: int) -> int:
     """Query-key pairs the teacher-forcing mask allows over the whole [clean | noisy] sequence."""
-    from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask, grid_meta
+    from vidtrain.tokens import MaskRule, TokenMeta, build_mask, grid_meta
 
     meta = TokenMeta.cat([grid_meta(frames, 1, 1, frames_per_chunk, noisy=n) for n in (False, True)])
     rule = MaskRule("teacher_forcing", frames_per_chunk)
@@ -91,7 +91,7 @@ def _sync(device: torch.device) -> None:
 def run_one(a, checkpointing: bool) -> dict:
     """Build the model and one TF sequence, then time full optimizer steps (child process)."""
     from vidtrain.forcing.flow import frames_sigma, sample_chunk_sigmas
-    from vidtrain.forcing.meta import MaskRule
+    from vidtrain.tokens import MaskRule
     from vidtrain.forcing.teacher import TFSequence, build_tf_sequence, tf_loss_terms
     from vidtrain.models.wan import CausalWanDiT
     from vidtrain.models.wan.attention import AttentionContext

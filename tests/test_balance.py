@@ -7,9 +7,9 @@ import json
 import pytest
 
 from vidtrain.cli import main as cli
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
 from vidtrain.parallel.balance import layout_report
 from vidtrain.parallel.sequence import layout_metas
+from vidtrain.tokens import MaskRule, TokenMeta, build_mask
 
 
 @pytest.mark.parametrize("window", [None, 3])

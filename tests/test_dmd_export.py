@@ -38,7 +38,7 @@ def inputs():
 
 
 def forward(model, x, t, ctx):
-    from vidtrain.forcing.meta import MaskRule
+    from vidtrain.tokens import MaskRule
 
     with torch.no_grad():
         return model(x, t, ctx, rule=MaskRule("causal", 3))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from vidtrain.forcing.flow import frames_sigma, noise_latents, sample_chunk_sigmas, shift_sigma
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask, grid_meta
 from vidtrain.forcing.teacher import build_tf_sequence, noisy_prediction_frames, tf_loss_terms
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext
+from vidtrain.tokens import MaskRule, TokenMeta, build_mask, grid_meta
 
 FPC = 3
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from vidtrain.forcing.meta import MaskRule
 from vidtrain.models.wan import FLAVORS, CausalWanDiT
 from vidtrain.models.wan.state_dict import save_vidtrain
+from vidtrain.tokens import MaskRule
 
 diffusers = pytest.importorskip("diffusers")
 

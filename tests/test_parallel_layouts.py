@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidtrain.forcing.meta import MaskRule, build_mask
 from vidtrain.forcing.teacher import build_tf_sequence
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.parallel import STRATEGIES
 from vidtrain.parallel.mesh import sp_dims
 from vidtrain.parallel.sequence import apply_ulysses, check_layout, encode_local_frames, local_tf_sequence
+from vidtrain.tokens import MaskRule, build_mask
 
 
 def _inputs(f=12, hw=4):

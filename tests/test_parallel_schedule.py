@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
 from vidtrain.parallel.balance import FIGURES, layout_report
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
 from vidtrain.parallel.sequence import layout_frame_span, layout_metas
 from vidtrain.testing.equality import SCHEDULE_HALO, schedule_inputs, skewed_work, spawn_schedule_checks
+from vidtrain.tokens import MaskRule, TokenMeta, build_mask
 
 TF = MaskRule("teacher_forcing", 3)
 WINDOWED = MaskRule("teacher_forcing", 3, window_frames=3, sink_frames=3, shot_sink=True)

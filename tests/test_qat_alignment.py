@@ -12,7 +12,6 @@ import torch
 
 from vidtrain.config import load_recipe
 from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, noise_latents
-from vidtrain.forcing.meta import MaskRule, grid_meta
 from vidtrain.forcing.teacher import build_tf_sequence, noisy_prediction_frames
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext
@@ -20,6 +19,7 @@ from vidtrain.quant import nvfp4 as N
 from vidtrain.quant.convert import convert_for_recipe
 from vidtrain.quant.kv import KVFakeQuantHook, fake_quantize_kv_grouped
 from vidtrain.quant.qat import export_weights
+from vidtrain.tokens import MaskRule, grid_meta
 
 FPC, F, H, W, B = 3, 9, 4, 4, 2  # 3 chunks of 3 latent frames, 4 tokens per frame
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta, grid_meta
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.quant.kv import KVFakeQuantHook
 from vidtrain.sample.kv_cache import visible_frames
 from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
+from vidtrain.tokens import MaskRule, TokenMeta, grid_meta
 
 HW = (4, 4)  # latent height/width: 4 tokens per frame
 TWO = (1000.0, 500.0)  # two denoising steps keep the slower tests short

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidtrain.forcing.meta import grid_meta
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
+from vidtrain.tokens import grid_meta
 
 HW = (4, 4)
 TWO = (1000.0, 500.0)

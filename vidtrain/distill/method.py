@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from vidtrain.distill import lora
 from vidtrain.distill.rollout import step_sigmas, tf_velocity
 from vidtrain.forcing.flow import frames_sigma, noise_latents, sample_chunk_sigmas
-from vidtrain.forcing.meta import MaskRule
+from vidtrain.tokens import MaskRule
 from vidtrain.train.methods import METHODS, Method
 
 

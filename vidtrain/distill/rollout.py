@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
-from vidtrain.forcing.meta import MaskRule
 from vidtrain.forcing.teacher import build_tf_sequence, noisy_prediction_frames
 from vidtrain.models.wan.attention import AttentionContext
+from vidtrain.tokens import MaskRule
 
 # (clean history [B,C,Fh,H,W], noisy chunk [B,C,fpc,H,W], sigma) -> velocity of the chunk
 ChunkVelocity = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]

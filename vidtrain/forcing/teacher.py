@@ -1,6 +1,6 @@
 """Teacher-forcing sequences: every chunk twice, clean (t=0) and noisy (its chunk's t).
 
-Both copies of a frame share RoPE positions; the mask follows from metadata (meta.py), so a
+Both copies of a frame share RoPE positions; the mask follows from metadata (vidtrain/tokens.py), so a
 sequence-parallel layout only has to choose which tokens each rank holds.
 
 Legend: B batch, C channels, F latent frames, H/W latent size, L tokens, P patch vector.
@@ -13,13 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, noise_latents, velocity_target
-from vidtrain.forcing.meta import TokenMeta, grid_meta
-
-
-def _patchify(x_BCFHW: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    from vidtrain.models.wan.model import CausalWanDiT
-
-    return CausalWanDiT.patchify(x_BCFHW, channels_last)
+from vidtrain.tokens import TokenMeta, grid_meta, unpatchify
+from vidtrain.tokens import patchify as _patchify
 
 
 @dataclass
@@ -94,8 +89,6 @@ def tf_loss_terms(pred_BLP: torch.Tensor, seq: TFSequence) -> tuple[torch.Tensor
 
 def noisy_prediction_frames(pred_BLP: torch.Tensor, seq: TFSequence, f: int, h: int, w: int) -> torch.Tensor:
     """Predictions of the noisy tokens of a whole (single-process) sequence as [B, C, F, H, W]."""
-    from vidtrain.models.wan.model import CausalWanDiT
-
     idx = torch.nonzero(seq.meta.noisy.to(pred_BLP.device)).squeeze(1)
     order = torch.argsort(seq.meta.frame[seq.meta.noisy].to(pred_BLP.device), stable=True)
-    return CausalWanDiT.unpatchify(pred_BLP[:, idx[order]], f, h, w)
+    return unpatchify(pred_BLP[:, idx[order]], f, h, w)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
 from vidtrain.parallel.sequence import layout_frame_span, layout_metas
+from vidtrain.tokens import MaskRule, TokenMeta
 
 # Used only when the VAE module cannot be built: Wan2.1 VAE's encoder receptive field in latent
 # frames, as CausalVideoVAE.temporal_receptive_field() computes it for the "wan2.1" flavor.

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vidtrain.forcing.meta import TokenMeta
 from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
 from vidtrain.parallel.sequence import take_frames
 from vidtrain.registry import Registry
+from vidtrain.tokens import TokenMeta
 
 STRATEGIES: Registry[type] = Registry("parallel strategy")
 

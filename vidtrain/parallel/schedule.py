@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask
+from vidtrain.tokens import MaskRule, TokenMeta, build_mask
 
 TEMPORAL_COMPRESSION = 4  # Wan2.1's VAE: latent 0 <- pixel frame 0, latent j >= 1 <- frames 4j-3..4j
 

@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask, flex_mask_mod, grid_meta
 from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
 from vidtrain.models.wan.attention import flex_attention, sdpa
 from vidtrain.parallel.schedule import query_work, ring_query_schedule, vae_encode_plan
+from vidtrain.tokens import MaskRule, TokenMeta, build_mask, flex_mask_mod, grid_meta
 
 LAYOUTS = ("naive", "balanced")
 # the autograd-aware all-to-all of torch.distributed.nn is marked deprecated but is the one that

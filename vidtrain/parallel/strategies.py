@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vidtrain.forcing.meta import TokenMeta
 from vidtrain.forcing.teacher import TFSequence
 from vidtrain.parallel.base import STRATEGIES, FullParams, Strategy
 from vidtrain.parallel.mesh import Mesh, build_mesh
 from vidtrain.parallel.sequence import apply_ring, apply_ulysses, local_tf_sequence
+from vidtrain.tokens import TokenMeta
 
 
 class DistributedStrategy(Strategy):
@@ -87,8 +87,8 @@ class DistributedStrategy(Strategy):
 
     def _remember_layout(self, x0, fpc: int) -> None:
         """The layout's per-rank figures; VAE frames with the run's halo, or 0 for latent shards."""
-        from vidtrain.forcing.meta import MaskRule
         from vidtrain.parallel.balance import layout_report
+        from vidtrain.tokens import MaskRule
 
         f, h, w = x0.shape[2:]
         pre_encoded = isinstance(x0, torch.Tensor)

@@ -1,7 +1,7 @@
 """The streaming sampler's KV cache: sinks + rolling window, stored dense or as NVFP4.
 
 The set of history frames a query chunk may see is the training mask's
-(`vidtrain.forcing.meta.MaskRule`): for query chunk c with C frames per chunk,
+(`vidtrain.tokens.MaskRule`): for query chunk c with C frames per chunk,
     frame >= c*C - W   (rolling window, W = window_frames; None = all history)
     frame <  G         (global sink, G = sink_frames)
     chunk == first chunk of the query's shot   (shot sink, if shot_sink)
@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from vidtrain.forcing.meta import MaskRule
+from vidtrain.tokens import MaskRule
 from vidtrain.quant import nvfp4
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None}

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
-from vidtrain.forcing.meta import MaskRule, TokenMeta, grid_meta
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.sample.kv_cache import KV_DTYPES, KVCache
+from vidtrain.tokens import MaskRule, TokenMeta, grid_meta
 
 UPDATES = ("x0", "euler")
 

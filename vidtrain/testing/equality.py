@@ -294,8 +294,8 @@ SCHEDULE_FRAMES, SCHEDULE_HALO = 24, 5
 def schedule_inputs(world: int, layout: str, rule) -> dict:
     """Random q/k/v over the global token order of `layout` at `world` SP ranks (seeded: every
     rank and the single-process reference draw the same), latents for the encode plan."""
-    from vidtrain.forcing.meta import TokenMeta
     from vidtrain.parallel.sequence import layout_metas
+    from vidtrain.tokens import TokenMeta
 
     metas = layout_metas(layout, 12, 2, 2, 3, world)
     g = torch.Generator().manual_seed(7)

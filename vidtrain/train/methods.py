@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from vidtrain.forcing.flow import frames_sigma, sample_chunk_sigmas
-from vidtrain.forcing.meta import MaskRule
 from vidtrain.forcing.teacher import tf_loss_terms
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.registry import Registry
+from vidtrain.tokens import MaskRule
 from vidtrain.utils.faults import fault
 
 METHODS: Registry[type] = Registry("training method")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidtrain.forcing.meta import MaskRule, TokenMeta, build_mask, flex_mask_mod
+from vidtrain.tokens import MaskRule, TokenMeta, build_mask, flex_mask_mod
 
 # (layer_idx, q, k, v, ctx) -> (k, v, mask): lets a KV cache prepend history or QAT fake-quantize.
 KVHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "AttentionContext"], tuple]

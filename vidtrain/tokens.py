@@ -1,4 +1,7 @@
-"""Token metadata and the attention masks built from it.
+"""Tokens: patchify, per-token metadata and the attention masks built from it.
+
+A leaf module that models, forcing, parallel layouts and the sampler all import (it imports
+nothing of vidtrain).
 
 Masks are computed from per-token metadata (chunk index, clean/noisy, shot, frame), never from
 positions in the tensor: a parallel layout is then just a permutation of tokens, and the same
@@ -189,3 +192,27 @@ def flex_mask_mod(rule: MaskRule, meta_q: TokenMeta, meta_k: TokenMeta):
         return allowed
 
     return mask_mod
+
+
+# ---- patches <-> latents ------------------------------------------------------------------------
+
+
+def patchify(x_BCFHW: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """[B, C, F, H, W] -> [B, F*H/2*W/2, 4C], tokens in (frame, row, column) order.
+
+    Inputs use the patch embedding's (C, 2, 2) order; outputs (`channels_last`) the head's
+    (2, 2, C) order, so targets for a loss in token space use `channels_last=True`.
+    """
+    b, c, f, h, w = x_BCFHW.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even (patch 1x2x2), got {h}x{w}")
+    x = x_BCFHW.reshape(b, c, f, h // 2, 2, w // 2, 2)
+    order = (0, 2, 3, 5, 4, 6, 1) if channels_last else (0, 2, 3, 5, 1, 4, 6)
+    return x.permute(*order).reshape(b, f * (h // 2) * (w // 2), c * 4)
+
+
+def unpatchify(x_BLP: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+    """Head output [B, L, (2, 2, C)] -> [B, C, F, H, W]."""
+    b, c = x_BLP.shape[0], x_BLP.shape[-1] // 4
+    x = x_BLP.reshape(b, f, h // 2, w // 2, 2, 2, c)
+    return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, c, f, h, w)
