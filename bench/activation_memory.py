@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import vidtrain.models.wan.model as wan_model
-from vidtrain.tokens import MaskRule
 from vidtrain.forcing.teacher import build_tf_sequence
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext
+from vidtrain.tokens import MaskRule
 
 
 def saved_bytes(fn) -> int:

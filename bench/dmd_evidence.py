@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--seeds", type=int, default=64, help="samples per prompt in every set")
     a = p.parse_args(argv)
-    from vidtrain.distill.export import load_lora
+    from vidtrain.lora.files import load_lora
     from vidtrain.models.wan import CausalWanDiT
 
     torch.set_num_threads(2)

@@ -21,10 +21,10 @@ import sys
 def run_variant(variant: str, dim: int, layers: int, rank: int) -> dict:
     import torch
 
-    from vidtrain.distill import lora
     from vidtrain.distill.rollout import tf_velocity
-    from vidtrain.tokens import MaskRule
+    from vidtrain.lora import roles as lora
     from vidtrain.models.wan import CausalWanDiT
+    from vidtrain.tokens import MaskRule
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

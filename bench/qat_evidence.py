@@ -72,10 +72,10 @@ def heldout_set(n: int, seed: int, proj: np.ndarray):
 
 @torch.no_grad()
 def heldout_loss(model, data, quantized_kv: bool) -> float:
-    from vidtrain.tokens import MaskRule
     from vidtrain.forcing.teacher import build_tf_sequence, tf_loss_terms
     from vidtrain.models.wan.attention import AttentionContext
     from vidtrain.quant.kv import KVFakeQuantHook
+    from vidtrain.tokens import MaskRule
 
     x0, text, noise = data
     model.eval()

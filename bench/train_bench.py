@@ -91,10 +91,10 @@ def _sync(device: torch.device) -> None:
 def run_one(a, checkpointing: bool) -> dict:
     """Build the model and one TF sequence, then time full optimizer steps (child process)."""
     from vidtrain.forcing.flow import frames_sigma, sample_chunk_sigmas
-    from vidtrain.tokens import MaskRule
     from vidtrain.forcing.teacher import TFSequence, build_tf_sequence, tf_loss_terms
     from vidtrain.models.wan import CausalWanDiT
     from vidtrain.models.wan.attention import AttentionContext
+    from vidtrain.tokens import MaskRule
 
     if a.threads:
         torch.set_num_threads(a.threads)

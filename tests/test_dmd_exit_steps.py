@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from vidtrain.config import load_recipe
-from vidtrain.distill import lora
 from vidtrain.distill import method as dmd_method
+from vidtrain.lora import roles as lora
 from vidtrain.sample.sampler import StreamingSampler
 
 

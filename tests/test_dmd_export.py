@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from vidtrain.distill import lora
-from vidtrain.distill.export import export_lora, load_lora, main, merge_lora
+from vidtrain.lora import roles as lora
+from vidtrain.lora.files import export_lora, load_lora, main, merge_lora
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.state_dict import save_vidtrain
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vidtrain.config import ConfigError, load_recipe
-from vidtrain.distill import lora
 from vidtrain.distill.method import DMD, check_dmd_recipe, dmd_gradient, dmd_loss
+from vidtrain.lora import roles as lora
 from vidtrain.models.wan import CausalWanDiT
 
 

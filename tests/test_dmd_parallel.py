@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vidtrain.config import load_recipe
-from vidtrain.distill import lora
+from vidtrain.lora import roles as lora
 from vidtrain.testing.equality import free_port
 
 WORLD, LOCAL_B, STEPS = 2, 2, 2

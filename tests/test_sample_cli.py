@@ -115,8 +115,8 @@ def test_cli_errors_before_compute(ckpt, tmp_path):
 
 def _dmd_lora(base_folder: Path, out: Path) -> Path:
     """A DMD-style LoRA (the `dmd` role, non-trivial weights) exported for the base in base_folder."""
-    from vidtrain.distill import lora
-    from vidtrain.distill.export import export_lora
+    from vidtrain.lora import roles as lora
+    from vidtrain.lora.files import export_lora
 
     model = lora.add_roles(CausalWanDiT.from_pretrained(base_folder), 4, 4.0, ["q", "k", "v", "o"])
     with torch.no_grad():

@@ -16,7 +16,7 @@ DELEGATED = {
     "sample": ("vidtrain.sample.cli", "stream a multi-shot video from a checkpoint"),
     "eval": ("vidtrain.sample.evaluate", "sample a prompt list with several checkpoints, write a table"),
     "balance": ("vidtrain.parallel.balance", "per-rank balance report of a sequence-parallel layout"),
-    "merge": ("vidtrain.distill.export", "fold a DMD LoRA into its base model"),
+    "merge": ("vidtrain.lora.files", "fold a DMD LoRA into its base model"),
 }
 
 

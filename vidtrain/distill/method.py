@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vidtrain.distill import lora
 from vidtrain.distill.rollout import step_sigmas, tf_velocity
 from vidtrain.forcing.flow import frames_sigma, noise_latents, sample_chunk_sigmas
+from vidtrain.lora import roles as lora
 from vidtrain.tokens import MaskRule
 from vidtrain.train.methods import METHODS, Method
 
@@ -214,7 +214,7 @@ class DMD(Method):
         return noise_latents(x_data, noise, sigma_BF) - sigma_BF[:, None, :, None, None] * v.float()
 
     def self_forcing_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int], grad: bool):
-        from vidtrain.distill.export import nvfp4_linears
+        from vidtrain.lora.files import nvfp4_linears
         from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
 
         m, d = self.recipe.model, self.cfg
@@ -339,7 +339,7 @@ class DMD(Method):
 
     def export(self, trainer, model) -> None:
         """RUN/lora/: the generator LoRA (EMA weights when EMA is on), peft format, atomically."""
-        from vidtrain.distill.export import export_lora
+        from vidtrain.lora.files import export_lora
 
         if trainer.strategy.is_main:
             export_lora(

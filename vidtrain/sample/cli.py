@@ -42,7 +42,7 @@ def load_model(checkpoint: str | Path, lora_dir: str | None):
     model = CausalWanDiT.from_pretrained(folder)
     quantized = apply_quant_record(model, folder)
     if lora_dir:
-        from vidtrain.distill.export import load_lora
+        from vidtrain.lora.files import load_lora
 
         model = load_lora(model, lora_dir)
         # merging would fold the LoRA into weights that are then re-quantized: keep it apart
@@ -235,7 +235,7 @@ def trained_settings(checkpoint: str | Path | None, lora: str | None = None) -> 
         m = load_recipe(recipe_path).model
         out.update({k: (getattr(m, k), f"recipe {recipe_path}") for k in RECIPE_KEYS})
     if lora:
-        from vidtrain.distill.export import read_base_info
+        from vidtrain.lora.files import read_base_info
 
         info = read_base_info(lora)
         for key, field in LORA_KEYS.items():

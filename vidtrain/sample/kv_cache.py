@@ -27,8 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-from vidtrain.tokens import MaskRule
 from vidtrain.quant import nvfp4
+from vidtrain.tokens import MaskRule
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vidtrain.distill import lora
+from vidtrain.lora import roles as lora
 from vidtrain.utils.io import atomic_dir
 
 BASE_FILE = "vidtrain_base.json"
