@@ -8,7 +8,7 @@ STAMP := $(VENV)/.vidtrain-installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint imports format install clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,18 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# import-linter sees the package as setup.py installs it (kernels/, data_tools/, launch/ inside
+# vidtrain/): a tree of symlinked files under the venv, rebuilt each time
+IMPORT_TREE := $(VENV)/import-tree
+imports: $(STAMP)
+	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)
+	cp -rs $(abspath vidtrain) $(IMPORT_TREE)/vidtrain
+	for m in kernels data_tools launch; do cp -rs $(abspath .)/$$m $(IMPORT_TREE)/vidtrain/$$m; done
+	find $(IMPORT_TREE) -name __pycache__ -prune -exec rm -rf {} +
+	cd $(IMPORT_TREE) && PYTHONPATH=. $(abspath $(BIN))/lint-imports $(abspath pyproject.toml)
+	$(BIN)/python tools/check_imports.py vidtrain kernels data_tools launch
+
+test: lint imports
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -44,6 +44,8 @@ from vidtrain.data_tools._shards import (
     shard_info,
     write_manifest,
 )
+from vidtrain.models.text import TextEncoder, make_tiny_text_encoder
+from vidtrain.models.vae import CausalVideoVAE
 
 TOOL = "vidtrain-encode"
 VAE_FLAVOR_NAMES = ("debug", "wan2.1")
@@ -62,8 +64,6 @@ def _sidecar(out: Path, name: str) -> Path:
 def load_vae(spec: str, seed: int, device: str, dtype: Any) -> Any:
     """`debug` / `wan2.1` build a random-initialised VAE (seeded); anything else is a weights path."""
     import torch
-
-    from vidtrain.models.vae import CausalVideoVAE
 
     if spec in VAE_FLAVOR_NAMES:
         if spec != "debug":
@@ -84,7 +84,6 @@ def load_vae(spec: str, seed: int, device: str, dtype: Any) -> Any:
 
 
 def load_text_encoder(args: argparse.Namespace, out: Path, device: str) -> Any:
-    from vidtrain.models.text import TextEncoder, make_tiny_text_encoder
 
     if args.tiny_text_encoder:
         path = out / ".tiny-text-encoder"

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vidtrain.config import load_recipe
+
 ENTRY = ["-m", "vidtrain.cli", "train"]
 
 
@@ -141,7 +143,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def check_recipe(a: argparse.Namespace) -> None:
     """Load the recipe and overrides as `vidtrain train` will (a ConfigError is one line), and check
     that the ranks fit it, before any process starts or any script is rendered."""
-    from vidtrain.config import load_recipe
 
     recipe = load_recipe(a.recipe, a.overrides)
     world, sp = a.nproc * a.nnodes, recipe.parallel.sp_size

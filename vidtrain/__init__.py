@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 
 def _register_plugins() -> None:
-    # the composition root, imported lazily: `import vidtrain` (and `vidtrain --help`) stays light
+    # lazy: the composition root; `import vidtrain` (and `vidtrain --help`) stays light
     import vidtrain.plugins  # noqa: F401
 
 

@@ -25,6 +25,7 @@ def _train(argv: list[str]) -> int:
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = p.parse_args(argv)
+    # lazy: the trainer (torch, deepspeed, ...) only when training: `vidtrain --help` stays fast
     from vidtrain.config import load_recipe
     from vidtrain.train.trainer import train
 
@@ -43,6 +44,7 @@ def _convert(argv: list[str]) -> int:
     p.add_argument("src", help="folder with a Wan2.1 or diffusers WanTransformer3DModel checkpoint")
     p.add_argument("dst", help="output folder (written atomically)")
     args = p.parse_args(argv)
+    # lazy: torch only when converting (`vidtrain --help` stays fast)
     from vidtrain.models.wan import CausalWanDiT
     from vidtrain.models.wan.state_dict import save_vidtrain
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vidtrain.utils.io import read_yaml
+
 
 class ConfigError(ValueError):
     """A recipe that cannot be used; the message says what to fix."""
@@ -297,8 +299,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a recipe YAML (or defaults if `path` is None), apply `key=value` overrides, check it."""
     data: dict[str, Any] = {}
     if path is not None:
-        from vidtrain.utils.io import read_yaml
-
         p = Path(path)
         try:
             loaded = read_yaml(p, "recipe")

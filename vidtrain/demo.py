@@ -22,6 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from vidtrain.assets_paths import sample_video_dir
+from vidtrain.models.text import make_tiny_text_encoder
+from vidtrain.models.vae import CausalVideoVAE
+from vidtrain.report import write_report
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
@@ -53,9 +58,6 @@ def prepare_assets(out: Path) -> tuple[Path, Path]:
     """Fixed-seed debug VAE and tiny umT5 text encoder, saved once so every stage agrees."""
     import torch
 
-    from vidtrain.models.text import make_tiny_text_encoder
-    from vidtrain.models.vae import CausalVideoVAE
-
     vae_path, te_path = out / "assets" / "vae_debug.pth", out / "assets" / "text_encoder"
     vae_path.parent.mkdir(parents=True, exist_ok=True)
     if not vae_path.exists():
@@ -79,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), PYTHONUNBUFFERED="1")
-    from vidtrain.assets_paths import sample_video_dir
 
     vae, te = prepare_assets(out)
     videos, latents = out / "video_shards", out / "latent_shards"
@@ -110,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     for name, cmd in steps:
         times[name] = sh(cmd, logs / f"{name}.log", env)
-    from vidtrain.report import write_report
 
     report = write_report(out, times)
     print("\n== vidtrain demo finished ==")

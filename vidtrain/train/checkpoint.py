@@ -34,7 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidtrain.config import dump_recipe
 from vidtrain.errors import CheckpointError, NonFiniteError
+from vidtrain.models.wan.state_dict import save_model_state
+from vidtrain.quant.qat import write_quant_record
 from vidtrain.utils.faults import kill_point
 from vidtrain.utils.io import atomic_write_text, follow_umask, fsync_dir, sha256_file
 from vidtrain.utils.run_folder import (
@@ -106,9 +109,6 @@ def _nonfinite_keys(state: dict[str, torch.Tensor]) -> list[str]:
 
 def _write_main(trainer, tmp: Path, model_sd: dict, optim_sd: dict, step: int) -> None:
     """Rank 0's part: model, EMA model, trainer state, recipe."""
-    from vidtrain.config import dump_recipe
-    from vidtrain.models.wan.state_dict import save_model_state
-    from vidtrain.quant.qat import write_quant_record
 
     bad = _nonfinite_keys(model_sd)
     if bad:

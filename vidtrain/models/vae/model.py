@@ -345,7 +345,7 @@ class CausalVideoVAE(nn.Module):
         Sizes come from the diffusers `config.json`, or are read off the original state dict
         (or taken from `flavor` when given).
         """
-        from vidtrain.models.vae.weights import load_pretrained
+        from vidtrain.models.vae.weights import load_pretrained  # lazy: weights.py imports this module
 
         return load_pretrained(cls, Path(path), flavor)
 

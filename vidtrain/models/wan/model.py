@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vidtrain.models.wan.attention import AttentionContext, CrossAttention, SelfAttention, rope_cos_sin
 from vidtrain.models.wan.config import WanConfig, flavor
+from vidtrain.models.wan.state_dict import load_pretrained
 from vidtrain.tokens import MaskRule, TokenMeta, grid_meta, patchify, unpatchify
 
 
@@ -122,7 +123,6 @@ class CausalWanDiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, attn_backend: str = "auto") -> CausalWanDiT:
         """Load Wan2.1 weights: original Wan layout, diffusers folder, or a vidtrain checkpoint."""
-        from vidtrain.models.wan.state_dict import load_pretrained
 
         return load_pretrained(cls, path, attn_backend)
 

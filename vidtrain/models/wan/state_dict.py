@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from vidtrain.models.wan.config import WanConfig
+from vidtrain.utils.io import atomic_dir
 from vidtrain.utils.run_folder import latest_checkpoint
 
 OURS_CONFIG = "vidtrain_model.json"
@@ -51,7 +53,6 @@ def diffusers_to_wan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def config_from_diffusers(d: dict):
-    from vidtrain.models.wan.config import WanConfig
 
     return WanConfig(
         dim=d["num_attention_heads"] * d["attention_head_dim"],
@@ -69,7 +70,6 @@ def config_from_diffusers(d: dict):
 
 
 def config_from_wan(d: dict):
-    from vidtrain.models.wan.config import WanConfig
 
     if d.get("model_type", "t2v") != "t2v":
         raise ValueError(
@@ -164,7 +164,6 @@ def resolve_model_folder(path: str | Path) -> Path:
 
 
 def load_pretrained(cls, path: str | Path, attn_backend: str = "auto"):
-    from vidtrain.models.wan.config import WanConfig
 
     folder = resolve_model_folder(path)
     layout, cfg = detect_layout(folder)
@@ -200,7 +199,6 @@ def save_model_state(config, state: dict[str, torch.Tensor], folder: str | Path)
 
 def save_vidtrain(model, folder: str | Path) -> Path:
     """Write a model in our format atomically: temp folder, then rename."""
-    from vidtrain.utils.io import atomic_dir
 
     with atomic_dir(folder) as tmp:
         save_model_state(model.cfg, model.state_dict(), tmp)
