@@ -46,6 +46,7 @@ setup(
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
+            "import-linter>=2.1",
             "diffusers>=0.32",
             "transformers>=4.46",
             "torchao>=0.10",
