@@ -17,6 +17,8 @@ import resource
 import subprocess
 import sys
 
+from bench_common import child_timeout, write_json
+
 
 def run_variant(variant: str, dim: int, layers: int, rank: int) -> dict:
     import torch
@@ -71,49 +73,55 @@ def run_variant(variant: str, dim: int, layers: int, rank: int) -> dict:
             "device": "cuda" if cuda else "cpu"}  # fmt: skip
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--variant", choices=["lora", "full"])
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per variant")
+    p.add_argument("--out", default=None, help="write the results as JSON here (after each variant)")
     a = p.parse_args()
     if a.variant:
         print(json.dumps(run_variant(a.variant, a.dim, a.layers, a.rank)))
-        return
-    res = {}
+        return 0
+    cfg = {"dim": a.dim, "layers": a.layers, "rank": a.rank}
+    res: dict = {}
     for v in ("lora", "full"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            v,
-            "--dim",
-            str(a.dim),
-            "--layers",
-            str(a.layers),
-            "--rank",
-            str(a.rank),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        res[v] = json.loads(out.strip().splitlines()[-1])
-    ratio = res["lora"]["peak_bytes"] / res["full"]["peak_bytes"]
-    print(
-        f"model: dim {a.dim}, {a.layers} layers, {res['lora']['base_params'] / 1e6:.1f}M params; LoRA rank {a.rank}"
-    )
+        cmd = [sys.executable, __file__, "--variant", v, "--dim", str(a.dim), "--layers", str(a.layers),
+               "--rank", str(a.rank)]  # fmt: skip
+        timeout = child_timeout(a.timeout)
+        try:
+            if timeout < 5:
+                raise RuntimeError("skipped: the stage's time is spent")
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+            lines = [ln for ln in r.stdout.strip().splitlines() if ln.startswith("{")]
+            if r.returncode or not lines:
+                raise RuntimeError(f"exit {r.returncode}: " + " | ".join(r.stderr.strip().splitlines()[-3:]))
+            res[v] = json.loads(lines[-1])
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            res[v] = {"variant": v, "error": str(e)[:300]}
+        ok = all("peak_bytes" in res.get(k, {}) for k in ("lora", "full"))
+        ratio = res["lora"]["peak_bytes"] / res["full"]["peak_bytes"] if ok else None
+        if a.out:
+            write_json(a.out, {**cfg, "lora_over_full_peak": ratio, **res})
+    base = next((r["base_params"] / 1e6 for r in res.values() if "base_params" in r), float("nan"))
+    print(f"model: dim {a.dim}, {a.layers} layers, {base:.1f}M params; LoRA rank {a.rank}")
     print("| setup | peak memory (MiB) | trainable params |")
     print("|---|---|---|")
     for v in ("lora", "full"):
-        print(f"| {v} | {res[v]['peak_bytes'] / 2**20:.1f} | {res[v]['trainable_params'] / 1e6:.2f}M |")
+        r = res[v]
+        if "error" in r:
+            print(f"| {v} | {r['error'][:60]} | - |")
+        else:
+            print(f"| {v} | {r['peak_bytes'] / 2**20:.1f} | {r['trainable_params'] / 1e6:.2f}M |")
+    if ratio is None:
+        return 1
     print(
         f"lora / full peak memory: {ratio:.2f}x on {res['lora']['device']} (LongLive reports 0.69x with NVFP4+LoRA)"
     )
-    if a.out:
-        cfg = {"dim": a.dim, "layers": a.layers, "rank": a.rank}
-        with open(a.out, "w") as f:
-            json.dump({**cfg, "lora_over_full_peak": ratio, **res}, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,23 +1,31 @@
-"""NVFP4 throughput: quantize, dequantize, fused KV dequant (torch on CPU, Triton on CUDA).
+"""NVFP4 throughput: quantize, dequantize, KV quantize, fused KV dequant (torch on CPU, Triton on CUDA).
 
     python bench/nvfp4_bench.py --out runs/nvfp4_bench.json [--numel 4194304] [--iters 5]
 
-Bytes moved per element: quantize reads 2 B (bf16) and writes 0.5625 B; dequantize to bf16
-reads 0.5625 B and writes 2 B. On CUDA the bandwidth is also given as a fraction of HBM peak.
+GB/s counts every byte an op moves through memory, per element of a bf16 input:
+  quantize (per-tensor amax)   2 (the amax pass reads x once, `kernels.abs_amax`) + 2 (the
+                               kernel reads x) + 0.5625 (writes codes + e4m3 scales) = 4.5625 B
+  quantize kernel (amax given) 2 + 0.5625 = 2.5625 B (the kernel alone, for comparison)
+  KV quantize_blocks           as quantize, with one amax per (block, head) (the sampler's write)
+  dequantize / fused KV        0.5625 (reads) + 2 (writes bf16) = 2.5625 B (the amax: 4 B a block)
+On CUDA each rate is also a fraction of the datasheet HBM peak (bench_common.DATASHEET); the
+GPU suite adds the fraction of a measured device-to-device copy (bench/peaks.py). Each op is
+timed over --iters calls after one warm-up (the JIT compile on CUDA), bracketed by a device
+synchronize. The JSON (--out) is rewritten after every op; an op that raises is recorded with
+its error and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 
 import torch
+from bench_common import datasheet, write_json
 
 from vidtrain.kernels import nvfp4 as K
 from vidtrain.quant.nvfp4 import BYTES_PER_ELEMENT
-
-HBM_PEAK_TBS = {"H100": 3.35, "H200": 4.8}
 
 
 def _sync(device: torch.device) -> None:
@@ -35,53 +43,68 @@ def _time(fn, device: torch.device, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def _peak(device: torch.device) -> float | None:
+def _hbm_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in HBM_PEAK_TBS.items() if k in name), None)
+    return datasheet(torch.cuda.get_device_name(device))["hbm_bytes_per_s"]
 
 
-def run(numel: int, iters: int, device: torch.device, backend: str) -> dict:
+def cases(numel: int, device: torch.device, backend: str) -> dict:
+    """op name -> (callable, elements, bytes moved per element)."""
     d = 128  # head_dim-like last dim
     x = torch.randn(numel // d, d, device=device, dtype=torch.bfloat16)
+    amax = K.abs_amax(x)
     q = K.quantize(x, backend=backend)
-    # KV: n_blocks chunk blocks [B=1, H=8, Lc, D=128] from all layers, one launch
+    # KV: n_blocks chunk blocks [B=1, H=8, Lc, D=128] of all layers, bf16 as the sampler's
     n_blocks = 16
     lc = max(1, numel // (n_blocks * 8 * d))
-    kv = [K.quantize_blocks(torch.randn(1, 8, lc, d, device=device), (0,), backend) for _ in range(n_blocks)]
-    stacked = K.stack_blocks(kv)
-    kv_numel = n_blocks * 8 * lc * d
-    cases = {
-        "quantize (bf16 -> nvfp4)": (lambda: K.quantize(x, backend=backend), numel, 2 + BYTES_PER_ELEMENT),
+    kv_x = torch.randn(n_blocks, 8, lc, d, device=device, dtype=torch.bfloat16)
+    stacked = K.quantize_blocks(kv_x, (0, 1), backend)  # one amax per (block, head)
+    kv_numel = kv_x.numel()
+    inb = x.element_size()
+    write_q = BYTES_PER_ELEMENT
+    return {
+        "quantize (bf16 -> nvfp4, amax pass incl.)": (
+            lambda: K.quantize(x, backend=backend), numel, inb + inb + write_q),
+        "quantize kernel (bf16 -> nvfp4, amax given)": (
+            lambda: K.quantize_with_amax(x, amax, backend=backend), numel, inb + write_q),
         "dequantize (nvfp4 -> bf16)": (
-            lambda: K.dequantize(q, torch.bfloat16, backend),
-            numel,
-            BYTES_PER_ELEMENT + 2,
-        ),
+            lambda: K.dequantize(q, torch.bfloat16, backend), numel, BYTES_PER_ELEMENT + 2),
+        f"KV quantize_blocks ({n_blocks} blocks x 8 heads, amax pass incl.)": (
+            lambda: K.quantize_blocks(kv_x, (0, 1), backend), kv_numel, inb + inb + write_q),
         f"fused KV dequant ({n_blocks} blocks, 1 launch)": (
-            lambda: K.dequantize_kv_blocks(stacked, torch.bfloat16, backend),
-            kv_numel,
-            BYTES_PER_ELEMENT + 2,
-        ),
-    }
-    peak = _peak(device)
-    rows = []
-    for name, (fn, n, bpe) in cases.items():
-        s = _time(fn, device, iters)
-        gbs = n * bpe / s / 1e9
-        rows.append(
-            {
-                "op": name,
-                "numel": n,
-                "seconds": s,
-                "elements_per_s": n / s,
-                "GB_per_s": gbs,
-                "fraction_of_hbm_peak": (gbs * 1e9 / peak) if peak else None,
-            }
-        )
+            lambda: K.dequantize_kv_blocks(stacked, torch.bfloat16, backend), kv_numel,
+            BYTES_PER_ELEMENT + 2),
+    }  # fmt: skip
+
+
+def run(numel: int, iters: int, device: torch.device, backend: str, out: str | None = None) -> dict:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": dev_name, "backend": backend, "threads": torch.get_num_threads(), "rows": rows}
+    res = {"device": dev_name, "backend": K.resolve_backend(backend, device), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "hbm_peak_datasheet_bytes_per_s": _hbm_peak(device), "rows": []}  # fmt: skip
+    peak = res["hbm_peak_datasheet_bytes_per_s"]
+    try:
+        ops = cases(numel, device, backend)
+    except Exception as e:  # the inputs' quantize failed: nothing to time, but say why
+        res["error"] = f"setting up the inputs: {type(e).__name__}: {e}"[:300]
+        if out:
+            write_json(out, res)
+        return res
+    for name, (fn, n, bpe) in ops.items():
+        try:
+            s = _time(fn, device, iters)
+        except Exception as e:  # recorded: the other ops still run
+            res["rows"].append(
+                {"op": name, "numel": n, "bytes_per_element": bpe, "error": f"{type(e).__name__}: {e}"[:300]}
+            )
+        else:
+            gbs = n * bpe / s / 1e9
+            res["rows"].append({"op": name, "numel": n, "bytes_per_element": bpe, "seconds": s,
+                                "elements_per_s": n / s, "GB_per_s": gbs,
+                                "fraction_of_hbm_peak": (gbs * 1e9 / peak) if peak else None, "error": None})  # fmt: skip
+        if out:
+            write_json(out, res)
+    return res
 
 
 def markdown(res: dict) -> str:
@@ -92,6 +115,9 @@ def markdown(res: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['op']} | {r['numel']:,} | - | {r['error'][:60]} | - |")
+            continue
         frac = f"{r['fraction_of_hbm_peak']:.1%}" if r["fraction_of_hbm_peak"] is not None else "-"
         lines.append(
             f"| {r['op']} | {r['numel']:,} | {r['elements_per_s'] / 1e9:.3f} | {r['GB_per_s']:.2f} | {frac} |"
@@ -107,13 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", default="auto", choices=K.BACKENDS)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
-    res = run(a.numel, a.iters, torch.device(a.device), a.backend)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
+    res = run(a.numel, a.iters, torch.device(a.device), a.backend, a.out)
     print(markdown(res))
     return res
 
 
 if __name__ == "__main__":
-    main()
+    res = main()
+    sys.exit(1 if res.get("error") or any(r["error"] for r in res["rows"]) else 0)

@@ -44,14 +44,14 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import child_timeout, datasheet, write_json
 
-# Dense bf16 tensor-core peak (datasheet, no sparsity), matched against the device name in order.
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
 CKPT = {"on": True, "off": False}
 
 
 def peak_flops(device_name: str) -> float | None:
-    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
+    """Dense bf16 tensor-core peak from the datasheet (bench_common.DATASHEET), None if unknown."""
+    return datasheet(device_name)["bf16_flops"]
 
 
 def tf_mask_pairs(frames: int, frames_per_chunk: int, tokens_per_frame: int) -> int:
@@ -164,10 +164,13 @@ def child(a, setting: str) -> None:
 
 def spawn(a, argv: list[str], setting: str) -> dict:
     cmd = [sys.executable, __file__, *argv, "--one", setting]
+    timeout = child_timeout(a.timeout)  # capped by the GPU suite's stage deadline, if any
+    if timeout < 5:
+        return {"checkpointing": CKPT[setting], "error": "skipped: the stage's time is spent"}
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, check=False)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"checkpointing": CKPT[setting], "error": f"timed out after {a.timeout:.0f} s"}
+        return {"checkpointing": CKPT[setting], "error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in r.stdout.strip().splitlines() if ln.startswith("{")]
     if r.returncode or not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     child_argv = [x for x in (argv if argv is not None else sys.argv[1:])]
     settings = ("on", "off") if a.checkpointing == "both" else (a.checkpointing,)
+    if a.out:  # the shape and FLOP count, before any setting runs
+        write_json(a.out, res)
     for s in settings:
         r = spawn(a, child_argv, s)
         if not r.get("error"):
@@ -264,13 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             r["mfu"] = flops["total"] / r["step_s"] / peak if peak else None
         res["rows"].append(r)
         if a.out:  # after each setting, so a later timeout keeps what finished
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+            write_json(a.out, res)
     table = markdown(res)
     print(table)
     if a.out:
         Path(a.out).with_suffix(".md").write_text(table + "\n")
-    return 0
+    return 1 if all(r.get("error") for r in res["rows"]) else 0
 
 
 if __name__ == "__main__":

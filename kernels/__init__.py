@@ -2,6 +2,7 @@
 
 from vidtrain.kernels.nvfp4 import (
     BACKENDS,
+    abs_amax,
     dequantize,
     dequantize_kv_blocks,
     quantize,
@@ -13,6 +14,7 @@ from vidtrain.kernels.nvfp4 import (
 
 __all__ = [
     "BACKENDS",
+    "abs_amax",
     "dequantize",
     "dequantize_kv_blocks",
     "quantize",

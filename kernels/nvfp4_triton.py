@@ -115,11 +115,16 @@ def _e2m1_encode(v):
 
 
 def _e2m1_decode(c):
-    """E2M1 code (int32 0..15) -> fp32."""
+    """E2M1 code (int32 0..15) -> fp32; code 8 is -0.0.
+
+    The sign is ORed into bit 31 rather than written as `-val`: Triton 3.6 lowers float unary
+    minus to `0 - x`, which turns -0.0 into +0.0 (the torch reference and Triton 3.9 keep -0.0).
+    """
     m = c & 7
     mf = m.to(tl.float32)
     val = tl.where(m < 4, mf * 0.5, tl.where(m == 7, 6.0, mf - 2.0))
-    return tl.where((c & 8) != 0, -val, val)
+    sign = (c & 8) << 28  # bit 3 -> bit 31
+    return (val.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 def _dequantize_kernel(

@@ -56,6 +56,36 @@ def test_quantize_dequantize_interpret_equals_torch(name):
         assert_bitwise(K.dequantize(ref, dtype, backend="interpret"), N.dequantize(ref, dtype))
 
 
+def test_every_e2m1_code_decodes_with_its_sign_negative_zero_too():
+    """Code 8 is -0.0: a decode written as unary minus lost that sign under Triton 3.6."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    data = (codes[0::2] | (codes[1::2] << 4))[None]  # element 2k low nibble, 2k+1 high nibble
+    scales = torch.full((1, 1), 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)  # e4m3 1.0
+    q = N.NVFP4Tensor(data, scales, torch.tensor(2688.0), torch.Size((1, 16)), torch.float32)  # S_enc = 1
+    expect = torch.tensor(N._E2M1_VALUES)[None]
+    assert torch.signbit(expect[0, 8])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = K.dequantize(q, dtype, backend="interpret")
+        assert_bitwise(got, expect.to(dtype))
+        assert_bitwise(got, N.dequantize(q, dtype))
+
+
+@pytest.mark.parametrize("name", sorted(_inputs()))
+def test_one_pass_amax_has_the_reference_bits(name):
+    x = _inputs()[name]
+    assert_bitwise(K.abs_amax(x), x.abs().float().amax())
+    for dims in [(0,), (0, 1), (1,), ()]:
+        if len(dims) < x.ndim:
+            assert_bitwise(K.abs_amax(x, dims), N.group_amax(x, dims))
+    z = -torch.zeros(2, 3, 16)  # all -0.0: the max is +0.0, as abs gives
+    assert not K.abs_amax(z).signbit() and not K.abs_amax(z, (0,)).signbit().any()
+    n = torch.zeros(2, 3, 16)
+    n[1, 2, 5] = math.nan
+    assert (
+        K.abs_amax(n).isnan() and K.abs_amax(n, (0,))[1].isnan().all() and not K.abs_amax(n, (0,))[0].isnan()
+    )
+
+
 def test_tile_2d_interpret_equals_torch():
     w = torch.randn(40, 48)
     assert_same_q(K.quantize(w, tile_2d=True, backend="interpret"), N.quantize(w, tile_2d=True))

@@ -13,8 +13,10 @@ Storage is per layer and per chunk block (K and V of one chunk, [B, H, Lc, D]):
     "fp32" / "bf16" / "fp16": dense tensors;
     "nvfp4": packed E2M1 codes + E4M3 scales (16 along D) with one fp32 amax per
              (batch, head, chunk block) (`quantize_blocks(block, group_dims=(0, 1))`: per head, so
-             head-sharded sequence parallelism quantizes identically). All blocks of a layer are
-             dequantized in one call (`vidtrain.kernels.dequantize_kv_blocks` when available).
+             head-sharded sequence parallelism quantizes identically). Written and read through
+             the `vidtrain.kernels` dispatcher (backend `NVFP4_BACKEND`, "auto": the Triton kernels
+             on CUDA, the torch reference elsewhere; every backend gives the same bytes), all
+             blocks of a layer dequantized in one call (`dequantize_kv_blocks`).
 Keys arrive already rotated (RoPE applied inside the attention), so cached keys keep the
 positions they were written with.
 
@@ -29,6 +31,11 @@ import torch
 
 from vidtrain.quant import nvfp4
 from vidtrain.tokens import MaskRule
+
+try:  # installed from kernels/ by setup.py; a bare source tree has no vidtrain.kernels
+    from vidtrain import kernels
+except ImportError:  # pragma: no cover
+    kernels = None
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None}
 
@@ -45,14 +52,22 @@ def visible_frames(rule: MaskRule, chunk: int, shot_start_chunk: int, frames: to
     return hist & keep
 
 
-def _dequant_backend() -> Callable[[list[nvfp4.NVFP4Tensor], torch.dtype], torch.Tensor]:
-    """Fused many-block dequant from vidtrain.kernels when present, else stack + torch reference."""
-    try:
-        from vidtrain.kernels import dequantize_kv_blocks
+# vidtrain.kernels backend of the NVFP4 KV write and read ("auto", "torch", "triton", "interpret")
+NVFP4_BACKEND = "auto"
 
-        return lambda blocks, dtype: dequantize_kv_blocks(blocks, dtype)
-    except ImportError:  # pragma: no cover - kernels are part of the package here
-        return lambda blocks, dtype: torch.stack([nvfp4.dequantize(b, dtype) for b in blocks])
+
+def _nvfp4_ops(backend: str) -> tuple[Callable, Callable]:
+    """(quantize a [B, H, Lc, D] block, dequantize a list of blocks) through vidtrain.kernels when
+    present (Triton on CUDA under "auto"), else the torch reference (the same bytes)."""
+    if kernels is None:  # pragma: no cover - kernels are part of the installed package
+        return (
+            lambda t: nvfp4.quantize_blocks(t, group_dims=(0, 1)),
+            lambda blocks, dtype: torch.stack([nvfp4.dequantize(b, dtype) for b in blocks]),
+        )
+    return (
+        lambda t: kernels.quantize_blocks(t, (0, 1), backend=backend),
+        lambda blocks, dtype: kernels.dequantize_kv_blocks(blocks, dtype, backend=backend),
+    )
 
 
 class KVCache:
@@ -64,8 +79,14 @@ class KVCache:
     """
 
     def __init__(
-        self, num_layers: int, rule: MaskRule, tokens_per_frame: int, kv_dtype: str = "bf16"
+        self,
+        num_layers: int,
+        rule: MaskRule,
+        tokens_per_frame: int,
+        kv_dtype: str = "bf16",
+        nvfp4_backend: str | None = None,
     ) -> None:
+        """`nvfp4_backend`: a `vidtrain.kernels` backend for kv_dtype "nvfp4" (None: NVFP4_BACKEND)."""
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown KV cache dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
         self.rule, self.kv_dtype = rule, kv_dtype
@@ -74,7 +95,8 @@ class KVCache:
         self.shot_start: dict[int, int] = {}
         self.chunk, self.shot, self.write = 0, 0, False
         self._history: list[int] = []
-        self._dequant = _dequant_backend()
+        self.nvfp4_backend = nvfp4_backend or NVFP4_BACKEND
+        self._quant, self._dequant = _nvfp4_ops(self.nvfp4_backend)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -115,7 +137,7 @@ class KVCache:
     # ---- storage -------------------------------------------------------------------------------
     def _store(self, t_BHLD: torch.Tensor):
         if self.kv_dtype == "nvfp4":
-            return nvfp4.quantize_blocks(t_BHLD.detach(), group_dims=(0, 1))
+            return self._quant(t_BHLD.detach())
         return t_BHLD.detach().to(KV_DTYPES[self.kv_dtype])
 
     def _read(self, layer: dict[int, tuple], chunks: list[int], dtype: torch.dtype) -> tuple[list, list]:

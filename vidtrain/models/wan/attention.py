@@ -164,6 +164,11 @@ class SelfAttention(nn.Module):
         q_BHLD = apply_rope(heads(self.norm_q(self.q(x_BLD))), rope)
         k_BHLD = apply_rope(heads(self.norm_k(self.k(x_BLD))), rope)
         v_BHLD = heads(self.v(x_BLD))
+        # CUDA bf16 autocast runs rms_norm in fp32 (and RoPE keeps its input's dtype), so q/k
+        # would reach the core as fp32 beside a bf16 v: FlexAttention rejects mixed dtypes and
+        # SDPA would run QK^T in fp32. One dtype, v's (the linear's autocast dtype); `.to` is a
+        # no-op (the same tensor) when the dtypes already agree, as in fp32 on CPU.
+        q_BHLD, k_BHLD = q_BHLD.to(v_BHLD.dtype), k_BHLD.to(v_BHLD.dtype)
         out_BHLD = self.core(q_BHLD, k_BHLD, v_BHLD, ctx)
         return self.o(out_BHLD.transpose(1, 2).flatten(2))
 
