@@ -24,8 +24,8 @@ import time
 import torch
 from bench_common import datasheet, write_json
 
+from vidtrain.formats.nvfp4 import BYTES_PER_ELEMENT
 from vidtrain.kernels import nvfp4 as K
-from vidtrain.quant.nvfp4 import BYTES_PER_ELEMENT
 
 
 def _sync(device: torch.device) -> None:

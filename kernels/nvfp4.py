@@ -1,7 +1,7 @@
 """NVFP4 quantize / dequantize / fused KV dequantize with one dispatcher over three backends.
 
 backend = "auto"      Triton on CUDA tensors (when triton imports), the torch reference elsewhere
-          "torch"     `vidtrain.quant.nvfp4` (any device; the oracle)
+          "torch"     `vidtrain.formats.nvfp4` (any device; the oracle)
           "triton"    compiled Triton kernels (CUDA tensors)
           "interpret" the same kernels under the Triton interpreter (CPU tensors; tests)
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vidtrain.quant import nvfp4 as ref
-from vidtrain.quant.nvfp4 import NVFP4Tensor
+from vidtrain.formats import nvfp4 as ref
+from vidtrain.formats.nvfp4 import NVFP4Tensor
 
 try:
     import triton  # noqa: F401
@@ -97,7 +97,7 @@ def quantize_with_amax(
 
 def abs_amax(x: torch.Tensor, group_dims: Sequence[int] | None = None) -> torch.Tensor:
     """fp32 max|x| per tensor (`group_dims` None) or per index of `group_dims` (keepdim, as
-    `vidtrain.quant.nvfp4.group_amax`), with the same bits as `x.abs().float().amax(...)`.
+    `vidtrain.formats.nvfp4.group_amax`), with the same bits as `x.abs().float().amax(...)`.
 
     One read of x (`torch.aminmax`, max|x| = max(max, -min)) instead of abs's full temporary, its
     fp32 copy and a read of that: the amax pass is a third of a bf16 quantize's traffic and was
@@ -120,13 +120,13 @@ def abs_amax(x: torch.Tensor, group_dims: Sequence[int] | None = None) -> torch.
 
 
 def quantize(x: torch.Tensor, tile_2d: bool = False, backend: str = "auto") -> NVFP4Tensor:
-    """Per-tensor amax NVFP4 (see `vidtrain.quant.nvfp4.quantize`)."""
+    """Per-tensor amax NVFP4 (see `vidtrain.formats.nvfp4.quantize`)."""
     ref._check_last_dim(x)
     return quantize_with_amax(x, abs_amax(x), tile_2d, backend)
 
 
 def quantize_blocks(x: torch.Tensor, group_dims: Sequence[int] = (0,), backend: str = "auto") -> NVFP4Tensor:
-    """Per-group amax NVFP4 for KV blocks (see `vidtrain.quant.nvfp4.quantize_blocks`)."""
+    """Per-group amax NVFP4 for KV blocks (see `vidtrain.formats.nvfp4.quantize_blocks`)."""
     ref._check_last_dim(x)
     if x.ndim - 1 in {d % x.ndim for d in group_dims}:
         raise ValueError("group_dims may not include the last (blocked) dim")

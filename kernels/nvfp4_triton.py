@@ -1,6 +1,6 @@
 """Triton NVFP4 kernels: quantize and dequantize (one launch for many KV blocks too).
 
-The arithmetic is the TE chain of `vidtrain.quant.nvfp4`, step for step in fp32, with
+The arithmetic is the TE chain of `vidtrain.formats.nvfp4`, step for step in fp32, with
 `tl.div_rn` for every division so the GPU, the interpreter and the torch reference agree bit for
 bit. The e4m3 scale byte is built by hand from fp32 bits (round to nearest even) instead of a
 Triton fp8 cast, whose rounding differs between backends.

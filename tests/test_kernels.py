@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from vidtrain.quant import nvfp4 as N
+from vidtrain.formats import nvfp4 as N
 
 pytest.importorskip("triton")
 K = pytest.importorskip("vidtrain.kernels")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vidtrain.formats import nvfp4 as N
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.quant import nvfp4 as N
 from vidtrain.sample import kv_cache
 from vidtrain.sample.sampler import SamplerConfig, StreamingSampler, debug_text_context
 from vidtrain.tokens import MaskRule

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidtrain.quant import nvfp4 as N
+from vidtrain.formats import nvfp4 as N
 
 torchao_kernels = pytest.importorskip("torchao.prototype.mx_formats.kernels")
 torchao_nvfp4 = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vidtrain.quant import nvfp4 as N
+from vidtrain.formats import nvfp4 as N
 from vidtrain.quant import qat
 
 

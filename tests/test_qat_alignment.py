@@ -13,9 +13,9 @@ import torch
 from vidtrain.config import load_recipe
 from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, noise_latents
 from vidtrain.forcing.teacher import build_tf_sequence, noisy_prediction_frames
+from vidtrain.formats import nvfp4 as N
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.attention import AttentionContext
-from vidtrain.quant import nvfp4 as N
 from vidtrain.quant.convert import convert_for_recipe
 from vidtrain.quant.kv import KVFakeQuantHook, fake_quantize_kv_grouped
 from vidtrain.quant.qat import export_weights

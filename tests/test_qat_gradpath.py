@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vidtrain.config import load_recipe
-from vidtrain.quant import nvfp4 as N
+from vidtrain.formats import nvfp4 as N
 from vidtrain.quant import qat
 from vidtrain.quant.qat import NVFP4Linear
 from vidtrain.train.trainer import train

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vidtrain.quant import nvfp4
+from vidtrain.formats import nvfp4
 
 KERNEL_BACKENDS = ("torch", "triton", "interpret")
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidtrain.quant import nvfp4
+from vidtrain.formats import nvfp4
 from vidtrain.registry import Registry
 
 log = logging.getLogger(__name__)

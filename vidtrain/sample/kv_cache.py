@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from vidtrain.quant import nvfp4
+from vidtrain.formats import nvfp4
 from vidtrain.tokens import MaskRule
 
 try:  # installed from kernels/ by setup.py; a bare source tree has no vidtrain.kernels

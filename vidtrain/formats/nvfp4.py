@@ -197,7 +197,7 @@ def _check_last_dim(x: torch.Tensor) -> None:
     if x.ndim == 0 or x.shape[-1] % BLOCK != 0:
         raise ValueError(
             f"NVFP4 needs the last dim to be a multiple of {BLOCK}, got shape {tuple(x.shape)}; "
-            "zero-pad it with vidtrain.quant.nvfp4.pad_last_dim and slice the result back"
+            "zero-pad it with vidtrain.formats.nvfp4.pad_last_dim and slice the result back"
         )
 
 
