@@ -34,7 +34,7 @@ setup(
         "decord>=0.6.0",
         "omegaconf>=2.3",
         "pyyaml>=6",
-        "wandb>=0.17",
+        "wandb>=0.19.10",
         "einops>=0.8",
         "tqdm>=4.66",
         "matplotlib>=3.8",

@@ -27,7 +27,9 @@ class MetricsLogger:
                     dir=str(run_dir),
                     mode=mode,
                     config=recipe.to_dict(),
-                    reinit=True,
+                    reinit="finish_previous",
+                    # its banner and 20-line summary only when asked (VIDTRAIN_VERBOSE=1)
+                    settings=wandb.Settings(silent=not os.environ.get("VIDTRAIN_VERBOSE")),
                 )
             except Exception as e:  # wandb must never stop a training run
                 print(f"[vidtrain] wandb disabled: {e}")
