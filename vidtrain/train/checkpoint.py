@@ -39,7 +39,7 @@ from vidtrain.errors import CheckpointError, NonFiniteError
 from vidtrain.models.wan.state_dict import save_model_state
 from vidtrain.quant.qat import write_quant_record
 from vidtrain.utils.faults import kill_point
-from vidtrain.utils.io import atomic_write_text, follow_umask, fsync_dir, sha256_file
+from vidtrain.utils.io import atomic_write_text, follow_umask, fsync_dir, replace_dir, sha256_file
 from vidtrain.utils.run_folder import (
     MANIFEST,
     STATE,
@@ -161,13 +161,7 @@ def _commit(tmp: Path, final: Path, step: int, keep: int) -> None:
     """Rank 0: manifest, one rename, `latest`, prune."""
     write_manifest(tmp, step)
     kill_point("manifest", step, 0)
-    if final.exists():  # a damaged folder of this step (skipped at resume): replaced whole
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    replace_dir(tmp, final)  # a damaged folder of this step (skipped at resume) is replaced whole
     fsync_dir(final.parent)
     kill_point("rename", step, 0)
     atomic_write_text(final.parent / "latest", final.name + "\n")

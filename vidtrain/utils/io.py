@@ -42,6 +42,18 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder `tmp` at `final` by rename; an existing `final` is moved aside
+    first and removed after (a folder of the same name never is half one, half the other)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success replace `final` with it in one rename."""
@@ -51,13 +63,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     follow_umask(tmp, is_dir=True)
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
