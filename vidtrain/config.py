@@ -1,15 +1,20 @@
 """The recipe schema: typed dataclasses, strict YAML loading, `key=value` overrides.
 
-Defaults live here and nowhere else. Unknown keys fail with the close valid names; wrong types
-fail with the dotted path of the field.
+Defaults live here and nowhere else: the constants below are the values several sections and
+the sampler (`vidtrain.sample.SamplerConfig`) share, the dataclasses the rest. Unknown keys fail
+with the close valid names; wrong types fail with the dotted path of the field; every check
+across fields is in `validate` (run by `load_recipe`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +26,16 @@ from vidtrain.utils.io import read_yaml
 
 class ConfigError(ValueError):
     """A recipe that cannot be used; the message says what to fix."""
+
+
+# ---- values that several sections and the sampler share (each one lives here only) -----------
+NUM_TRAIN_TIMESTEPS = 1000  # timesteps live on 0..1000, sigma = t / 1000 (the model embeds t)
+FRAMES_PER_CHUNK = 3  # latent frames per chunk: training's chunking and the sampler's
+TIMESTEP_SHIFT = 5.0  # Wan/SD3 shift: of training's timestep draws and of the few-step schedule
+DENOISING_STEPS = (1000.0, 750.0, 500.0, 250.0)  # few-step schedule before the shift (DMD, sampler)
+# linears kept in high precision by NVFP4 QAT (fnmatch on module names): embeddings, the time
+# embedding and projection, the output head
+QAT_EXCLUDE = ("patch_embedding", "text_embedding.*", "time_embedding.*", "time_projection.*", "head.*")
 
 
 @dataclass
@@ -36,10 +51,11 @@ class ModelConfig:
     checkpoint: str | None = None  # Wan2.1 / diffusers / vidtrain folder to start from
     in_channels: int | None = None  # override the flavor's latent channels (must match the VAE)
     text_dim: int | None = None  # override the flavor's text embedding size
-    frames_per_chunk: int = 3
+    frames_per_chunk: int = FRAMES_PER_CHUNK
     attn_backend: Literal["auto", "sdpa", "flash", "flex"] = "auto"
     activation_checkpointing: bool = False
-    # attention restriction mirroring the sampler's KV cache (None = all history)
+    # attention restriction mirroring the sampler's KV cache (None = all history); `vidtrain
+    # sample` of the run's checkpoints takes these (vidtrain/sample/settings.py)
     window_frames: int | None = None
     sink_frames: int = 0
     shot_sink: bool = False
@@ -74,9 +90,9 @@ class DataConfig:
 
 @dataclass
 class ForcingConfig:
-    timestep_shift: float = 5.0
+    timestep_shift: float = TIMESTEP_SHIFT
     min_timestep: float = 0.0
-    max_timestep: float = 1000.0
+    max_timestep: float = float(NUM_TRAIN_TIMESTEPS)
 
 
 @dataclass
@@ -84,10 +100,10 @@ class DMDConfig:
     teacher: str | None = None  # teacher checkpoint (defaults to model.checkpoint)
     guidance_scale: float = 3.0
     generator_update_every: int = 5  # generator step every k-th critic step
-    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    denoising_steps: list[float] = field(default_factory=lambda: list(DENOISING_STEPS))
     min_timestep: float = 20.0
     max_timestep: float = 980.0
-    timestep_shift: float = 5.0
+    timestep_shift: float = TIMESTEP_SHIFT
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "ffn.0", "ffn.2"])
@@ -95,7 +111,7 @@ class DMDConfig:
     critic_lr: float = 4e-7
     generator_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     critic_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99  # the generator LoRA's EMA (exported); 0 disables
     rollout: Literal["self_forcing", "teacher_forcing"] = "self_forcing"
     negative_prompt_zero: bool = True  # unconditional branch uses a zero text context
 
@@ -119,19 +135,20 @@ class ParallelConfig:
 
 @dataclass
 class QuantConfig:
+    """NVFP4: what the run's model trains as (read through `Recipe.quantized`)."""
+
+    # the model trains as NVFP4 fake-quant (W4A4 linears, see `exclude`): implied by
+    # method.name=qat (QAT is training that model); with dmd, a high-precision teacher's base is
+    # converted (a QAT teacher's base is NVFP4 anyway); refused with teacher_forcing
     enabled: bool = False
     format: str = "nvfp4"
+    # where the NVFP4 arithmetic runs: emulate (torch, any device) | triton (CUDA) | te
+    # (Transformer Engine, Blackwell); vidtrain/quant/convert.py maps it to the implementations
     backend: Literal["emulate", "triton", "te"] = "emulate"
-    exclude: list[str] = field(
-        default_factory=lambda: [
-            "patch_embedding",
-            "text_embedding.*",
-            "time_embedding.*",
-            "time_projection.*",
-            "head.*",
-        ]
-    )
-    kv_fake_quant: bool = True  # fake-quantize clean-history K/V as the NVFP4 KV cache stores it
+    exclude: list[str] = field(default_factory=lambda: list(QAT_EXCLUDE))
+    # history K/V as the NVFP4 KV cache stores them: fake-quantized in QAT's teacher forcing, the
+    # NVFP4 cache in DMD's rollouts and the sampler's default for the run's checkpoints
+    kv_fake_quant: bool = True
     stochastic_rounding: bool = False
     hadamard: bool = False
 
@@ -157,9 +174,9 @@ class TrainConfig:
     max_steps: int = 100
     grad_accum: int = 1
     log_every: int = 1
-    ckpt_every: int = 50
+    ckpt_every: int = 50  # and at max_steps; methods export with it (Method.on_checkpoint)
     keep_checkpoints: int = 2
-    ema_decay: float | None = 0.999  # None disables EMA
+    ema_decay: float | None = 0.999  # None (or 0) disables EMA
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
     progress: bool = True
     # deterministic kernels (bit-exact resume); None: on for CPU runs, off on GPU (speed)
@@ -199,6 +216,12 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def quantized(self) -> bool:
+        """The recipe trains an NVFP4 fake-quant model: `quant.enabled`, implied by method qat
+        (a DMD teacher whose checkpoint carries quant.json is distilled on its NVFP4 base too)."""
+        return self.method.name == "qat" or self.quant.enabled
 
 
 # ---- strict conversion ----------------------------------------------------------------------
@@ -356,6 +379,65 @@ def validate(r: Recipe) -> None:
         )
     if len(r.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 numbers, got {r.optim.betas}")
+    _validate_schedules(r)
+    if r.train.ema_decay is not None and not 0 <= r.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 or null: off), got {r.train.ema_decay}")
+    if not 0 <= r.method.dmd.ema_decay < 1:
+        raise ConfigError(f"method.dmd.ema_decay must be in [0, 1) (0: off), got {r.method.dmd.ema_decay}")
+    if r.method.name == "dmd":
+        _validate_dmd(r)
+
+
+def check_timesteps(timesteps: Sequence[float], name: str = "timesteps") -> None:
+    """A few-step schedule: strictly decreasing timesteps in (0, NUM_TRAIN_TIMESTEPS]."""
+    ts = list(timesteps)
+    if not ts or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in ts):
+        raise ConfigError(f"{name} must be in (0, {NUM_TRAIN_TIMESTEPS}], got {ts}")
+    if any(a <= b for a, b in itertools.pairwise(ts)):
+        raise ConfigError(f"{name} must be strictly decreasing, got {ts}")
+
+
+def check_shift(shift: float, name: str = "shift") -> None:
+    if not 0 < shift < math.inf:  # NaN passes `shift > 0` and samples a black video
+        raise ConfigError(f"{name} must be a finite number > 0, got {shift:g}")
+
+
+def _validate_schedules(r: Recipe) -> None:
+    """Timestep ranges, shifts and DMD's few-step schedule."""
+    for name, sec in (("method.forcing", r.method.forcing), ("method.dmd", r.method.dmd)):
+        if not 0 <= sec.min_timestep < sec.max_timestep <= NUM_TRAIN_TIMESTEPS:
+            raise ConfigError(
+                f"{name} needs 0 <= min_timestep < max_timestep <= {NUM_TRAIN_TIMESTEPS}, "
+                f"got {sec.min_timestep}, {sec.max_timestep}"
+            )
+        check_shift(sec.timestep_shift, f"{name}.timestep_shift")
+    check_timesteps(r.method.dmd.denoising_steps, "method.dmd.denoising_steps")
+
+
+def _validate_dmd(r: Recipe) -> None:
+    """What the dmd method supports (the teacher's files are checked when the method starts)."""
+    d, m, p = r.method.dmd, r.model, r.parallel
+    if r.train.grad_accum != 1:
+        raise ConfigError("method dmd runs one rollout per step: set train.grad_accum=1")
+    if p.strategy not in ("none", "ddp", "deepspeed") or p.sp_size != 1:
+        raise ConfigError(
+            f"method dmd supports parallel.strategy none, ddp or deepspeed without sequence "
+            f"parallelism, got {p.strategy} with sp_size={p.sp_size}"
+        )
+    if p.strategy == "deepspeed" and p.zero_stage == 3:
+        raise ConfigError(
+            "method dmd runs its roles on the unwrapped module, which ZeRO-3 leaves partitioned: "
+            "use parallel.zero_stage 0, 1 or 2 (the trainable LoRA weights are small)"
+        )
+    if not d.negative_prompt_zero:
+        raise ConfigError(
+            "method.dmd.negative_prompt_zero=false needs negative prompt embeddings, not supported yet"
+        )
+    if d.teacher and m.checkpoint and Path(d.teacher) != Path(m.checkpoint):
+        raise ConfigError(
+            f"one base serves all DMD roles: method.dmd.teacher={d.teacher} and model.checkpoint="
+            f"{m.checkpoint} differ; set only one"
+        )
 
 
 def dump_recipe(r: Recipe) -> str:

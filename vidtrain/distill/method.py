@@ -14,26 +14,43 @@ step counts: two optimizers in one state dict (resumed by the trainer's checkpoi
 Parallel: data-parallel ranks (ddp, deepspeed ZeRO 0-2) roll out their own samples; every random
 draw of a sample is keyed by its index in the global batch, so a step does not depend on how
 the batch is split (equal to one process on the concatenated batch, tests/test_dmd_parallel.py).
-The generator LoRA keeps its own EMA (`method.dmd.ema_decay`); the export (RUN/lora/, at the
-end of training and whenever the trainer checkpoints) writes the EMA weights.
-On an NVFP4 (QAT) base the self-forcing rollouts use the NVFP4 KV cache, as deployed.
+The generator LoRA keeps its own EMA (`method.dmd.ema_decay`, vidtrain/train/ema.py); the export
+(RUN/lora/, whenever the trainer checkpoints: `on_checkpoint`) writes the EMA weights.
+The rollouts' sampler settings are resolved once, from the recipe, by `SamplerConfig.from_run`
+(the settings `vidtrain sample` takes from the run): on an NVFP4 (QAT) base the self-forcing
+rollouts use the NVFP4 KV cache, as deployed; on a high-precision base fp32 K/V.
 
 Legend: B batch, C channels, F latent frames, K chunks, H/W latent size.
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from vidtrain.distill.rollout import step_sigmas, tf_velocity
+from vidtrain.config import validate
+from vidtrain.distill.rollout import tf_velocity
 from vidtrain.forcing.flow import frames_sigma, noise_latents, sample_chunk_sigmas
 from vidtrain.lora import roles as lora
+from vidtrain.lora.files import export_lora
+from vidtrain.models.wan import CausalWanDiT
+from vidtrain.models.wan.state_dict import resolve_model_folder
+from vidtrain.quant.convert import convert_for_recipe
+from vidtrain.quant.qat import apply_quant_record
+from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
 from vidtrain.tokens import MaskRule
+from vidtrain.train.ema import EMA
 from vidtrain.train.methods import METHODS, Method
+from vidtrain.utils import rng
+
+if TYPE_CHECKING:
+    from vidtrain.train.context import StepContext
+
+# the rollouts' K/V on a high-precision base: the training precision (an NVFP4 base: "nvfp4")
+ROLLOUT_KV = "fp32"
 
 
 def dmd_gradient(x_BCFHW, real_x0, fake_x0, frames_per_chunk: int) -> torch.Tensor:
@@ -53,46 +70,16 @@ def dmd_loss(x_BCFHW: torch.Tensor, g_BCFHW: torch.Tensor) -> torch.Tensor:
 
 
 def check_dmd_recipe(recipe) -> Path:
-    """Clear errors before any model is built; returns the teacher checkpoint folder."""
+    """Clear errors before any model is built; returns the teacher checkpoint folder.
+
+    The recipe's own checks are `config.validate`'s (run again here: a recipe may have been
+    changed after loading); what is left is the teacher a run needs (shipped recipes leave it to
+    the command line)."""
+    validate(recipe)
     d, m = recipe.method.dmd, recipe.model
-    if d.generator_update_every < 1:
-        raise ValueError(f"method.dmd.generator_update_every must be >= 1, got {d.generator_update_every}")
-    steps = list(d.denoising_steps)
-    if (
-        not steps
-        or any(not 0 < t <= 1000 for t in steps)
-        or any(a <= b for a, b in itertools.pairwise(steps))
-    ):
-        raise ValueError(f"method.dmd.denoising_steps must decrease within (0, 1000], got {steps}")
-    if not 0 <= d.min_timestep < d.max_timestep <= 1000:
-        raise ValueError(
-            f"method.dmd needs 0 <= min_timestep < max_timestep <= 1000, got {d.min_timestep}, {d.max_timestep}"
-        )
-    if recipe.train.grad_accum != 1:
-        raise ValueError("method dmd runs one rollout per step: set train.grad_accum=1")
-    p = recipe.parallel
-    if p.strategy not in ("none", "ddp", "deepspeed") or p.sp_size != 1:
-        raise ValueError(
-            f"method dmd supports parallel.strategy none, ddp or deepspeed without sequence "
-            f"parallelism, got {p.strategy} with sp_size={p.sp_size}"
-        )
-    if p.strategy == "deepspeed" and p.zero_stage == 3:
-        raise ValueError(
-            "method dmd runs its roles on the unwrapped module, which ZeRO-3 leaves partitioned: "
-            "use parallel.zero_stage 0, 1 or 2 (the trainable LoRA weights are small)"
-        )
-    if not d.negative_prompt_zero:
-        raise ValueError(
-            "method.dmd.negative_prompt_zero=false needs negative prompt embeddings, not supported yet"
-        )
     teacher = d.teacher or m.checkpoint
     if teacher is None:
         raise ValueError("method.dmd.teacher (or model.checkpoint) must name the teacher checkpoint")
-    if d.teacher and m.checkpoint and Path(d.teacher) != Path(m.checkpoint):
-        raise ValueError(
-            f"one base serves all DMD roles: method.dmd.teacher={d.teacher} and model.checkpoint="
-            f"{m.checkpoint} differ; set only one"
-        )
     if not Path(teacher).exists():
         raise FileNotFoundError(f"method.dmd.teacher: checkpoint not found: {teacher}")
     return Path(teacher)
@@ -127,15 +114,15 @@ class DMD(Method):
         self.teacher_path = check_dmd_recipe(recipe)
         self.cfg = recipe.method.dmd
         self.fpc = recipe.model.frames_per_chunk
-        self.sigmas = step_sigmas(self.cfg.denoising_steps, self.cfg.timestep_shift)
-        self.ema: dict[str, torch.Tensor] | None = None
+        # the self-forcing rollouts' settings, as `vidtrain sample` resolves them for this run
+        self.sampler_config = SamplerConfig.from_run(recipe, defaults={"kv_cache": ROLLOUT_KV})
+        self.sigmas = self.sampler_config.sigmas()  # the few-step schedule (denoising_steps, shift)
+        self.ema: EMA | None = None
         self.updates = {"generator": 0, "critic": 0}
 
     # ---- set-up --------------------------------------------------------------------------------
-    def prepare_model(self, model: torch.nn.Module, trainer) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, trainer: StepContext) -> torch.nn.Module:
         """Teacher weights into the base, optional NVFP4 convert, then the two adapters."""
-        from vidtrain.models.wan import CausalWanDiT
-
         if self.recipe.model.checkpoint is None:
             teacher = CausalWanDiT.from_pretrained(str(self.teacher_path))
             if teacher.cfg != model.cfg:
@@ -144,28 +131,17 @@ class DMD(Method):
                 )
             model.load_state_dict(teacher.state_dict())
             del teacher
-        from vidtrain.models.wan.state_dict import resolve_model_folder
-        from vidtrain.quant.qat import apply_quant_record
-
         # a QAT teacher is distilled as it will be deployed: on its NVFP4 fake-quant base
-        if (
-            not apply_quant_record(model, resolve_model_folder(self.teacher_path))
-            and self.recipe.quant.enabled
-        ):
-            from vidtrain.quant.convert import convert_for_recipe
-
+        if not apply_quant_record(model, resolve_model_folder(self.teacher_path)) and self.recipe.quantized:
             convert_for_recipe(model, self.recipe.quant, trainer.device)
         d = self.cfg
         peft_model = lora.add_roles(model, d.lora_rank, d.lora_alpha, d.lora_targets)
         if d.ema_decay > 0:
-            self.ema = {
-                n: p.detach().float().cpu().clone()
-                for n, p in lora.adapter_params(peft_model, lora.GENERATOR).items()
-            }
+            self.ema = EMA(lora.adapter_params(peft_model, lora.GENERATOR), d.ema_decay)
         self._peft_model = peft_model
         return peft_model
 
-    def make_optimizer(self, trainer, params: list) -> torch.optim.Optimizer:
+    def make_optimizer(self, trainer: StepContext, params: list) -> torch.optim.Optimizer:
         """One AdamW, a parameter group per role (its own lr and betas); `update` steps one role's
         group at a time, and one state dict resumes both."""
         o, d = self.recipe.optim, self.cfg
@@ -188,7 +164,7 @@ class DMD(Method):
     def exit_steps(self, step: int, num_chunks: int) -> list[int]:
         """The rollout's exit step of each chunk: a function of (seed, step) only, so equal on
         every rank (Self-Forcing draws one per chunk)."""
-        g = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 7919 + 101)
+        g = rng.step_only_generator(self.recipe.seed, step)
         return torch.randint(len(self.sigmas), (num_chunks,), generator=g).tolist()
 
     def is_generator_step(self, step: int) -> bool:
@@ -214,18 +190,9 @@ class DMD(Method):
         return noise_latents(x_data, noise, sigma_BF) - sigma_BF[:, None, :, None, None] * v.float()
 
     def self_forcing_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int], grad: bool):
-        from vidtrain.lora.files import nvfp4_linears
-        from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
-
-        m, d = self.recipe.model, self.cfg
-        kv = "nvfp4" if nvfp4_linears(model) else "fp32"  # a QAT base is distilled as deployed
-        cfg = SamplerConfig(
-            timesteps=tuple(d.denoising_steps), shift=d.timestep_shift, frames_per_chunk=self.fpc,
-            window_frames=m.window_frames, sink_frames=m.sink_frames, shot_sink=m.shot_sink, kv_cache=kv,
-        )  # fmt: skip
         b, _, f, h, w = x_data.shape
         seeds = self.sample_seeds(trainer, b, salt=0)
-        out = StreamingSampler(model, cfg).generate_latents(
+        out = StreamingSampler(model, self.sampler_config).generate_latents(
             Conditioning(text, mask), f // self.fpc, (h, w), seeds, grad_exit=exit_step if grad else None
         )
         return out.latents_BCFHW
@@ -237,8 +204,8 @@ class DMD(Method):
     def sample_seeds(self, trainer, batch_size: int, salt: int) -> list[int]:
         """One seed per sample from (seed, step, the sample's index in the global batch, salt):
         a step draws the same numbers however its batch is split over data-parallel ranks."""
-        key = (self.recipe.seed * 1_000_003 + trainer.step) * 65_536 + trainer.strategy.dp_rank * batch_size
-        return [(key + i) * 8 + salt for i in range(batch_size)]
+        first = trainer.strategy.dp_rank * batch_size
+        return rng.sample_seeds(self.recipe.seed, trainer.step, first, batch_size, salt)
 
     def generators(self, trainer, x: torch.Tensor, salt: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(s) for s in self.sample_seeds(trainer, x.shape[0], salt)]
@@ -294,17 +261,10 @@ class DMD(Method):
         s.backward(loss, trainer.model)
         if s.dp_size > 1:  # the roles ran on the unwrapped module: DDP needs its average by hand
             s.sync_grads(trainer.model)
-        trainer.optimizer.active_role = role
-        try:
-            finite = bool(torch.isfinite(loss.detach()))
-            return s.clip_and_step(
-                trainer.model, trainer.optimizer, self.recipe.optim.grad_clip, finite=finite
-            )
-        finally:
-            trainer.optimizer.active_role = None
+        return trainer.optimizer_step(bool(torch.isfinite(loss.detach())), role=role)
 
     # ---- the step ------------------------------------------------------------------------------
-    def train_step(self, trainer, step: int) -> dict[str, float]:
+    def train_step(self, trainer: StepContext, step: int) -> dict[str, float]:
         model = trainer.strategy.unwrap(trainer.model)
         batch = trainer.next_batch()
         logs: dict[str, float] = {}
@@ -321,37 +281,37 @@ class DMD(Method):
         loss_c = self.critic_loss(trainer, model, x, batch)
         logs["critic_grad_norm"] = self.update(trainer, "critic", loss_c)
         self.updates["critic"] += 1
-        trainer.scheduler.step()
+        trainer.scheduler_step()
         logs.update(loss=float(loss_c.detach()), critic_loss=float(loss_c.detach()))
         logs.update({f"{k}_updates": float(v) for k, v in self.updates.items()})
-        t = self.recipe.train
-        # RUN/lora/ at the end and with every checkpoint (the trainer's condition after this step)
-        if step + 1 == t.max_steps or (step + 1) % t.ckpt_every == 0:
-            self.export(trainer, model)
         return logs
 
-    @torch.no_grad()
     def update_ema(self, model) -> None:
-        if self.ema is None:
-            return
-        for n, p in lora.adapter_params(model, lora.GENERATOR).items():
-            self.ema[n].lerp_(p.detach().float().cpu(), 1.0 - self.cfg.ema_decay)
+        if self.ema is not None:
+            self.ema.update(lora.adapter_params(model, lora.GENERATOR))
+
+    def on_checkpoint(self, trainer: StepContext, step: int) -> None:
+        """RUN/lora/ with every checkpoint (and so at the end of training)."""
+        self.export(trainer, trainer.strategy.unwrap(trainer.model))
 
     def export(self, trainer, model) -> None:
         """RUN/lora/: the generator LoRA (EMA weights when EMA is on), peft format, atomically."""
-        from vidtrain.lora.files import export_lora
-
         if trainer.strategy.is_main:
             export_lora(
-                model, trainer.run_dir / "lora", weights=self.ema, teacher=str(self.teacher_path),
+                model, trainer.run_dir / "lora", weights=None if self.ema is None else self.ema.shadow,
+                teacher=str(self.teacher_path),
                 extra={"denoising_steps": list(self.cfg.denoising_steps), "timestep_shift": self.cfg.timestep_shift,
-                       "frames_per_chunk": self.fpc, "quant": self.recipe.quant.enabled},
+                       "frames_per_chunk": self.fpc, "quant": self.recipe.quantized},
             )  # fmt: skip
         trainer.strategy.barrier()
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "updates": dict(self.updates)}
+        return {"ema": None if self.ema is None else self.ema.shadow, "updates": dict(self.updates)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ema = None if state.get("ema") is None else {k: v.clone() for k, v in state["ema"].items()}
+        shadow = state.get("ema")
+        if shadow is None:
+            self.ema = None
+        elif self.ema is not None:  # built by prepare_model (method.dmd.ema_decay > 0)
+            self.ema.load_shadow(shadow)
         self.updates = dict(state["updates"])

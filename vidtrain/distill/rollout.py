@@ -25,19 +25,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
+from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS
 from vidtrain.forcing.teacher import build_tf_sequence, noisy_prediction_frames
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.tokens import MaskRule
 
 # (clean history [B,C,Fh,H,W], noisy chunk [B,C,fpc,H,W], sigma) -> velocity of the chunk
 ChunkVelocity = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-def step_sigmas(denoising_steps: Sequence[float], shift: float) -> list[float]:
-    """Few-step schedule: timesteps on the 0..1000 scale, warped by the timestep shift."""
-    t = torch.tensor([float(s) for s in denoising_steps], dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
-    return [float(s) for s in shift_sigma(t, shift)]
 
 
 def tf_velocity(

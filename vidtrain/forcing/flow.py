@@ -1,13 +1,17 @@
 """Flow matching as Wan trains it: x_t = (1-t)·x0 + t·ε, velocity target ε − x0, shifted timesteps.
 
-Timesteps live on the 0..1000 scale the model embeds; sigma = t / 1000.
+The one schedule module: the shift, training's per-chunk sigma draws and the few-step schedule
+of the sampler and DMD (`step_sigmas`). Timesteps live on the 0..1000 scale the model embeds;
+sigma = t / 1000. The defaults (shift, range) are the recipe's (vidtrain/config.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from vidtrain.config import NUM_TRAIN_TIMESTEPS, TIMESTEP_SHIFT
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -15,13 +19,20 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def step_sigmas(timesteps: Sequence[float], shift: float) -> list[float]:
+    """Few-step schedule: timesteps on the 0..1000 scale, warped by the shift (the model sees
+    t = 1000 * sigma); the sampler's and DMD's steps."""
+    t = torch.tensor([float(s) for s in timesteps], dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    return [float(s) for s in shift_sigma(t, shift)]
+
+
 def sample_chunk_sigmas(
     batch: int,
     num_chunks: int,
     *,
-    shift: float = 5.0,
+    shift: float = TIMESTEP_SHIFT,
     min_t: float = 0.0,
-    max_t: float = 1000.0,
+    max_t: float = float(NUM_TRAIN_TIMESTEPS),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:

@@ -1,9 +1,14 @@
 """Convert a model for a recipe's `quant` section: format, backend, gradient-path options.
 
-`quant.backend`:
-  emulate  torch reference arithmetic on any device
-  triton   the Triton kernels of `vidtrain.kernels` (CUDA only; the same bytes as emulate)
-  te       Transformer Engine's NVFP4 recipe: needs TE and a Blackwell GPU, else a clear error
+`quant.backend` is the one word a user writes for where the NVFP4 arithmetic runs; `BACKENDS`
+below is the one table that maps it to the quantizer registered in `QUANTIZERS` (the linears)
+and the `vidtrain.kernels` backend (NVFP4Linear's fake-quant and the KV fake-quant hook):
+  emulate  torch reference arithmetic on any device                 nvfp4     + kernels "torch"
+  triton   the Triton kernels of `vidtrain.kernels` (CUDA only;     nvfp4     + kernels "triton"
+           the same bytes as emulate)
+  te       Transformer Engine's NVFP4 recipe for the linears: needs  nvfp4_te  + kernels "auto"
+           TE and a Blackwell GPU, else a clear error; K/V fake-quant on the Triton kernels
+           where they run, else the torch reference (the same bytes)
 Parameters keep their names, so checkpoints load into plain and converted models alike.
 """
 
@@ -14,22 +19,34 @@ import torch
 from vidtrain.quant.qat import NVFP4Linear, convert
 
 FORMATS = ("nvfp4",)
+# quant.backend -> (quantizer name in QUANTIZERS, vidtrain.kernels backend); the recipe schema's
+# Literal (vidtrain/config.py QuantConfig.backend) lists the same words (tests/test_qat_method.py)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "emulate": ("nvfp4", "torch"),
+    "triton": ("nvfp4", "triton"),
+    "te": ("nvfp4_te", "auto"),
+}
 
 
 def kernel_backend(backend: str, device: torch.device) -> str:
-    """`quant.backend` -> the implementation behind NVFP4Linear and the KV hook."""
-    if backend == "emulate":
-        return "torch"
-    if backend == "triton":
-        if device.type != "cuda":
-            raise ValueError(
-                f"quant.backend=triton runs the Triton kernels on CUDA, but the model is on {device}; "
-                "use quant.backend=emulate (identical arithmetic in torch)"
-            )
-        return "triton"
-    if backend == "te":
-        return "te"
-    raise ValueError(f"unknown quant.backend {backend!r}; known: emulate, triton, te")
+    """`quant.backend` -> the `vidtrain.kernels` backend behind NVFP4Linear and the KV hook
+    ("torch" or "triton")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown quant.backend {backend!r}; known: {', '.join(BACKENDS)}")
+    kernels_backend = BACKENDS[backend][1]
+    if kernels_backend == "triton" and device.type != "cuda":
+        raise ValueError(
+            f"quant.backend=triton runs the Triton kernels on CUDA, but the model is on {device}; "
+            "use quant.backend=emulate (identical arithmetic in torch)"
+        )
+    if kernels_backend == "auto":
+        try:
+            # lazy: the compiled kernels are an optional part of an installed vidtrain
+            from vidtrain import kernels
+        except ImportError:  # pragma: no cover - a bare source tree
+            return "torch"
+        return kernels.resolve_backend("auto", device)
+    return kernels_backend
 
 
 def convert_for_recipe(model: torch.nn.Module, quant, device: torch.device, seed: int = 0) -> str:
@@ -40,7 +57,7 @@ def convert_for_recipe(model: torch.nn.Module, quant, device: torch.device, seed
     if quant.format not in FORMATS:
         raise ValueError(f"unknown quant.format {quant.format!r}; known: {', '.join(FORMATS)}")
     backend = kernel_backend(quant.backend, device)
-    convert(model, "nvfp4_te" if backend == "te" else "nvfp4", exclude=quant.exclude)
+    convert(model, BACKENDS[quant.backend][0], exclude=quant.exclude)
     linears = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
     for i, mod in enumerate(linears):
         mod.backend = backend

@@ -26,6 +26,8 @@ import torch
 
 from vidtrain.formats import nvfp4
 
+# `vidtrain.kernels` backends, resolved (a recipe's quant.backend maps to one of them in
+# vidtrain.quant.convert.BACKENDS; "interpret" runs the Triton kernels on CPU, for tests)
 KERNEL_BACKENDS = ("torch", "triton", "interpret")
 
 
@@ -45,7 +47,7 @@ def fake_quantize_kv_grouped(
     amax_BHL1 = amax_BHN.gather(2, g_BHL).unsqueeze(-1)  # broadcasts against [B, H, L, D/16]
     if backend == "torch":
         return nvfp4.dequantize(nvfp4.quantize_with_amax(x_BHLD, amax_BHL1), x_BHLD.dtype)
-    from vidtrain import kernels
+    from vidtrain import kernels  # lazy: the compiled (Triton) kernels only off the torch path
 
     q = kernels.quantize_with_amax(x_BHLD, amax_BHL1, backend=backend)
     return kernels.dequantize(q, x_BHLD.dtype, backend=backend)

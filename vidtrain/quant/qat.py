@@ -18,7 +18,9 @@ sampler) is the same with or without these flags. Either flag turns the gradient
 with both off the gradients are straight-through in high precision, exactly as before.
 
 Quantizers are registered by name (`QUANTIZERS`): "nvfp4" (torch emulation, any device) and
-"nvfp4_te" (Transformer Engine's NVFP4BlockScaling recipe; needs TE and a Blackwell GPU).
+"nvfp4_te" (Transformer Engine's NVFP4BlockScaling recipe; needs TE and a Blackwell GPU). A
+recipe names neither: its `quant.backend` (emulate | triton | te) maps to one of them and to a
+`vidtrain.kernels` backend in one table, `vidtrain.quant.convert.BACKENDS`.
 """
 
 from __future__ import annotations
@@ -33,23 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidtrain.config import QAT_EXCLUDE
 from vidtrain.formats import nvfp4
 from vidtrain.registry import Registry
 
 log = logging.getLogger(__name__)
 
-# Module names (fnmatch patterns on the qualified name) kept in high precision by default:
-# embeddings, time embedding/projection, the output head and norms.
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "patch_embedding",
-    "patch_embedding.*",
-    "text_embedding.*",
-    "time_embedding.*",
-    "time_projection.*",
-    "head",
-    "head.*",
-    "*norm*",
-)
+# Module names (fnmatch patterns on the qualified name) kept in high precision by default: the
+# recipe's `quant.exclude` default (embeddings, time embedding/projection, the output head);
+# norms are no nn.Linear and are never converted.
+DEFAULT_EXCLUDE: tuple[str, ...] = QAT_EXCLUDE
 
 QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")
 
@@ -57,7 +52,7 @@ QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")
 def _fake_quantize(x: torch.Tensor, tile_2d: bool, backend: str, per_row: bool = False) -> torch.Tensor:
     if backend == "torch":
         return nvfp4.fake_quantize_rows(x) if per_row else nvfp4.fake_quantize(x, tile_2d=tile_2d)
-    from vidtrain import kernels  # Triton kernels: same bytes as the torch reference
+    from vidtrain import kernels  # lazy: Triton kernels (same bytes) only off the torch path
 
     if per_row:
         q = kernels.quantize_blocks(x, tuple(range(x.ndim - 1)), backend)

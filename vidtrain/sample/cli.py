@@ -26,6 +26,18 @@ from pathlib import Path
 
 import torch
 
+from vidtrain.config import NUM_TRAIN_TIMESTEPS, check_shift
+from vidtrain.lora.files import load_lora
+from vidtrain.models.vae import VAE_FLAVORS, CausalVideoVAE, VAEConfig
+from vidtrain.models.wan import CausalWanDiT
+from vidtrain.models.wan.config import WanConfig
+from vidtrain.models.wan.state_dict import (
+    config_from_diffusers,
+    config_from_wan,
+    detect_layout,
+    resolve_model_folder,
+)
+from vidtrain.quant.qat import apply_quant_record
 from vidtrain.sample.decode import DECODE_MODES, VideoWriter, plot_timeline, stream_video, write_metrics
 from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
 from vidtrain.sample.shots import Shot, load_shots
@@ -34,16 +46,10 @@ from vidtrain.sample.shots import Shot, load_shots
 def load_model(checkpoint: str | Path, lora_dir: str | None):
     """The model a checkpoint was trained as: NVFP4 fake-quant linears when it carries a
     quant.json (QAT), and the DMD LoRA on top when given (checked against its recorded base)."""
-    from vidtrain.models.wan import CausalWanDiT
-    from vidtrain.models.wan.state_dict import resolve_model_folder
-    from vidtrain.quant.qat import apply_quant_record
-
     folder = resolve_model_folder(checkpoint)
     model = CausalWanDiT.from_pretrained(folder)
     quantized = apply_quant_record(model, folder)
     if lora_dir:
-        from vidtrain.lora.files import load_lora
-
         model = load_lora(model, lora_dir)
         # merging would fold the LoRA into weights that are then re-quantized: keep it apart
         model = model if quantized else model.merge_and_unload()
@@ -53,8 +59,6 @@ def load_model(checkpoint: str | Path, lora_dir: str | None):
 def load_vae(spec: str, z_dim: int, device, dtype):
     """'debug' / 'wan2.1': random-initialised VAE of that size (seeded; for tests and timing);
     anything else: a path to Wan2.1 VAE weights."""
-    from vidtrain.models.vae import VAE_FLAVORS, CausalVideoVAE
-
     if spec in VAE_FLAVORS:
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -83,6 +87,7 @@ def load_text_encoder(path: str | None, text_dim: int, device):
     if path is None:
         print("[vidtrain] no --text-encoder: using fixed random contexts per prompt (debug stand-in)")
         return None
+    # lazy: transformers (umT5) only when a text encoder is given
     from vidtrain.models.text import TextEncoder
 
     enc = TextEncoder.from_pretrained(path, device=device)
@@ -92,7 +97,7 @@ def load_text_encoder(path: str | None, text_dim: int, device):
 
 
 ROPE_POSITIONS = 1024  # per axis: Wan2.1's rope_params(1024, ...), diffusers' rope_max_seq_len
-MAX_STEPS = 1000  # denoising steps (the training schedule has 1000 timesteps)
+MAX_STEPS = NUM_TRAIN_TIMESTEPS  # denoising steps: at most one per timestep of the schedule
 MAX_FPS = 1000.0
 PATCH = 2  # spatial patch of the DiT (WanConfig.patch_size (1, 2, 2))
 SPATIAL = 8  # VAE spatial compression
@@ -110,21 +115,27 @@ def parse_steps(s: str) -> tuple[float, ...]:
     return steps
 
 
-def check_numbers(args) -> None:
-    """Finite, in-range numeric flags (one line each); `sampler_config` and SamplerConfig check the
-    sampler's own (steps, shift, window)."""
-    if not 0 < args.fps <= MAX_FPS:
-        raise ValueError(f"--fps must be a finite number in (0, {MAX_FPS:g}], got {args.fps:g}")
+def check_sampler_numbers(args) -> None:
+    """Finite, in-range sampler flags (`add_sampler_args`; one line each), shared by `vidtrain
+    sample` and `vidtrain eval`; `sampler_overrides` and SamplerConfig check the rest (steps,
+    shift, window)."""
     if args.frames_per_chunk is not None and args.frames_per_chunk < 1:
         raise ValueError(f"--frames-per-chunk must be >= 1, got {args.frames_per_chunk}")
     if args.sink_frames is not None and args.sink_frames < 0:
         raise ValueError(f"--sink-frames must be >= 0, got {args.sink_frames}")
-    if args.shot_rope_offset < 0:
+    if args.shot_rope_offset is not None and args.shot_rope_offset < 0:
         raise ValueError(f"--shot-rope-offset must be >= 0, got {args.shot_rope_offset}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.max_memory_gib is not None and not 0 < args.max_memory_gib < math.inf:
         raise ValueError(f"--max-memory-gib must be a finite number > 0, got {args.max_memory_gib:g}")
+
+
+def check_numbers(args) -> None:
+    """`vidtrain sample`'s numeric flags: the sampler's and --fps."""
+    if not 0 < args.fps <= MAX_FPS:
+        raise ValueError(f"--fps must be a finite number in (0, {MAX_FPS:g}], got {args.fps:g}")
+    check_sampler_numbers(args)
 
 
 def check_output(out: Path) -> None:
@@ -138,17 +149,11 @@ def check_output(out: Path) -> None:
 
 
 _DEFAULTS = SamplerConfig()
-# sampler settings a training run decides: recipe `model` section key -> SamplerConfig field
-RECIPE_KEYS = ("frames_per_chunk", "window_frames", "sink_frames", "shot_sink")
-# LoRA vidtrain_base.json key (written by the dmd method) -> SamplerConfig field
-LORA_KEYS = {
-    "denoising_steps": "timesteps",
-    "timestep_shift": "shift",
-    "frames_per_chunk": "frames_per_chunk",
-}
-# CLI dest -> SamplerConfig field, for the settings whose default comes from the training
-TRAINED_ARGS = {"steps": "timesteps", "shift": "shift", "frames_per_chunk": "frames_per_chunk",
-                "window_frames": "window_frames", "sink_frames": "sink_frames", "shot_sink": "shot_sink"}  # fmt: skip
+# CLI dest -> SamplerConfig field; every one defaults to None: unset, so SamplerConfig.from_run
+# takes it from the LoRA record, the run or SamplerConfig's default (vidtrain/sample/settings.py)
+FLAGS = {"steps": "timesteps", "shift": "shift", "update": "update", "frames_per_chunk": "frames_per_chunk",
+         "window_frames": "window_frames", "sink_frames": "sink_frames", "shot_sink": "shot_sink",
+         "kv_cache": "kv_cache", "shot_rope_offset": "shot_rope_offset", "recache_on_cut": "recache_on_cut"}  # fmt: skip
 NO_WINDOW = "none"
 
 
@@ -162,11 +167,17 @@ def _window(s: str):
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    """Sampler flags. Those the training decides (steps, shift, chunking, window, sinks) default to
-    None: filled from the LoRA record, then the checkpoint recipe, then SamplerConfig."""
+    """Sampler flags (`FLAGS`), all None unless given: those the training decides (steps, shift,
+    chunking, window, sinks, KV format) come from the LoRA record, then the run, then
+    SamplerConfig (`SamplerConfig.from_run`)."""
     d = _DEFAULTS
     steps = ",".join(f"{t:g}" for t in d.timesteps)
-    p.add_argument("--kv-cache", default=d.kv_cache, choices=["bf16", "fp16", "fp32", "nvfp4"])
+    p.add_argument(
+        "--kv-cache",
+        default=None,
+        choices=["bf16", "fp16", "fp32", "nvfp4"],
+        help=f"KV cache format (default: as trained: nvfp4 for an NVFP4 (QAT) run, else {d.kv_cache})",
+    )
     p.add_argument(
         "--steps",
         default=None,
@@ -175,7 +186,7 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shift", type=float, default=None, help=f"timestep shift (default: as trained, else {d.shift:g})"
     )
-    p.add_argument("--update", default=d.update, choices=["x0", "euler"])
+    p.add_argument("--update", default=None, choices=["x0", "euler"], help=f"(default: {d.update})")
     p.add_argument(
         "--frames-per-chunk", type=int, default=None, help=f"(default: as trained, else {d.frames_per_chunk})"
     )
@@ -198,92 +209,51 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
         help="pin each shot's first chunk (default: as trained, else on when windowed)",
     )
     p.add_argument(
-        "--shot-rope-offset", type=int, default=d.shot_rope_offset, help="temporal RoPE offset per shot"
+        "--shot-rope-offset",
+        type=int,
+        default=None,
+        help=f"temporal RoPE offset per shot (default: {d.shot_rope_offset})",
     )
     p.add_argument(
-        "--recache-on-cut",
-        action="store_true",
-        default=d.recache_on_cut,
-        help="LongLive: re-cache K/V at each cut",
+        "--recache-on-cut", action="store_true", default=None, help="LongLive: re-cache K/V at each cut"
     )
     p.add_argument("--height", type=int, default=480, help="pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="pixels (multiple of 16)")
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
 
 
-def recipe_for(checkpoint: str | Path) -> Path | None:
-    """The recipe.yaml of the training that wrote `checkpoint`: its step folder's, else its run
-    folder's; None for a bare model folder."""
-    from vidtrain.models.wan.state_dict import resolve_model_folder
-
-    folder = resolve_model_folder(checkpoint)
-    step = folder.parent if folder.name == "model" else folder
-    cands = [step / "recipe.yaml"]
-    if step.parent.name == "checkpoints":
-        cands.append(step.parent.parent / "recipe.yaml")
-    return next((c for c in cands if c.is_file()), None)
-
-
-def trained_settings(checkpoint: str | Path | None, lora: str | None = None) -> dict[str, tuple]:
-    """SamplerConfig field -> (value, source) for what the training recorded: LoRA record over
-    checkpoint recipe."""
-    out: dict[str, tuple] = {}
-    recipe_path = recipe_for(checkpoint) if checkpoint is not None else None
-    if recipe_path is not None:
-        from vidtrain.config import load_recipe
-
-        m = load_recipe(recipe_path).model
-        out.update({k: (getattr(m, k), f"recipe {recipe_path}") for k in RECIPE_KEYS})
-    if lora:
-        from vidtrain.lora.files import read_base_info
-
-        info = read_base_info(lora)
-        for key, field in LORA_KEYS.items():
-            if info.get(key) is not None:
-                value = tuple(float(t) for t in info[key]) if field == "timesteps" else info[key]
-                out[field] = (value, f"LoRA {lora}")
+def sampler_overrides(args) -> dict:
+    """The sampler flags given on the command line, as SamplerConfig fields (None: not given;
+    `--window-frames none` is given: no window)."""
+    out = {}
+    for dest, name in FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "steps":
+            value = parse_steps(value)
+        elif dest == "shift":
+            value = float(value)
+            check_shift(value, "--shift")
+        elif dest == "window_frames" and value == NO_WINDOW:
+            value = None
+        out[name] = value
     return out
 
 
 def fill_sampler_args(args, checkpoint: str | Path | None, lora: str | None = None, log: bool = True):
-    """A copy of `args` with the unset trained settings filled in: CLI flag > LoRA record >
-    checkpoint recipe > SamplerConfig default. Prints where each came from."""
-    trained = trained_settings(checkpoint, lora)
-    vals, sources = dict(vars(args)), {}
-    for dest, field in TRAINED_ARGS.items():
-        if vals.get(dest) is not None:
-            sources[field] = "flag"
-        elif field in trained:
-            value, sources[field] = trained[field]
-            vals[dest] = ",".join(f"{t:g}" for t in value) if dest == "steps" else value
-    if log:
-        by_source: dict[str, list[str]] = {}
-        for field in TRAINED_ARGS.values():
-            by_source.setdefault(sources.get(field, "SamplerConfig default"), []).append(field)
-        print(
-            "[vidtrain] sampler settings: "
-            + "; ".join(f"{', '.join(v)} from {k}" for k, v in by_source.items())
-        )
-    return argparse.Namespace(**vals)
+    """A copy of `args` that carries the resolved SamplerConfig (`sampler_config` returns it):
+    flag > LoRA record > the checkpoint's run > SamplerConfig default (`SamplerConfig.from_run`).
+    Prints each setting and where it came from."""
+    cfg = SamplerConfig.from_run(checkpoint, lora, sampler_overrides(args), log=print if log else None)
+    return argparse.Namespace(**{**vars(args), "resolved_sampler_config": cfg})
 
 
 def sampler_config(args) -> SamplerConfig:
-    """SamplerConfig from parsed flags (run `fill_sampler_args` first to use the trained settings);
-    unset ones take SamplerConfig's defaults."""
-    d = _DEFAULTS
-    window = None if args.window_frames == NO_WINDOW else args.window_frames
-    shot_sink = (window is not None) if args.shot_sink is None else args.shot_sink
-    shift = d.shift if args.shift is None else float(args.shift)
-    if not 0 < shift < math.inf:  # NaN passes SamplerConfig's `shift > 0` and samples a black video
-        raise ValueError(f"--shift must be a finite number > 0, got {shift:g}")
-    return SamplerConfig(
-        timesteps=d.timesteps if args.steps is None else parse_steps(args.steps),
-        shift=shift, update=args.update,
-        frames_per_chunk=d.frames_per_chunk if args.frames_per_chunk is None else args.frames_per_chunk,
-        window_frames=window, sink_frames=d.sink_frames if args.sink_frames is None else args.sink_frames,
-        shot_sink=shot_sink and window is not None, kv_cache=args.kv_cache,
-        shot_rope_offset=args.shot_rope_offset, recache_on_cut=args.recache_on_cut,
-    )  # fmt: skip
+    """SamplerConfig of parsed flags: the one `fill_sampler_args` resolved, else the flags over
+    SamplerConfig's defaults."""
+    cfg = getattr(args, "resolved_sampler_config", None)
+    return cfg if cfg is not None else SamplerConfig.from_run(None, None, sampler_overrides(args))
 
 
 def latent_size(height: int, width: int, spatial: int = SPATIAL, rope_positions: int = ROPE_POSITIONS):
@@ -305,14 +275,6 @@ def latent_size(height: int, width: int, spatial: int = SPATIAL, rope_positions:
 
 def model_config(checkpoint: str | Path):
     """(WanConfig, RoPE positions per axis) of a checkpoint, read without its weights."""
-    from vidtrain.models.wan.config import WanConfig
-    from vidtrain.models.wan.state_dict import (
-        config_from_diffusers,
-        config_from_wan,
-        detect_layout,
-        resolve_model_folder,
-    )
-
     layout, raw = detect_layout(resolve_model_folder(checkpoint))
     if layout == "vidtrain":
         return WanConfig.from_dict(raw), ROPE_POSITIONS
@@ -338,12 +300,18 @@ KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nvfp4": 0.5625}  # per eleme
 TEXT_TOKENS = 512  # cross-attention context per shot (umT5's length)
 
 
-def memory_estimate(wan, cfg: SamplerConfig, latent_hw, total_frames: int, vae_spec: str, dtype_bytes: int):
-    """Bytes by part: weights, KV cache, one chunk's activations, VAE decode (batch 1). An estimate
-    (attention score buffers, allocator slack and the CUDA context are not counted)."""
-    from vidtrain.models.vae import VAE_FLAVORS, VAEConfig
-    from vidtrain.models.wan import CausalWanDiT
-
+def memory_estimate(
+    wan,
+    cfg: SamplerConfig,
+    latent_hw,
+    total_frames: int,
+    vae_spec: str | None,
+    dtype_bytes: int,
+    batch: int = 1,
+):
+    """Bytes by part: weights, KV cache, one chunk's activations (both for `batch` samples), VAE
+    decode (of one sample; none without `vae_spec`). An estimate (attention score buffers,
+    allocator slack and the CUDA context are not counted)."""
     with torch.device("meta"):
         params = sum(p.numel() for p in CausalWanDiT(wan).parameters())
     c = cfg.frames_per_chunk
@@ -359,17 +327,14 @@ def memory_estimate(wan, cfg: SamplerConfig, latent_hw, total_frames: int, vae_s
     lk = lq + kept * tokens_per_frame
     # fp32 residual stream + q, k, v, out, FFN hidden in the compute dtype + the K/V handed to attention
     act = lq * (4 * wan.dim + (4 * wan.dim + wan.ffn_dim) * dtype_bytes) + 2 * lk * wan.dim * dtype_bytes
-    vae = VAE_FLAVORS.get(vae_spec, VAEConfig())
-    h, w = latent_hw[0] * SPATIAL, latent_hw[1] * SPATIAL
-    # one latent frame (4 pixel frames) per decode pass at ~6 x base_dim values per pixel, plus the
-    # chunk's decoded frames in fp32
-    dec = 4 * h * w * (6 * vae.base_dim * dtype_bytes + 3 * 4 * c)
-    return {
-        "weights": params * dtype_bytes,
-        "KV cache": kv,
-        "one chunk's activations": act,
-        "VAE decode": dec,
-    }
+    parts = {"weights": params * dtype_bytes, "KV cache": batch * kv, "one chunk's activations": batch * act}
+    if vae_spec is not None:
+        vae = VAE_FLAVORS.get(vae_spec, VAEConfig())
+        h, w = latent_hw[0] * SPATIAL, latent_hw[1] * SPATIAL
+        # one latent frame (4 pixel frames) per decode pass at ~6 x base_dim values per pixel, plus
+        # the chunk's decoded frames in fp32
+        parts["VAE decode"] = 4 * h * w * (6 * vae.base_dim * dtype_bytes + 3 * 4 * c)
+    return parts
 
 
 def memory_limit(device: torch.device) -> tuple[float, str]:
@@ -445,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     check_output(out)
     check_numbers(args)
-    cfg = sampler_config(fill_sampler_args(args, args.checkpoint, args.lora))
+    cfg = SamplerConfig.from_run(args.checkpoint, args.lora, sampler_overrides(args), log=print)
     shots: list[Shot] = load_shots(args.shots, fps=args.fps, frames_per_chunk=cfg.frames_per_chunk)
     wan, rope_positions = model_config(args.checkpoint)
     latent_hw = latent_size(args.height, args.width, rope_positions=rope_positions)

@@ -3,7 +3,11 @@
     vidtrain eval --checkpoints runs/a runs/b --prompts prompts.txt --out eval.md --chunks 8 \\
         --kv-cache bf16 nvfp4 --window-frames 6 --sink-frames 3
 
-All prompts run as one batch (seed + i for prompt i), latents only (no VAE decode). Columns:
+All prompts run as one batch (seed + i for prompt i), latents only (no VAE decode). Each
+checkpoint samples with the settings it was trained with (`SamplerConfig.from_run`: flags over
+its LoRA-free run record; without --kv-cache, its trained KV format: nvfp4 for an NVFP4 run),
+and the request is bounded as `vidtrain sample` bounds it (RoPE positions, a memory estimate
+under --max-memory-gib) before any compute. Columns:
 latent frames/s, first-chunk latency, peak KV cache bytes, and a quality proxy,
 `temporal_consistency`: the mean cosine similarity of consecutive latent frames (1 = frozen
 video, ~0 = unrelated frames), with `boundary_ratio` = its value across chunk boundaries divided
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,17 +27,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vidtrain.models.wan.state_dict import resolve_model_folder
 from vidtrain.sample.cli import (
     add_sampler_args,
-    fill_sampler_args,
+    check_memory,
+    check_positions,
+    check_sampler_numbers,
     latent_size,
     load_model,
     load_text_encoder,
-    sampler_config,
+    memory_estimate,
+    model_config,
+    sampler_overrides,
     shot_conditionings,
 )
 from vidtrain.sample.decode import peak_memory_bytes
-from vidtrain.sample.sampler import StreamingSampler
+from vidtrain.sample.sampler import SamplerConfig, StreamingSampler
+from vidtrain.sample.shots import Shot
 
 
 def temporal_consistency(z_BCFHW: torch.Tensor, frames_per_chunk: int) -> tuple[float, float]:
@@ -62,7 +73,7 @@ def evaluate_one(model, cfg, conds, chunks: int, latent_hw, seeds) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidtrain eval", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoints", nargs="+", required=True)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
@@ -70,11 +81,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--text-encoder", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="refuse requests whose memory estimate exceeds this (default: the device's memory)",
+    )
     add_sampler_args(p)
-    p.set_defaults(kv_cache=None)
     p._option_string_actions["--kv-cache"].nargs = "+"
-    args = p.parse_args(argv)
-    kv_formats = args.kv_cache or ["bf16"]
+    p._option_string_actions["--kv-cache"].help = "KV cache formats to compare (default: as trained)"
+    return p
+
+
+def checkpoint_configs(args, name: str, n_samples: int, device: torch.device) -> dict[str, SamplerConfig]:
+    """KV format -> SamplerConfig of one checkpoint (sampled as it was trained), each request
+    checked against the model's RoPE positions and the memory estimate."""
+    resolve_model_folder(name)
+    print(f"[vidtrain] {name}:")
+    flags = sampler_overrides(argparse.Namespace(**{**vars(args), "kv_cache": None}))
+    trained = SamplerConfig.from_run(name, None, flags, log=print)
+    wan, rope_positions = model_config(name)
+    latent_hw = latent_size(args.height, args.width, rope_positions=rope_positions)
+    dtype_bytes = 2 if device.type == "cuda" else 4
+    cfgs = {}
+    for kv in args.kv_cache or [trained.kv_cache]:
+        cfg = dataclasses.replace(trained, kv_cache=kv)
+        check_positions([Shot("eval", args.chunks)], cfg, rope_positions)
+        frames = args.chunks * cfg.frames_per_chunk
+        check_memory(
+            memory_estimate(wan, cfg, latent_hw, frames, None, dtype_bytes, n_samples),
+            args.max_memory_gib,
+            device,
+        )
+        cfgs[kv] = cfg
+    return cfgs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     prompts_path, out = Path(args.prompts), Path(args.out)
     if not prompts_path.is_file():
         raise FileNotFoundError(f"prompts file not found: {prompts_path}")
@@ -83,18 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("need at least one prompt and --chunks >= 1")
     if not out.parent.is_dir():
         raise ValueError(f"output folder {out.parent} does not exist")
-    from vidtrain.models.wan.state_dict import resolve_model_folder
-
-    cfgs = {}  # checkpoint -> kv format -> SamplerConfig (each checkpoint sampled as it was trained)
-    for c in args.checkpoints:  # every checkpoint must exist, and every config be valid, before any compute
-        resolve_model_folder(c)
-        print(f"[vidtrain] {c}:")
-        filled = fill_sampler_args(args, c)
-        cfgs[c] = {
-            kv: sampler_config(argparse.Namespace(**{**vars(filled), "kv_cache": kv})) for kv in kv_formats
-        }
-    latent_hw = latent_size(args.height, args.width)
+    check_sampler_numbers(args)
+    if args.seed + len(prompts) > 2**63:
+        raise ValueError(
+            f"--seed + the number of prompts must stay below 2**63, got {args.seed} + {len(prompts)}"
+        )
     device = torch.device(args.device)
+    # every checkpoint must exist, and every request be valid and fit, before any compute
+    cfgs = {c: checkpoint_configs(args, c, len(prompts), device) for c in args.checkpoints}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name in args.checkpoints:
@@ -102,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         enc = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)
         conds = shot_conditionings([prompts], enc, model.cfg.text_dim)
         seeds = [args.seed + i for i in range(len(prompts))]
+        latent_hw = latent_size(args.height, args.width, rope_positions=model_config(name)[1])
         for kv, cfg in cfgs[name].items():
             rows.append(
                 {

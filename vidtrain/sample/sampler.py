@@ -26,15 +26,25 @@ D model dim.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
+from vidtrain.config import (
+    DENOISING_STEPS,
+    FRAMES_PER_CHUNK,
+    TIMESTEP_SHIFT,
+    Recipe,
+    check_shift,
+    check_timesteps,
+)
+from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, step_sigmas
 from vidtrain.models.wan.attention import AttentionContext
+from vidtrain.sample import settings
 from vidtrain.sample.kv_cache import KV_DTYPES, KVCache
 from vidtrain.tokens import MaskRule, TokenMeta, grid_meta
 
@@ -43,33 +53,55 @@ UPDATES = ("x0", "euler")
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Everything that decides what the sampler computes (defaults live here only)."""
+    """Everything that decides what the sampler computes.
 
-    timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)  # before the shift, 0..1000
-    shift: float = 5.0  # Wan/SD3 timestep shift applied to `timesteps` (1 = as listed)
+    The defaults are the recipe's (vidtrain/config.py) where training has the same setting, the
+    sampler's own otherwise; `from_run` gives a checkpoint the settings it was trained with.
+    """
+
+    timesteps: tuple[float, ...] = DENOISING_STEPS  # before the shift, 0..1000
+    shift: float = TIMESTEP_SHIFT  # Wan/SD3 timestep shift applied to `timesteps` (1 = as listed)
     update: str = "x0"  # "x0" (predict x0, re-noise with fresh noise) or "euler"
-    frames_per_chunk: int = 3
+    frames_per_chunk: int = FRAMES_PER_CHUNK
     window_frames: int | None = None  # None = all history (no eviction)
     sink_frames: int = 0  # global sink: first G latent frames of the video
-    shot_sink: bool = False  # keep the first chunk of the current shot
+    shot_sink: bool = (
+        False  # keep the first chunk of the current shot (from_run: as trained, else on when windowed)
+    )
     kv_cache: str = "bf16"  # fp32 | bf16 | fp16 | nvfp4
     shot_rope_offset: int = 0  # temporal RoPE offset added per shot (shot s: s * offset)
     recache_on_cut: bool = False  # LongLive: recompute the kept K/V under the new prompt at a cut
     cross_kv_cache: bool = True  # each layer's cross-attention K/V once per shot (False: every pass)
 
     def __post_init__(self) -> None:
-        ts = list(self.timesteps)
-        if not ts or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in ts):
-            raise ValueError(f"timesteps must be in (0, {NUM_TRAIN_TIMESTEPS}], got {ts}")
-        if any(a <= b for a, b in itertools.pairwise(ts)):
-            raise ValueError(f"timesteps must be strictly decreasing, got {ts}")
+        check_timesteps(self.timesteps)
+        check_shift(self.shift)
         if self.update not in UPDATES:
             raise ValueError(f"unknown update {self.update!r}; known: {', '.join(UPDATES)}")
         if self.kv_cache not in KV_DTYPES:
             raise ValueError(f"unknown kv_cache {self.kv_cache!r}; known: {', '.join(KV_DTYPES)}")
-        if self.frames_per_chunk < 1 or self.sink_frames < 0 or self.shift <= 0:
-            raise ValueError("frames_per_chunk must be >= 1, sink_frames >= 0, shift > 0")
+        if self.frames_per_chunk < 1 or self.sink_frames < 0:
+            raise ValueError("frames_per_chunk must be >= 1, sink_frames >= 0")
         self.rule()  # validates window_frames
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | Path | Recipe | None,
+        lora: str | Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> SamplerConfig:
+        """The settings a checkpoint was trained with: `overrides` (flags) > the LoRA record >
+        the run (a run / step / model folder's recipe.yaml and quant.json, or a Recipe in memory)
+        > `defaults` > this dataclass's defaults (vidtrain/sample/settings.py). `log` gets a
+        line per source naming the settings it decided."""
+        resolved = settings.resolve(cls, run, lora, overrides, defaults)
+        if log is not None:
+            settings.describe(resolved, log)
+        return cls(**{name: s.value for name, s in resolved.items()})
 
     def rule(self) -> MaskRule:
         """The training mask rule this cache mirrors (use the same in teacher forcing)."""
@@ -77,8 +109,7 @@ class SamplerConfig:
 
     def sigmas(self) -> list[float]:
         """Shifted sigmas of the denoising steps (the model sees t = 1000 * sigma)."""
-        s = shift_sigma(torch.tensor(self.timesteps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS, self.shift)
-        return [float(x) for x in s]
+        return step_sigmas(self.timesteps, self.shift)
 
 
 @dataclass

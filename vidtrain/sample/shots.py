@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from vidtrain.utils.io import read_yaml
+
 SHOT_KEYS = {"prompt", "chunks", "seconds"}
 
 
@@ -63,7 +65,5 @@ def parse_shots(data: object, *, fps: float, frames_per_chunk: int, source: str 
 
 
 def load_shots(path: str | Path, *, fps: float, frames_per_chunk: int) -> list[Shot]:
-    from vidtrain.utils.io import read_yaml
-
     data = read_yaml(path, "shots file")
     return parse_shots(data, fps=fps, frames_per_chunk=frames_per_chunk, source=str(path))

@@ -1,10 +1,13 @@
 """Training methods plug into the one trainer loop by overriding its step, never by copying it.
 
 A method decides what one optimisation step computes (teacher forcing, QAT, DMD); the trainer
-owns the loop, data, strategy, optimizer, schedule, EMA, checkpoints and logging.
+owns the loop, data, strategy, optimizer, schedule, EMA, checkpoints and logging, and a method
+sees it as a `StepContext` (vidtrain/train/context.py), passed as `trainer`.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +17,9 @@ from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.registry import Registry
 from vidtrain.tokens import MaskRule
 from vidtrain.utils.faults import fault
+
+if TYPE_CHECKING:
+    from vidtrain.train.context import StepContext
 
 METHODS: Registry[type] = Registry("training method")
 
@@ -26,18 +32,18 @@ class Method:
     def __init__(self, recipe) -> None:
         self.recipe = recipe
 
-    def prepare_model(self, model: torch.nn.Module, trainer) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, trainer: StepContext) -> torch.nn.Module:
         """Transform the plain model before the strategy wraps it (convert, adapters)."""
         return model
 
-    def make_optimizer(self, trainer, params: list) -> torch.optim.Optimizer:
+    def make_optimizer(self, trainer: StepContext, params: list) -> torch.optim.Optimizer:
         """The optimizer over the trainable parameters (called by the strategy's wrap)."""
         return trainer.default_optimizer(params)
 
-    def loss(self, trainer, batch: dict, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, trainer: StepContext, batch: dict, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def train_step(self, trainer, step: int) -> dict[str, float]:
+    def train_step(self, trainer: StepContext, step: int) -> dict[str, float]:
         """One optimizer step: `grad_accum` micro-batches, backward through the strategy, step."""
         accum = self.recipe.train.grad_accum
         logs: dict[str, float] = {}
@@ -53,11 +59,13 @@ class Method:
             for k, v in extra.items():
                 logs[k] = logs.get(k, 0.0) + v / accum
         # a non-finite loss on any rank (or gradient norm) skips the step on every rank
-        logs["grad_norm"] = trainer.strategy.clip_and_step(
-            trainer.model, trainer.optimizer, self.recipe.optim.grad_clip, finite=finite
-        )
-        trainer.scheduler.step()
+        logs["grad_norm"] = trainer.optimizer_step(finite)
+        trainer.scheduler_step()
         return logs
+
+    def on_checkpoint(self, trainer: StepContext, step: int) -> None:
+        """Called on every rank whenever the trainer checkpoints (after `step` optimizer steps),
+        before it writes: a method's own exports go here (DMD's RUN/lora/)."""
 
     def state_dict(self) -> dict:
         return {}

@@ -13,12 +13,15 @@ Teacher forcing on a converted model (DESIGN section 7):
   - with `quant.kv_fake_quant`, the clean-history K/V of every self-attention are fake-quantized
     exactly as the sampler's NVFP4 KV cache stores them (`vidtrain.quant.kv`).
 
-`method.name: qat` is what turns QAT on; it converts whatever `quant.enabled` says (the flag
-describes the checkpoint for consumers such as the sampler and export). The conversion itself
-(formats, `quant.backend`) is `vidtrain.quant.convert`.
+`method.name: qat` is what turns QAT on: the recipe is then `quantized` (`quant.enabled` is
+implied; vidtrain/config.py). The conversion itself (formats, `quant.backend`) is
+`vidtrain.quant.convert`; its checkpoints carry `model/quant.json`, so `vidtrain sample` rebuilds
+the NVFP4 model and, with `quant.kv_fake_quant`, samples with the NVFP4 KV cache by default.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +29,10 @@ from vidtrain.quant.convert import convert_for_recipe
 from vidtrain.quant.kv import KVFakeQuantHook
 from vidtrain.quant.qat import NVFP4Linear
 from vidtrain.train.methods import METHODS, TeacherForcing
+from vidtrain.utils import rng
+
+if TYPE_CHECKING:
+    from vidtrain.train.context import StepContext
 
 
 @METHODS.register("qat")
@@ -39,13 +46,13 @@ class QAT(TeacherForcing):
         self.backend = "torch"
         self._linears: list[NVFP4Linear] = []
 
-    def prepare_model(self, model: torch.nn.Module, trainer) -> torch.nn.Module:
-        seed = self.recipe.seed * 1_000_003 + trainer.strategy.rank  # per-rank gradient noise
+    def prepare_model(self, model: torch.nn.Module, trainer: StepContext) -> torch.nn.Module:
+        seed = rng.stream_seed(self.recipe.seed, trainer.strategy.rank)  # per-rank gradient noise
         self.backend = convert_for_recipe(model, self.recipe.quant, trainer.device, seed=seed)
         self._linears = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
         return model
 
-    def train_step(self, trainer, step: int) -> dict[str, float]:
+    def train_step(self, trainer: StepContext, step: int) -> dict[str, float]:
         for mod in self._linears:  # the gradient path's noise is keyed by the optimizer step
             mod.grad_step = step
         return super().train_step(trainer, step)

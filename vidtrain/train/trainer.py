@@ -1,4 +1,5 @@
-"""The one training loop. Methods (teacher forcing, QAT, DMD) plug in through `Method`."""
+"""The one training loop. Methods (teacher forcing, QAT, DMD) plug in through `Method`, and see
+the trainer as a `StepContext` (vidtrain/train/context.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ from vidtrain.train.checkpoint import (
     save_checkpoint,
     step_folders,
 )
+from vidtrain.train.context import RoleOptimizer
 from vidtrain.train.ema import EMA
 from vidtrain.train.logging import MetricsLogger, plot_loss
 from vidtrain.train.methods import make_method
 from vidtrain.train.resume_policy import check_resume
 from vidtrain.train.run_lock import RunLock, RunLockError
+from vidtrain.utils import rng
 from vidtrain.utils.io import atomic_write_text
 
 
@@ -264,8 +267,24 @@ class Trainer:
 
         The same on every rank of a sequence-parallel group (lockstep) and across a resume.
         """
-        key = ((self.recipe.seed * 1_000_003 + self.step) * 131 + micro) * 1009 + self.strategy.dp_rank
-        return torch.Generator().manual_seed(key * 7 + salt)
+        return rng.step_generator(self.recipe.seed, self.step, micro, self.strategy.dp_rank, salt)
+
+    def optimizer_step(self, finite: bool = True, role: str | None = None) -> float:
+        """Clip and step through the strategy (a step that is not finite on every rank is skipped
+        on all); `role` steps only that role's parameter group (a RoleOptimizer's). Gradient norm."""
+        opt = self.optimizer
+        if role is not None and not isinstance(opt, RoleOptimizer):
+            raise TypeError(f"optimizer {type(opt).__name__} has no roles (active_role); asked for {role!r}")
+        if role is not None:
+            opt.active_role = role
+        try:
+            return self.strategy.clip_and_step(self.model, opt, self.recipe.optim.grad_clip, finite=finite)
+        finally:
+            if role is not None:
+                opt.active_role = None
+
+    def scheduler_step(self) -> None:
+        self.scheduler.step()
 
     def autocast(self):
         mp = self.recipe.train.mixed_precision
@@ -360,6 +379,7 @@ class Trainer:
                     loss=f"{logs.get('loss', float('nan')):.4f}", sps=f"{logs['samples_per_s']:.2f}"
                 )
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self.method.on_checkpoint(self, self.step)
                 save_checkpoint(self, self.step)
         if bar is not None:
             bar.close()

@@ -1,0 +1,158 @@
+"""Where each sampler setting comes from: resolved once, by `SamplerConfig.from_run`.
+
+For every `SamplerConfig` field, the first of:
+  1. `overrides`: what the caller set explicitly (the CLI's flags; a key present is set, even to
+     None: `--window-frames none`);
+  2. the LoRA record (`vidtrain_base.json` of a DMD LoRA): its few-step `denoising_steps`,
+     `timestep_shift` and `frames_per_chunk`;
+  3. the run: the recipe that trained the checkpoint (its step folder's recipe.yaml, else its run
+     folder's; or a `Recipe` in memory, DMD's own): `model.frames_per_chunk`, `window_frames`,
+     `sink_frames`, `shot_sink`, and for a dmd run its `method.dmd.denoising_steps` and
+     `timestep_shift`; and the KV cache format: an NVFP4 model (the checkpoint's quant.json, a
+     qat recipe, `quant.enabled`; for a DMD recipe its teacher's quant.json) trained with NVFP4
+     history K/V (`quant.kv_fake_quant`) samples with the "nvfp4" cache;
+  4. `defaults` (the caller's own fallbacks: DMD's rollouts keep fp32 K/V on a high-precision
+     base), then the rule for a model without a record (a shot sink when windowed), then the
+     dataclass's default.
+A shot sink exists only inside a window: without one `shot_sink` resolves to False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from vidtrain.config import Recipe, load_recipe
+from vidtrain.lora.files import read_base_info
+from vidtrain.models.wan.state_dict import resolve_model_folder
+from vidtrain.quant.qat import QUANT_RECORD
+
+# the recipe's `model` section keys that are SamplerConfig fields of the same name
+RECIPE_KEYS = ("frames_per_chunk", "window_frames", "sink_frames", "shot_sink")
+# LoRA vidtrain_base.json key (written by the dmd method) -> SamplerConfig field
+LORA_KEYS = {
+    "denoising_steps": "timesteps",
+    "timestep_shift": "shift",
+    "frames_per_chunk": "frames_per_chunk",
+}
+DEFAULT = "SamplerConfig default"
+
+
+class Setting(NamedTuple):
+    value: Any
+    source: str
+
+
+def recipe_for(checkpoint: str | Path) -> Path | None:
+    """The recipe.yaml of the training that wrote `checkpoint`: its step folder's, else its run
+    folder's; None for a bare model folder."""
+    folder = resolve_model_folder(checkpoint)
+    step = folder.parent if folder.name == "model" else folder
+    cands = [step / "recipe.yaml"]
+    if step.parent.name == "checkpoints":
+        cands.append(step.parent.parent / "recipe.yaml")
+    return next((c for c in cands if c.is_file()), None)
+
+
+def recipe_settings(recipe: Recipe, where: str) -> dict[str, Setting]:
+    """What a recipe decides of the sampler (the KV format apart: `run_settings`)."""
+    out = {k: Setting(getattr(recipe.model, k), where) for k in RECIPE_KEYS}
+    if recipe.method.name == "dmd":  # a DMD run samples with its few-step schedule
+        d = recipe.method.dmd
+        out["timesteps"] = Setting(tuple(float(t) for t in d.denoising_steps), f"{where} (method.dmd)")
+        out["shift"] = Setting(d.timestep_shift, f"{where} (method.dmd)")
+    return out
+
+
+def _kv_setting(recipe: Recipe | None, where: str, record: Path | None) -> dict[str, Setting]:
+    """The "nvfp4" cache for a model trained as NVFP4 on NVFP4 history K/V."""
+    if recipe is not None and not recipe.quant.kv_fake_quant:
+        return {}  # trained on high-precision K/V: sample with them too
+    if record is not None:
+        return {"kv_cache": Setting("nvfp4", f"quant record {record} (the model trained on NVFP4 K/V)")}
+    if recipe is not None and recipe.quantized:
+        return {"kv_cache": Setting("nvfp4", f"{where} (an NVFP4 run: quant.kv_fake_quant)")}
+    return {}
+
+
+def _record(folder: str | Path | None) -> Path | None:
+    if folder is None:
+        return None
+    path = resolve_model_folder(folder) / QUANT_RECORD
+    return path if path.is_file() else None
+
+
+def run_settings(run: str | Path | Recipe | None) -> dict[str, Setting]:
+    """What the run that trained a checkpoint decided (see the module docstring)."""
+    if run is None:
+        return {}
+    if isinstance(run, Recipe):
+        base = (run.method.dmd.teacher or run.model.checkpoint) if run.method.name == "dmd" else None
+        return {
+            **recipe_settings(run, "the run's recipe"),
+            **_kv_setting(run, "the run's recipe", _record(base)),
+        }
+    path = recipe_for(run)
+    recipe = None if path is None else load_recipe(path)
+    where = f"recipe {path}"
+    out = {} if recipe is None else recipe_settings(recipe, where)
+    return {**out, **_kv_setting(recipe, where, _record(run))}
+
+
+def lora_settings(lora: str | Path | None) -> dict[str, Setting]:
+    """What a DMD LoRA's record decided (its few-step schedule and chunking)."""
+    if not lora:
+        return {}
+    info, out = read_base_info(lora), {}
+    for key, name in LORA_KEYS.items():
+        if info.get(key) is not None:
+            value = tuple(float(t) for t in info[key]) if name == "timesteps" else info[key]
+            value = float(value) if name == "shift" else value
+            out[name] = Setting(value, f"LoRA {lora}")
+    return out
+
+
+def resolve(
+    cls: type,
+    run: str | Path | Recipe | None,
+    lora: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Setting]:
+    """Every field of the dataclass `cls` (SamplerConfig) with its value and its source."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for what, given in (("overrides", overrides), ("defaults", defaults)):
+        unknown = sorted(set(given or {}) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown sampler setting(s) in {what}: {', '.join(unknown)}; known: {', '.join(fields)}"
+            )
+    chosen = {k: Setting(v, "flag") for k, v in (overrides or {}).items()}
+    for layer in (lora_settings(lora), run_settings(run)):
+        chosen = {**layer, **chosen}
+    for name, value in (defaults or {}).items():
+        chosen.setdefault(name, Setting(value, "caller default"))
+    window = chosen.get("window_frames", Setting(fields["window_frames"].default, DEFAULT)).value
+    chosen.setdefault("shot_sink", Setting(window is not None, "no record: on when windowed"))
+    for name, f in fields.items():
+        chosen.setdefault(name, Setting(f.default, DEFAULT))
+    if chosen["shot_sink"].value and window is None:  # a shot sink exists only inside a window
+        chosen["shot_sink"] = Setting(False, f"{chosen['shot_sink'].source} (no window)")
+    return {name: chosen[name] for name in fields}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe(settings: Mapping[str, Setting], log: Callable[[str], None]) -> None:
+    """One line per source: `name=value, ... from SOURCE`."""
+    by_source: dict[str, list[str]] = {}
+    for name, s in settings.items():
+        by_source.setdefault(s.source, []).append(f"{name}={_show(s.value)}")
+    for source, items in by_source.items():
+        log(f"[vidtrain] sampler settings: {', '.join(items)} from {source}")
