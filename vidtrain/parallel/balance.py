@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from vidtrain.models.vae.model import CausalVideoVAE
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
 from vidtrain.parallel.sequence import layout_frame_span, layout_metas
 from vidtrain.tokens import MaskRule, TokenMeta
@@ -42,8 +43,6 @@ UNSCHEDULED = ("vae_frames_own_span", "attn_pairs_own_queries")
 def vae_halo() -> int:
     """Left halo (latent frames) that makes the chunk-halo encode exact for Wan2.1's VAE."""
     try:
-        from vidtrain.models.vae.model import CausalVideoVAE
-
         with torch.device("meta"):
             return CausalVideoVAE.from_flavor("wan2.1").temporal_receptive_field()
     except Exception:  # the VAE is optional for this report

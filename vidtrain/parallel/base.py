@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
+from vidtrain.models.wan.state_dict import load_model_state
 from vidtrain.parallel.sequence import take_frames
 from vidtrain.registry import Registry
 from vidtrain.tokens import TokenMeta
@@ -140,7 +141,6 @@ class Strategy:
 
     def load_weights(self, model: nn.Module, step_folder: Path) -> None:
         """The checkpoint's model/ weights into the (wrapped) model; the optimizer is untouched."""
-        from vidtrain.models.wan.state_dict import load_model_state
 
         load_model_state(self.unwrap(model), step_folder / "model")
 

@@ -18,10 +18,12 @@ import torch.distributed as dist
 from torch import nn
 
 from vidtrain.forcing.teacher import TFSequence
+from vidtrain.models.wan.state_dict import _read_weights
+from vidtrain.parallel.balance import layout_report, plot_rank_figures
 from vidtrain.parallel.base import STRATEGIES, FullParams, Strategy
 from vidtrain.parallel.mesh import Mesh, build_mesh
 from vidtrain.parallel.sequence import apply_ring, apply_ulysses, local_tf_sequence
-from vidtrain.tokens import TokenMeta
+from vidtrain.tokens import MaskRule, TokenMeta
 
 
 class DistributedStrategy(Strategy):
@@ -44,8 +46,6 @@ class DistributedStrategy(Strategy):
 
     def teardown(self) -> None:
         if self.mesh is not None and self.is_main and self.step_times and self.recipe.log.plots:
-            from vidtrain.parallel.balance import plot_rank_figures
-
             plot_rank_figures(self.rank_figures(), Path(self.recipe.run.dir) / "balance.png")
         if self.mesh is not None and self.mesh.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -87,8 +87,6 @@ class DistributedStrategy(Strategy):
 
     def _remember_layout(self, x0, fpc: int) -> None:
         """The layout's per-rank figures; VAE frames with the run's halo, or 0 for latent shards."""
-        from vidtrain.parallel.balance import layout_report
-        from vidtrain.tokens import MaskRule
 
         f, h, w = x0.shape[2:]
         pre_encoded = isinstance(x0, torch.Tensor)
@@ -269,8 +267,6 @@ class FSDPStrategy(DistributedStrategy):
     def load_weights(self, model: nn.Module, step_folder: Path) -> None:
         """Full weights scattered into the shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        from vidtrain.models.wan.state_dict import _read_weights
 
         sd = _read_weights(step_folder / "model")
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))

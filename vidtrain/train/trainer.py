@@ -12,6 +12,8 @@ import torch
 import yaml
 
 from vidtrain.config import ConfigError, Recipe, dump_recipe
+from vidtrain.data import LatentLoader, LatentShardDataset, SyntheticLatentDataset
+from vidtrain.data.videos import make_video_loader
 from vidtrain.errors import CheckpointError, NonFiniteError
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.config import flavor
@@ -223,12 +225,9 @@ class Trainer:
         )
 
     def make_loader(self):
-        from vidtrain.data import LatentLoader, LatentShardDataset, SyntheticLatentDataset
 
         d, s = self.recipe.data, self.strategy
         if d.source == "videos":  # latents VAE-encoded per rank on demand (vidtrain/data/videos.py)
-            from vidtrain.data.videos import make_video_loader
-
             return make_video_loader(
                 self.recipe, s, self.model_config.in_channels, self.model_config.text_dim
             )
