@@ -1,4 +1,4 @@
-"""Causal video VAE with the Wan2.1 architecture, a temporal frame cache, streaming and range encode.
+"""Causal video VAEs of Wan2.1 and Wan2.2, a temporal frame cache, streaming and range encode.
 
 Shape legend:
     B batch, C channels, T pixel (or intermediate-rate) frames, F latent frames, H, W height, width,
@@ -10,6 +10,10 @@ The network is causal in time. Every temporal operator keeps its left context in
       first frame of a clip passes through alone, so 1 + 2n frames give 1 + n;
     - temporal upsampling: a causal conv that doubles channels into two output frames; the first
       frame of a clip passes through alone, so 1 + n frames give 1 + 2n.
+Wan2.2 (`VAEConfig.residual`, `patch_size` 2) folds 2x2 pixels into channels before the encoder
+(and back after the decoder) and wraps each encoder/decoder level in a parameter-free shortcut
+(`AvgDown` / `DupUp`, channel folding and duplication); in time these pair frames (1,2),(3,4),...
+after a clip's lone first frame, the same grouping as the temporal down/upsampling.
 Norms are per position and attention is per frame, so one pass over a whole clip, Wan's schedule
 (first frame, then 4 frames per pass) and any split of the frames into passes give the same result.
 Nothing is recurrent: each output depends on a bounded window of inputs, which
@@ -37,11 +41,31 @@ WAN21_LATENTS_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
+# Wan2.2's 48-channel latent statistics (hard-coded in Wan2.2's `Wan2_2_VAE`, diffusers' Wan2.2 config).
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Sizes of a Wan2.1-style VAE. Latent statistics default to Wan2.1's (needs z_dim 16)."""
+    """Sizes of a Wan-style VAE. Latent statistics default to Wan2.1's (needs z_dim 16).
+
+    `residual` and `patch_size` 2 make it Wan2.2's VAE; `decoder_base_dim` None means `base_dim`.
+    """
 
     base_dim: int = 96
     z_dim: int = 16
@@ -50,6 +74,9 @@ class VAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     latents_mean: tuple[float, ...] = field(default=WAN21_LATENTS_MEAN)
     latents_std: tuple[float, ...] = field(default=WAN21_LATENTS_STD)
+    decoder_base_dim: int | None = None
+    residual: bool = False
+    patch_size: int = 1
 
     def __post_init__(self) -> None:
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
@@ -58,15 +85,38 @@ class VAEConfig:
             )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(
-                f"latents_mean/std need z_dim={self.z_dim} entries, got "
-                f"{len(self.latents_mean)}/{len(self.latents_std)}"
+                f"VAE latent statistics do not fit z_dim={self.z_dim}: latents_mean/std need z_dim={self.z_dim} "
+                f"entries, got {len(self.latents_mean)}/{len(self.latents_std)}"
             )
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.base_dim if self.decoder_base_dim is None else self.decoder_base_dim
 
 
 VAE_FLAVORS: dict[str, VAEConfig] = {
     "debug": VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
     "wan2.1": VAEConfig(),
 }
+# Wan2.2 family ("Wan2.2_VAE.pth": stride (4, 16, 16), z_dim 48), kept apart from the Wan2.1 family.
+_WAN22 = {"z_dim": 48, "latents_mean": WAN22_LATENTS_MEAN, "latents_std": WAN22_LATENTS_STD}
+_WAN22 |= {"residual": True, "patch_size": 2}
+WAN22_VAE_FLAVORS: dict[str, VAEConfig] = {
+    "wan2.2-debug": VAEConfig(
+        base_dim=8, decoder_base_dim=12, dim_mult=(1, 2, 2, 2), num_res_blocks=1, **_WAN22
+    ),
+    "wan2.2": VAEConfig(base_dim=160, decoder_base_dim=256, **_WAN22),
+}
+ALL_VAE_FLAVORS: dict[str, VAEConfig] = {**VAE_FLAVORS, **WAN22_VAE_FLAVORS}
+
+
+def flavor_config(name: str) -> VAEConfig:
+    """The `VAEConfig` of a named flavor (Wan2.1 or Wan2.2 family); ValueError naming the known ones."""
+    if name not in ALL_VAE_FLAVORS:
+        raise ValueError(f"unknown VAE flavor {name!r}; known: {', '.join(sorted(ALL_VAE_FLAVORS))}")
+    return ALL_VAE_FLAVORS[name]
 
 
 class StreamState:
@@ -179,16 +229,16 @@ class Resample(nn.Module):
     """Spatial 2x down/up sampling per frame, optionally with 2x temporal down/up sampling.
 
     modes: "down2d", "down3d" (spatial first, then time), "up2d", "up3d" (time first, then space);
-    the up modes halve the channels, as in Wan2.1.
+    the up modes halve the channels unless `c_out` is given (Wan2.1 halves, Wan2.2 keeps them).
     """
 
-    def __init__(self, dim: int, mode: str) -> None:
+    def __init__(self, dim: int, mode: str, c_out: int | None = None) -> None:
         super().__init__()
         self.mode = mode
         if mode.startswith("down"):
             self.spatial = nn.Conv2d(dim, dim, 3, stride=2)
         else:
-            self.spatial = nn.Conv2d(dim, dim // 2, 3, padding=1)
+            self.spatial = nn.Conv2d(dim, dim // 2 if c_out is None else c_out, 3, padding=1)
         if mode == "down3d":
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
         elif mode == "up3d":
@@ -243,6 +293,105 @@ class Resample(nn.Module):
         return frames
 
 
+class AvgDown(nn.Module):
+    """Wan2.2's down-level shortcut: fold `ft` frames and `fs` x `fs` pixels into channels, then
+    average groups of consecutive channels down to `c_out`. No parameters.
+
+    With ft=2, frames pair as (1,2),(3,4),...; a clip's first frame is paired with a zero frame
+    before it (Wan2.2 pads its lone first chunk); an unpaired last frame waits in the stream state.
+    """
+
+    def __init__(self, c_in: int, c_out: int, ft: int, fs: int) -> None:
+        super().__init__()
+        if c_in * ft * fs * fs % c_out:
+            raise ValueError(f"AvgDown: {c_in} channels x {ft * fs * fs} do not divide into {c_out} groups")
+        self.c_out, self.ft, self.fs = c_out, ft, fs
+        self.group = c_in * ft * fs * fs // c_out
+
+    def _fold(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x_BCTHW.shape
+        ft, fs = self.ft, self.fs
+        x = x_BCTHW.view(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        x = x.reshape(B, self.c_out, self.group, T // ft, H // fs, W // fs)  # channels (c, t, dy, dx) grouped
+        return x.mean(dim=2)
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        if self.ft == 1:
+            return self._fold(x_BCTHW)
+        buf = state.get(self)
+        parts = []
+        if buf is None and not state.mid_clip and x_BCTHW.shape[2] > 0:  # a clip's lone first frame
+            parts.append(self._fold(F.pad(x_BCTHW[:, :, :1], (0, 0, 0, 0, 1, 0))))
+            x_BCTHW = x_BCTHW[:, :, 1:]
+        elif buf is not None:
+            x_BCTHW = torch.cat([buf, x_BCTHW], dim=2)
+        n = x_BCTHW.shape[2] - x_BCTHW.shape[2] % 2
+        state.set(self, x_BCTHW[:, :, n:].clone())
+        parts.append(self._fold(x_BCTHW[:, :, :n]))
+        return torch.cat(parts, dim=2)
+
+    def lookback(self, frames: int) -> int:
+        return self.ft * frames + self.ft - 1  # output j reads inputs ft*j-(ft-1) .. ft*j
+
+
+class DupUp(nn.Module):
+    """Wan2.2's up-level shortcut: repeat channels and unfold them into `ft` frames and `fs` x `fs`
+    pixels. A clip's first frame gives only its last `ft` copy (Wan2.2's first chunk). No parameters."""
+
+    def __init__(self, c_in: int, c_out: int, ft: int, fs: int) -> None:
+        super().__init__()
+        if c_out * ft * fs * fs % c_in:
+            raise ValueError(f"DupUp: {c_out} channels x {ft * fs * fs} are not a multiple of {c_in}")
+        self.c_out, self.ft, self.fs = c_out, ft, fs
+        self.repeats = c_out * ft * fs * fs // c_in
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        B, _, T, H, W = x_BCTHW.shape
+        ft, fs = self.ft, self.fs
+        y = x_BCTHW.repeat_interleave(self.repeats, dim=1).view(B, self.c_out, ft, fs, fs, T, H, W)
+        y = y.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, self.c_out, T * ft, H * fs, W * fs)
+        if T and state.get(self) is None:
+            if not state.mid_clip:
+                y = y[:, :, ft - 1 :]
+            state.set(self, True)
+        return y
+
+
+class ResidualLevel(nn.Module):
+    """One Wan2.2 encoder/decoder level: its blocks (res blocks, then a resample) plus a shortcut."""
+
+    def __init__(self, blocks: list[nn.Module], shortcut: AvgDown | DupUp | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.shortcut = shortcut
+
+    def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        y = _run(self.blocks, x_BCTHW, state)
+        return y if self.shortcut is None else y + self.shortcut(x_BCTHW, state)
+
+    def lookback(self, frames: int) -> int:
+        main = _lookback(self.blocks, frames)
+        return main if self.shortcut is None else max(main, self.shortcut.lookback(frames))
+
+
+def patchify(x_BCTHW: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, C*p*p, T, H/p, W/p]; channel c*p*p + dx*p + dy holds pixel (p*y+dy, p*x+dx)."""
+    if p == 1:
+        return x_BCTHW
+    B, C, T, H, W = x_BCTHW.shape
+    x = x_BCTHW.view(B, C, T, H // p, p, W // p, p).permute(0, 1, 6, 4, 2, 3, 5)
+    return x.reshape(B, C * p * p, T, H // p, W // p)
+
+
+def unpatchify(x_BCTHW: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of `patchify`."""
+    if p == 1:
+        return x_BCTHW
+    B, C, T, H, W = x_BCTHW.shape
+    x = x_BCTHW.view(B, C // (p * p), p, p, T, H, W).permute(0, 1, 4, 5, 3, 6, 2)
+    return x.reshape(B, C // (p * p), T, H * p, W * p)
+
+
 def _run(layers: Sequence[nn.Module], x: torch.Tensor, state: StreamState) -> torch.Tensor:
     for layer in layers:
         x = layer(x, state)
@@ -260,18 +409,30 @@ def _middle(dim: int) -> nn.ModuleList:
 
 
 class Encoder(nn.Module):
-    """Pixels [B,3,T,H,W] -> mean and log-variance [B, 2*z_dim, F, H/8, W/8]."""
+    """Pixels [B, 3*p*p, T, H, W] (patchified) -> mean and log-variance [B, 2*z_dim, F, H/8, W/8].
+
+    Wan2.1: `down` is a flat list of blocks; Wan2.2 (`residual`): one `ResidualLevel` per level.
+    """
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
-        self.conv_in = CausalConv3d(3, dims[0], 3)
+        self.conv_in = CausalConv3d(3 * cfg.patch_size**2, dims[0], 3)
+        last = len(cfg.dim_mult) - 1
         down: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(itertools.pairwise(dims)):
-            for j in range(cfg.num_res_blocks):
-                down.append(ResBlock(c_in if j == 0 else c_out, c_out))
-            if i < len(cfg.dim_mult) - 1:
-                down.append(Resample(c_out, "down3d" if cfg.temporal_downsample[i] else "down2d"))
+            blocks: list[nn.Module] = [
+                ResBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)
+            ]
+            temporal = i < last and cfg.temporal_downsample[i]
+            if i < last:
+                blocks.append(Resample(c_out, "down3d" if temporal else "down2d"))
+            if cfg.residual:
+                down.append(
+                    ResidualLevel(blocks, AvgDown(c_in, c_out, 2 if temporal else 1, 2 if i < last else 1))
+                )
+            else:
+                down.extend(blocks)
         self.down = nn.ModuleList(down)
         self.mid = _middle(dims[-1])
         self.norm_out = RMSNorm(dims[-1], 3)
@@ -289,25 +450,36 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents [B, z_dim, F, h, w] -> pixels [B, 3, 1+4(F-1), 8h, 8w] (unclamped)."""
+    """Latents [B, z_dim, F, h, w] -> pixels [B, 3*p*p, 1+4(F-1), 8h, 8w] (patchified, unclamped)."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         mult = cfg.dim_mult
-        dims = [cfg.base_dim * m for m in (mult[-1], *mult[::-1])]
+        dims = [cfg.decoder_dim * m for m in (mult[-1], *mult[::-1])]
         temporal_up = cfg.temporal_downsample[::-1]
+        last = len(mult) - 1
         self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3)
         self.mid = _middle(dims[0])
         up: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(itertools.pairwise(dims)):
-            c_in = c_in // 2 if i > 0 else c_in  # each upsampler halved the channels
-            for j in range(cfg.num_res_blocks + 1):
-                up.append(ResBlock(c_in if j == 0 else c_out, c_out))
-            if i < len(mult) - 1:
-                up.append(Resample(c_out, "up3d" if temporal_up[i] else "up2d"))
+            if not cfg.residual:
+                c_in = c_in // 2 if i > 0 else c_in  # each Wan2.1 upsampler halved the channels
+            blocks: list[nn.Module] = [
+                ResBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)
+            ]
+            temporal = i < last and temporal_up[i]
+            if i < last:
+                blocks.append(
+                    Resample(c_out, "up3d" if temporal else "up2d", c_out if cfg.residual else None)
+                )
+            if cfg.residual:
+                shortcut = DupUp(c_in, c_out, 2 if temporal else 1, 2) if i < last else None
+                up.append(ResidualLevel(blocks, shortcut))
+            else:
+                up.extend(blocks)
         self.up = nn.ModuleList(up)
         self.norm_out = RMSNorm(dims[-1], 3)
-        self.conv_out = CausalConv3d(dims[-1], 3, 3)
+        self.conv_out = CausalConv3d(dims[-1], 3 * cfg.patch_size**2, 3)
 
     def forward(self, z_BCFHW: torch.Tensor, state: StreamState) -> torch.Tensor:
         x = self.conv_in(z_BCFHW, state)
@@ -317,7 +489,7 @@ class Decoder(nn.Module):
 
 
 class CausalVideoVAE(nn.Module):
-    """Wan2.1 causal video VAE. `encode`/`decode` work on normalised latents ((mu - mean) / std)."""
+    """Wan2.1 / Wan2.2 causal video VAE. `encode`/`decode` work on normalised latents ((mu - mean) / std)."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -333,14 +505,13 @@ class CausalVideoVAE(nn.Module):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_flavor(cls, name: str, **overrides: object) -> CausalVideoVAE:
-        """Random-initialised VAE of a named size (`VAE_FLAVORS`); fields may be overridden."""
-        if name not in VAE_FLAVORS:
-            raise ValueError(f"unknown VAE flavor {name!r}; known: {', '.join(sorted(VAE_FLAVORS))}")
-        return cls(replace(VAE_FLAVORS[name], **overrides))
+        """Random-initialised VAE of a named size (`ALL_VAE_FLAVORS`); fields may be overridden."""
+        return cls(replace(flavor_config(name), **overrides))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, flavor: str | None = None) -> CausalVideoVAE:
-        """Load Wan2.1 weights: an original-layout `.pth`/`.safetensors` file or a diffusers folder.
+        """Load Wan2.1 or Wan2.2 weights: an original-layout `.pth`/`.safetensors` file (`Wan2.1_VAE.pth`,
+        `Wan2.2_VAE.pth`) or a diffusers folder.
 
         Sizes come from the diffusers `config.json`, or are read off the original state dict
         (or taken from `flavor` when given).
@@ -360,13 +531,13 @@ class CausalVideoVAE(nn.Module):
 
     @property
     def spatial_compression(self) -> int:
-        return 2 ** (len(self.config.dim_mult) - 1)
+        return 2 ** (len(self.config.dim_mult) - 1) * self.config.patch_size
 
     def num_latent_frames(self, pixel_frames: int) -> int:
         return 1 + (pixel_frames - 1) // self.temporal_compression
 
     def check_video(self, video_BCTHW: torch.Tensor) -> None:
-        """ValueError unless the video is [B, 3, 1+4k, H, W] with H, W divisible by 8."""
+        """ValueError unless the video is [B, 3, 1+4k, H, W] with H, W divisible by the spatial stride."""
         tc, sc = self.temporal_compression, self.spatial_compression
         shape = tuple(video_BCTHW.shape)
         if video_BCTHW.dim() != 5 or shape[1] != 3:
@@ -385,16 +556,17 @@ class CausalVideoVAE(nn.Module):
 
     # ---- one pass of the networks -------------------------------------------------------------
     def _encode_pass(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
-        h_BCFHW = self.quant_conv(self.encoder(x_BCTHW, state))
+        h_BCFHW = self.quant_conv(self.encoder(patchify(x_BCTHW, self.config.patch_size), state))
         return self.normalize_latents(h_BCFHW[:, : self.z_dim])
 
     def _decode_pass(self, z_BCFHW: torch.Tensor, state: StreamState) -> torch.Tensor:
         x_BCTHW = self.decoder(self.post_quant_conv(self.denormalize_latents(z_BCFHW)), state)
-        return x_BCTHW.clamp(-1.0, 1.0)
+        return unpatchify(x_BCTHW, self.config.patch_size).clamp(-1.0, 1.0)
 
     # ---- public encode / decode ---------------------------------------------------------------
     def encode(self, video_BCTHW: torch.Tensor, latents_per_pass: int | None = 1) -> torch.Tensor:
-        """Pixels in [-1, 1], [B,3,1+4k,H,W] -> normalised latent mean [B, z_dim, 1+k, H/8, W/8].
+        """Pixels in [-1, 1], [B,3,1+4k,H,W] -> normalised latent mean [B, z_dim, 1+k, H/s, W/s]
+        (s = `spatial_compression`: 8 for Wan2.1, 16 for Wan2.2).
 
         `latents_per_pass` latent frames are computed per network pass (1 = Wan's schedule: the
         first frame, then 4 frames per pass; None = the whole clip in one pass). All agree.
@@ -406,7 +578,7 @@ class CausalVideoVAE(nn.Module):
         return z
 
     def decode(self, z_BCFHW: torch.Tensor, latents_per_pass: int | None = 1) -> torch.Tensor:
-        """Normalised latents [B, z_dim, F, h, w] -> pixels in [-1, 1], [B, 3, 1+4(F-1), 8h, 8w]."""
+        """Normalised latents [B, z_dim, F, h, w] -> pixels in [-1, 1], [B, 3, 1+4(F-1), s*h, s*w]."""
         dec = self.stream_decoder(latents_per_pass)
         return dec.feed(z_BCFHW)
 
