@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from vidtrain.models.vae.model import CausalVideoVAE
+from vidtrain.parallel.layouts import rank_frames
 from vidtrain.parallel.schedule import pixel_frames, vae_encode_plan
-from vidtrain.parallel.sequence import rank_frames
 
 
 def _time_ranges(vae, video, ranges, halo) -> list[float]:

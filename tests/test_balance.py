@@ -8,7 +8,7 @@ import pytest
 
 from vidtrain.cli import main as cli
 from vidtrain.parallel.balance import layout_report
-from vidtrain.parallel.sequence import layout_metas
+from vidtrain.parallel.layouts import layout_metas
 from vidtrain.tokens import MaskRule, TokenMeta, build_mask
 
 

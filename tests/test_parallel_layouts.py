@@ -8,8 +8,9 @@ import torch
 from vidtrain.forcing.teacher import build_tf_sequence
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.parallel import STRATEGIES
+from vidtrain.parallel.layouts import check_layout, encode_local_frames, local_tf_sequence
 from vidtrain.parallel.mesh import sp_dims
-from vidtrain.parallel.sequence import apply_ulysses, check_layout, encode_local_frames, local_tf_sequence
+from vidtrain.parallel.ulysses import apply_ulysses
 from vidtrain.tokens import MaskRule, build_mask
 
 

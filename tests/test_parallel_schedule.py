@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from vidtrain.parallel.balance import FIGURES, layout_report
+from vidtrain.parallel.layouts import layout_frame_span, layout_metas
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
-from vidtrain.parallel.sequence import layout_frame_span, layout_metas
 from vidtrain.testing.equality import SCHEDULE_HALO, schedule_inputs, skewed_work, spawn_schedule_checks
 from vidtrain.tokens import MaskRule, TokenMeta, build_mask
 

@@ -95,7 +95,7 @@ def test_ring_sp_equals_one_process(runs, index):
 
 
 def test_ring_needs_no_head_divisibility():
-    from vidtrain.parallel.sequence import RingAttention, apply_ring
+    from vidtrain.parallel.ring import RingAttention, apply_ring
 
     model = CausalWanDiT.from_flavor("debug")  # 4 heads: Ulysses refuses sp_size=3
     assert apply_ring(model, None, 3, 0) == len(model.blocks)

@@ -6,8 +6,8 @@ same splitting, shuffling and resumable position as latent shards (latents.py). 
 
 In the main process (the VAE and the text encoder live on the training device) a batch becomes
 `{"latents": VideoLatents, "text", "text_mask", "keys"}`: captions are encoded once per batch;
-the latents are lazy. The strategy asks them for the latent frames its layout holds
-(`vidtrain.parallel.sequence`): under sequence parallelism each rank VAE-encodes one range of the
+the latents are lazy. The layout asks them for the latent frames this rank holds
+(`vidtrain.parallel.layouts`): under sequence parallelism each rank VAE-encodes one range of the
 group's balanced encode plan plus a left halo (chunk-halo encode) and the ranks exchange latents;
 one process encodes the whole clip.
 

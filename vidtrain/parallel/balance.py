@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from vidtrain.models.vae.model import CausalVideoVAE
+from vidtrain.parallel.layouts import LAYOUTS, layout_frame_span, layout_metas
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
-from vidtrain.parallel.sequence import layout_frame_span, layout_metas
 from vidtrain.tokens import MaskRule, TokenMeta
 
 # Used only when the VAE module cannot be built: Wan2.1 VAE's encoder receptive field in latent
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, required=True, help="latent frames")
     p.add_argument("--frames-per-chunk", type=int, default=3)
     p.add_argument("--sp", type=int, required=True, help="sequence-parallel ranks")
-    p.add_argument("--layout", choices=("naive", "balanced"), default="balanced")
+    p.add_argument("--layout", choices=LAYOUTS.names(), default="balanced")
     p.add_argument("--height", type=int, default=480, help="pixels")
     p.add_argument("--width", type=int, default=832, help="pixels")
     p.add_argument("--halo", type=int, default=None, help="VAE halo in latent frames (default: exact)")

@@ -1,24 +1,24 @@
 """The strategy interface and the single-process strategy.
 
-A strategy is applied to a plain model from outside (the model never imports process groups).
-It owns the process topology (world = data-parallel x sequence-parallel ranks), wraps the model
-and optimizer, runs backward and the optimizer step, and picks each rank's part of a
-teacher-forcing sequence (the layout).
+A strategy runs the one trainer loop's step on a `Mesh` (mesh.py: world = data-parallel x
+sequence-parallel ranks): its backend's last transform of the model (`data_parallel`, applied
+by `parallelize.parallelize` after SP, activation checkpointing and compile), backward and the
+optimizer step, the reductions and agreements between ranks, and its checkpoint adapter
+(`checkpoint`, checkpoint.py). Which tokens a rank holds is a layout's (layouts.py); the
+per-rank balance figures are a logging callback's (balance_log.py). The model never imports
+process groups.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from vidtrain.forcing.teacher import TFSequence, build_tf_sequence
-from vidtrain.models.wan.state_dict import load_model_state
-from vidtrain.parallel.sequence import take_frames
+from vidtrain.parallel.checkpoint import CheckpointAdapter
+from vidtrain.parallel.mesh import Mesh
 from vidtrain.registry import Registry
-from vidtrain.tokens import TokenMeta
 
 STRATEGIES: Registry[type] = Registry("parallel strategy")
 
@@ -30,11 +30,42 @@ class Strategy:
 
     def __init__(self, recipe) -> None:
         self.recipe = recipe
-        self.rank, self.world_size = 0, 1
-        self.dp_rank, self.dp_size = 0, 1
-        self.sp_rank, self.sp_size = 0, 1
+        self.mesh = Mesh.single()  # a distributed strategy's `setup` builds the launcher's
         self.skipped = False  # an optimizer step skipped as non-finite (pop_skipped)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.checkpoint = self.checkpoint_adapter()
+
+    # ---- topology (the mesh) -------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.mesh.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.dp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.mesh.sp_rank
+
+    @property
+    def sp_size(self) -> int:
+        return self.mesh.sp_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.mesh.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.mesh.is_main
 
     # ---- life cycle ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -44,19 +75,22 @@ class Strategy:
                 "and parallel.strategy ddp, fsdp or deepspeed"
             )
 
-    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
-        model.to(self.device)
+    def data_parallel(
+        self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The backend's wrap of a model already on the device (parallelize's last step) and the
+        optimizer over its trainable parameters."""
         return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def checkpoint_adapter(self) -> CheckpointAdapter:
+        """How this backend's states leave and enter a checkpoint (vidtrain/train/checkpoint.py)."""
+        return CheckpointAdapter(self.unwrap)
+
     def teardown(self) -> None:
         pass
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def barrier(self) -> None:
         pass
@@ -70,24 +104,6 @@ class Strategy:
         return bool(flag)
 
     # ---- the step ------------------------------------------------------------------------------
-    def tf_sequence(
-        self, x0, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
-    ) -> tuple[TFSequence, TokenMeta]:
-        """This rank's part of the teacher-forcing sequence and the global token metadata.
-
-        `x0` is a latent tensor [B, C, F, H, W] or a lazy source of latent frames (videos encoded
-        on demand, `sequence.take_frames`): a rank reads only the frames its part holds.
-        """
-        seq = build_tf_sequence(take_frames(x0, 0, x0.shape[2]), noise, sigma_BF, frames_per_chunk)
-        return seq, seq.meta
-
-    def step_report(self, step_time_s: float, logs: dict[str, float] | None = None) -> dict[str, float]:
-        """Extra per-step figures to log (per-rank balance figures in parallel strategies).
-
-        `logs` are this rank's figures of the step (parallel strategies keep a per-rank record).
-        """
-        return {}
-
     def sp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the sequence-parallel group (loss numerators and denominators)."""
         return t
@@ -121,34 +137,12 @@ class Strategy:
         skipped, self.skipped = self.skipped, False
         return skipped
 
-    # ---- checkpoint ----------------------------------------------------------------------------
     def full_params(self, model: nn.Module):
         """The trainable parameters as full tensors, as a module-like view for EMA (`named_parameters`).
 
         Sharding strategies (FSDP, ZeRO-3) gather them one at a time; all ranks must iterate it.
         """
         return self.unwrap(model)
-
-    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Full (unsharded) state dict of the plain model, on CPU (all ranks call it)."""
-        return {k: v.detach().cpu().clone() for k, v in self.unwrap(model).state_dict().items()}
-
-    def optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
-
-    def load_optim_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
-
-    def load_weights(self, model: nn.Module, step_folder: Path) -> None:
-        """The checkpoint's model/ weights into the (wrapped) model; the optimizer is untouched."""
-
-        load_model_state(self.unwrap(model), step_folder / "model")
-
-    def save_engine(self, model: nn.Module, folder: Path) -> None:
-        """Strategies with their own checkpoint format (DeepSpeed) write it here."""
-
-    def load_engine(self, model: nn.Module, folder: Path) -> bool:
-        return False
 
 
 class FullParams:

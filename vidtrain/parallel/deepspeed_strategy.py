@@ -7,7 +7,8 @@ step (clipping by the config's `gradient_clipping`). The LR schedule stays the t
 the learning rate in the param groups that DeepSpeed's optimizer steps with. The optimizer is
 the method's (`make_optimizer`, called by the engine on the trainable parameters); ZeRO flattens
 each of its param groups separately, so per-group lr / betas (DMD's roles) survive.
-Checkpoints: DeepSpeed's own sharded format under `engine/` (resumable), plus the full model.
+Checkpoints (`DeepSpeedCheckpoint`): DeepSpeed's own sharded format under `engine/`
+(resumable), plus the full model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from vidtrain.errors import NonFiniteError
 from vidtrain.parallel.base import STRATEGIES, FullParams
+from vidtrain.parallel.checkpoint import CheckpointAdapter
 from vidtrain.parallel.strategies import DistributedStrategy
 
 
@@ -55,23 +57,24 @@ class DeepSpeedStrategy(DistributedStrategy):
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
 
-    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+    def data_parallel(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+        """The engine around the model and the method's optimizer (`make_optimizer`)."""
         import deepspeed
 
         use_bf16 = self.device.type == "cuda" and self.recipe.train.mixed_precision != "fp32"
         cfg = deepspeed_config(self.recipe, self.world_size, use_bf16)
-        model.to(self.device)
-        self.apply_sequence_parallel(model)
         params = [p for p in model.parameters() if p.requires_grad]
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=make_optimizer, config=cfg
         )
-        self.engine = engine
         # the trainer's LambdaLR edits lr in these param groups, which DeepSpeed's step reads
         return engine, getattr(optimizer, "optimizer", optimizer)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if hasattr(model, "module") else model
+
+    def checkpoint_adapter(self) -> CheckpointAdapter:
+        return DeepSpeedCheckpoint(self.unwrap, self.recipe.parallel.zero_stage)
 
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         scaled = loss * self.loss_scale() if self.sp_size > 1 else loss
@@ -125,8 +128,19 @@ class DeepSpeedStrategy(DistributedStrategy):
 
         return FullParams(named)
 
+
+class DeepSpeedCheckpoint(CheckpointAdapter):
+    """DeepSpeed's own sharded format in engine/ (every rank writes its shards), the full model
+    in model/ (ZeRO-3: gathered from the fp32 master copies)."""
+
+    resume_needs_engine = True
+
+    def __init__(self, unwrap, zero_stage: int) -> None:
+        super().__init__(unwrap)
+        self.zero_stage = zero_stage
+
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        if self.recipe.parallel.zero_stage == 3:
+        if self.zero_stage == 3:
             from deepspeed.utils import safe_get_full_fp32_param
 
             return {
@@ -149,7 +163,7 @@ class DeepSpeedStrategy(DistributedStrategy):
             if path is None:
                 raise ValueError(f"DeepSpeed could not load its checkpoint from {step_folder / 'engine'}")
             return
-        if self.recipe.parallel.zero_stage == 3:
+        if self.zero_stage == 3:
             raise ValueError(
                 f"{step_folder} has no engine/: train.resume=weights_only from model/ is not supported "
                 "under ZeRO-3 (partitioned parameters); resume with parallel.zero_stage 1 or 2"
@@ -162,7 +176,7 @@ class DeepSpeedStrategy(DistributedStrategy):
     def save_engine(self, model: nn.Module, folder: Path) -> None:
         model.save_checkpoint(str(folder), tag="engine", save_latest=False)
 
-    def load_engine(self, model: nn.Module, folder: Path) -> bool:
+    def load_engine(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> bool:
         if not (folder / "engine").exists():
             return False
         path, _ = model.load_checkpoint(

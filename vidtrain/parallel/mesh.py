@@ -1,5 +1,9 @@
 """Process topology: world = data-parallel x sequence-parallel ranks, from the launcher's env.
 
+A `Mesh` is what every other part of vidtrain.parallel is given (parallelize, the layouts, the
+balance log): ranks, sizes, the dp / sp process groups and the device. `Mesh.single(device)` is
+one process (no groups); `build_mesh` the launcher's world.
+
 Rank r sits at (dp_rank, sp_rank) = divmod(r, sp_size): the ranks of one sequence-parallel
 group are consecutive, so on a multi-GPU node an SP group shares the fast local links.
 Every collective group gets `parallel.timeout_s`, so a dead rank fails a run instead of hanging it.
@@ -17,7 +21,7 @@ import torch.distributed as dist
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Mesh:
     rank: int
     world_size: int
@@ -30,6 +34,22 @@ class Mesh:
     dp_group: dist.ProcessGroup | None
     device: torch.device
     owns_process_group: bool
+
+    @classmethod
+    def single(cls, device: torch.device | None = None) -> Mesh:
+        """One process, no communication (device: CUDA when available)."""
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(0, 1, 0, 0, 1, 0, 1, None, None, device, False)
+
+    @property
+    def distributed(self) -> bool:
+        """Built from a launcher's world (process groups exist, even for a world of one)."""
+        return self.dp_group is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def launch_env() -> tuple[int, int, int]:

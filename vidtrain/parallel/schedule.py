@@ -7,7 +7,7 @@ did exactly its own share, and are scheduled here instead:
 * VAE encode with a left halo (training from videos). Rank 0 needs no left context, every other
   rank reads `halo` latent frames of it. `vae_encode_plan` cuts [0, F) into contiguous encode
   ranges with equal pixel frames read, halo included (rank 0 takes more frames of its own); the
-  encoded latents then move to the ranks that hold them (`sequence.gather_planned_latents`).
+  encoded latents then move to the ranks that hold them (`vae_plan.gather_planned_latents`).
   Same total work as "each rank encodes its own span", the same exact latents, no rank waits.
 * Attention under context parallelism (`parallel.sp_impl=ring`). Causal masks give a rank's
   queries more keys the later its frames are (balanced layout: rank P-1 does ~2x the mean).

@@ -1,4 +1,4 @@
-"""Multi-rank strategies: DDP and FSDP2, each combinable with Ulysses sequence parallelism.
+"""Multi-rank strategies: DDP and FSDP2, each combinable with sequence parallelism.
 
 Gradient scaling. With SP, each rank of an SP group back-propagates its part of the loss
 (local squared errors / the group's total count), so the true gradient is the SUM over the SP
@@ -9,7 +9,6 @@ world average into sum-over-sp / dp. The trainer never sees the factor.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,39 +16,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vidtrain.forcing.teacher import TFSequence
+from vidtrain.models.seams import declared_modules
 from vidtrain.models.wan.state_dict import _read_weights
-from vidtrain.parallel.balance import layout_report, plot_rank_figures
 from vidtrain.parallel.base import STRATEGIES, FullParams, Strategy
-from vidtrain.parallel.mesh import Mesh, build_mesh
-from vidtrain.parallel.sequence import apply_ring, apply_ulysses, local_tf_sequence
-from vidtrain.tokens import MaskRule, TokenMeta
+from vidtrain.parallel.checkpoint import CheckpointAdapter
+from vidtrain.parallel.mesh import build_mesh
 
 
 class DistributedStrategy(Strategy):
-    """Shared by ddp / fsdp / deepspeed: the dp x sp mesh, SP layouts, reductions, balance figures."""
-
-    def __init__(self, recipe) -> None:
-        super().__init__(recipe)
-        self.mesh: Mesh | None = None
-        self.step_times: list[list[float]] = []  # per step: every rank's step time
-        self.layout_figures: dict[str, list[float]] | None = None
+    """Shared by ddp / fsdp / deepspeed: the launcher's dp x sp mesh, reductions, agreement."""
 
     def setup(self) -> None:
         p = self.recipe.parallel
         if p.sp_impl not in ("ulysses", "ring"):
             raise ValueError(f"unknown parallel.sp_impl={p.sp_impl!r}; known: ring, ulysses")
-        self.mesh = m = build_mesh(p.sp_size, p.timeout_s)
-        self.rank, self.world_size = m.rank, m.world_size
-        self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = m.dp_rank, m.dp_size, m.sp_rank, m.sp_size
-        self.device = m.device
+        self.mesh = build_mesh(p.sp_size, p.timeout_s)
 
     def teardown(self) -> None:
-        if self.mesh is not None and self.is_main and self.step_times and self.recipe.log.plots:
-            plot_rank_figures(self.rank_figures(), Path(self.recipe.run.dir) / "balance.png")
-        if self.mesh is not None and self.mesh.owns_process_group and dist.is_initialized():
+        if self.mesh.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
-        self.mesh = None
 
     def barrier(self) -> None:
         dist.barrier()
@@ -64,37 +49,7 @@ class DistributedStrategy(Strategy):
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
-    def apply_sequence_parallel(self, model: nn.Module) -> None:
-        if self.sp_size > 1 and self.recipe.parallel.sp_impl == "ring":
-            apply_ring(model, self.mesh.sp_group, self.sp_size, self.sp_rank)
-        elif self.sp_size > 1:
-            apply_ulysses(model, self.mesh.sp_group, self.sp_size)
-
     # ---- the step ------------------------------------------------------------------------------
-    def tf_sequence(
-        self, x0, noise: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int
-    ) -> tuple[TFSequence, TokenMeta]:
-        """`x0`: latents, or a lazy source from videos of which the rank encodes only its span."""
-        if self.sp_size == 1:
-            return super().tf_sequence(x0, noise, sigma_BF, frames_per_chunk)
-        layout = self.recipe.parallel.layout
-        seq, meta = local_tf_sequence(
-            layout, x0, noise, sigma_BF, frames_per_chunk, self.sp_rank, self.sp_size, self.mesh.sp_group
-        )
-        if self.layout_figures is None:
-            self._remember_layout(x0, frames_per_chunk)
-        return seq, meta
-
-    def _remember_layout(self, x0, fpc: int) -> None:
-        """The layout's per-rank figures; VAE frames with the run's halo, or 0 for latent shards."""
-
-        f, h, w = x0.shape[2:]
-        pre_encoded = isinstance(x0, torch.Tensor)
-        halo = 0 if pre_encoded else x0.halo
-        rule = MaskRule.of("teacher_forcing", self.recipe.model)  # the mask training runs
-        rep = layout_report(self.recipe.parallel.layout, f, fpc, self.sp_size, h, w, halo, pre_encoded, rule)
-        self.layout_figures = {k: v for k, v in rep["per_rank"].items()}
-
     def sp_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.sp_size == 1:
             return t
@@ -126,56 +81,14 @@ class DistributedStrategy(Strategy):
             if p.grad is not None
         }
 
-    def step_report(self, step_time_s: float, logs: dict[str, float] | None = None) -> dict[str, float]:
-        self._rank_log(step_time_s, logs or {})
-        t = torch.tensor([step_time_s], dtype=torch.float64)
-        if self.device.type == "cuda":
-            t = t.to(self.device)
-        out = [torch.zeros_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t)
-        times = [float(x) for x in out]
-        self.step_times.append(times)
-        mean = sum(times) / len(times)
-        report = {"balance/step_time_max_over_mean": max(times) / mean if mean > 0 else 1.0}
-        for key, vals in (self.layout_figures or {}).items():
-            m = sum(vals) / len(vals)
-            report[f"balance/{key}_max_over_mean"] = max(vals) / m if m > 0 else 1.0
-        return report
-
-    def _rank_log(self, step_time_s: float, logs: dict[str, float]) -> None:
-        """RUN/ranks/rank{r}.jsonl: every rank's own loss and step time (lockstep is checkable)."""
-        folder = Path(self.recipe.run.dir) / "ranks"
-        folder.mkdir(parents=True, exist_ok=True)
-        rec = {
-            "local_step": len(self.step_times) + 1,
-            "rank": self.rank,
-            "dp_rank": self.dp_rank,
-            "sp_rank": self.sp_rank,
-        }
-        rec |= {k: float(v) for k, v in logs.items() if isinstance(v, int | float)} | {
-            "step_time_s": step_time_s
-        }
-        with open(folder / f"rank{self.rank}.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def rank_figures(self) -> dict[str, list[float]]:
-        """Per-rank figures of the run: the layout's counts (per SP rank) and mean step time."""
-        figs = dict(self.layout_figures or {})
-        if self.step_times:
-            n = len(self.step_times)
-            figs["step_time_s"] = [sum(s[r] for s in self.step_times) / n for r in range(self.world_size)]
-        return figs
-
 
 @STRATEGIES.register("ddp")
 class DDPStrategy(DistributedStrategy):
     name = "ddp"
 
-    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+    def data_parallel(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
         from torch.nn.parallel import DistributedDataParallel
 
-        model.to(self.device)
-        self.apply_sequence_parallel(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids)
         return ddp, make_optimizer([p for p in ddp.parameters() if p.requires_grad])
@@ -199,21 +112,23 @@ class DDPStrategy(DistributedStrategy):
 
 @STRATEGIES.register("fsdp")
 class FSDPStrategy(DistributedStrategy):
-    """FSDP2: every block and then the root sharded over the whole world (dp x sp ranks)."""
+    """FSDP2: every shard unit the model declares (`_shard_units`: its blocks) and then the root
+    sharded over the whole world (dp x sp ranks)."""
 
     name = "fsdp"
 
-    def wrap(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
+    def data_parallel(self, model: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer]):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
-        model.to(self.device)
-        self.apply_sequence_parallel(model)
         mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
-        for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=mesh)
+        for unit in declared_modules(model, "_shard_units"):
+            fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        return model, self.wrap_optimizer(make_optimizer([p for p in model.parameters() if p.requires_grad]))
+        return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def checkpoint_adapter(self) -> CheckpointAdapter:
+        return FSDPCheckpoint(self.unwrap)
 
     def clip_and_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, finite: bool = True
@@ -246,6 +161,10 @@ class FSDPStrategy(DistributedStrategy):
 
         return FullParams(named)
 
+
+class FSDPCheckpoint(CheckpointAdapter):
+    """Full states gathered from the shards (written by rank 0), scattered back into them."""
+
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -271,13 +190,9 @@ class FSDPStrategy(DistributedStrategy):
         sd = _read_weights(step_folder / "model")
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
 
-    def load_engine(self, model: nn.Module, folder: Path) -> bool:
+    def load_engine(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> bool:
         """Resume a sharded model: full weights and optimizer state scattered into the shards."""
         self.load_weights(model, folder.parent)
         state = torch.load(folder.parent / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.load_optim_state(model, self.optimizer, state["optimizer"])
+        self.load_optim_state(model, optimizer, state["optimizer"])
         return True
-
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        self.optimizer = optimizer
-        return optimizer

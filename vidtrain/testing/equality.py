@@ -34,10 +34,12 @@ from vidtrain.data_tools import shard
 from vidtrain.data_tools.encode import load_vae
 from vidtrain.models.text import TextEncoder, make_tiny_text_encoder
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.parallel import STRATEGIES, sequence
-from vidtrain.parallel.base import Strategy
+from vidtrain.models.wan.attention import AttentionContext, AttentionCore
+from vidtrain.parallel import LAYOUTS, STRATEGIES, Mesh, Strategy, parallelize, ring
+from vidtrain.parallel.layouts import layout_metas
+from vidtrain.parallel.ring import RingAttention
 from vidtrain.parallel.schedule import TEMPORAL_COMPRESSION, pixel_frames
-from vidtrain.parallel.sequence import RingAttention, gather_planned_latents, layout_metas
+from vidtrain.parallel.vae_plan import gather_planned_latents
 from vidtrain.tokens import TokenMeta
 from vidtrain.train.methods import TeacherForcing
 from vidtrain.train.trainer import train
@@ -156,14 +158,17 @@ def _plain_model() -> CausalWanDiT:
 
 
 def run_step(strategy, case: Case, batch: dict, whole_clip: bool = False) -> dict:
-    """Wrap a fresh model, one forward/backward/step on this rank's batch; full results.
+    """Parallelize a fresh model, one forward/backward/step on this rank's batch; full results.
 
     Video batches: `whole_clip` encodes the whole clip in one pass (the reference); otherwise
-    the latents are lazy and the strategy encodes only the frames this rank holds.
+    the latents are lazy and the layout encodes only the frames this rank holds.
     """
     recipe = strategy.recipe
-    model, optimizer = strategy.wrap(
+    model, optimizer = parallelize(
         _plain_model(),
+        strategy.mesh,
+        recipe,
+        strategy.data_parallel,
         lambda ps: torch.optim.AdamW(ps, lr=recipe.optim.lr, eps=recipe.optim.eps, weight_decay=0.0),
     )
     method = _GivenNoise(recipe)
@@ -182,7 +187,7 @@ def run_step(strategy, case: Case, batch: dict, whole_clip: bool = False) -> dic
     norm = strategy.clip_and_step(model, optimizer, 0.0)
     read = getattr(local["latents"], "pixel_frames_read", None)
     return {
-        "loss": logs["loss"], "grads": grads, "weights": strategy.model_state(model), "grad_norm": norm,
+        "loss": logs["loss"], "grads": grads, "weights": strategy.checkpoint.model_state(model), "grad_norm": norm,
         "vae_pixel_frames": read,
     }  # fmt: skip
 
@@ -196,7 +201,7 @@ def reference(case: Case, world: int) -> dict:
 
     ref = Case("none", 1, case.layout, case.zero_stage, case.frames, case.video, case.vae_halo)
     strategy = Strategy(make_recipe(ref))
-    strategy.device = torch.device("cpu")
+    strategy.mesh = Mesh.single(torch.device("cpu"))
     return run_step(strategy, ref, case_batch(case, world), whole_clip=True)
 
 
@@ -329,8 +334,7 @@ def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out
     try:
         results = []
         for layout, rule, *skew in configs:
-            sequence._RING_PLANS.clear()
-            patch = mock.patch.object(sequence, "query_work", skewed_work) if skew else nullcontext()
+            patch = mock.patch.object(ring, "query_work", skewed_work) if skew else nullcontext()
             with patch:
                 results.append(_schedule_case(rank, world, layout, rule))
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -339,24 +343,21 @@ def _schedule_worker(rank: int, world: int, port: int, configs: list[tuple], out
 
 
 def _schedule_case(rank: int, world: int, layout: str, rule) -> dict:
-    from types import SimpleNamespace
-
     import torch.distributed as dist
-    from torch import nn
 
     inp = schedule_inputs(world, layout, rule)
     local = inp["q"].shape[2] // world
     sl = slice(rank * local, (rank + 1) * local)
     q, k, v = (inp[t][:, :, sl].clone().requires_grad_(True) for t in ("q", "k", "v"))
-    ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
-    out_l = RingAttention(nn.Identity(), dist.group.WORLD, world, rank)(q, k, v, ctx)
+    ctx = AttentionContext(rule=rule, meta=inp["meta"])
+    out_l = RingAttention(AttentionCore("sdpa"), dist.group.WORLD, world, rank)(q, k, v, ctx)
     (out_l * inp["w"][:, :, sl]).sum().backward()
     with torch.no_grad():  # FlexAttention block masks (forward only on CPU)
-        flex = SimpleNamespace(backend="flex", layer_idx=0)
-        ctx = SimpleNamespace(rule=rule, meta=inp["meta"], kv_hook=None)
-        out_flex = RingAttention(flex, dist.group.WORLD, world, rank)(q, k, v, ctx)
+        ctx = AttentionContext(rule=rule, meta=inp["meta"])
+        out_flex = RingAttention(AttentionCore("flex"), dist.group.WORLD, world, rank)(q, k, v, ctx)
     src = TensorLatents(inp["latents"], SCHEDULE_HALO)
-    z = gather_planned_latents(src, layout, rank, world, dist.group.WORLD)
+    spans = LAYOUTS.get(layout).frame_spans(src.shape[2], world)
+    z = gather_planned_latents(src, spans, rank, dist.group.WORLD)
     return {
         "out": out_l.detach(), "out_flex": out_flex, "dq": q.grad, "dk": k.grad, "dv": v.grad, "z": z,
         "read": src.pixel_frames_read, "encoded": src.ranges,

@@ -16,7 +16,9 @@ Writing (all ranks take part): everything of a step, engine shards of every rank
 into `.step_000123.tmp/`; rank 0 then writes the manifest (hashing and fsyncing each file), renames
 the folder to its final name in one step, updates `latest` and prunes. A failure on any rank is
 agreed on by all ranks (no rank hangs) and reported as one line naming the step, the path and the
-newest intact step. Weights that are not finite are never written.
+newest intact step. Weights that are not finite are never written. The states themselves come
+from the strategy's checkpoint adapter (`strategy.checkpoint`, vidtrain/parallel/checkpoint.py);
+this module owns the folder.
 
 Resuming: the newest step folder whose manifest verifies (sizes always; sha256 when
 `train.verify_checkpoints`) is used; each one skipped is named with its reason. Without a
@@ -215,8 +217,9 @@ def _agree(trainer, error: BaseException | None, step: int, where: Path) -> None
 def save_checkpoint(trainer, step: int) -> Path:
     """All ranks call it (sharded states gather); the folder appears whole or not at all."""
     strategy = trainer.strategy
-    model_sd = strategy.model_state(trainer.model)
-    optim_sd = strategy.optim_state(trainer.model, trainer.optimizer)
+    adapter = strategy.checkpoint  # the backend's states in and out (vidtrain/parallel/checkpoint.py)
+    model_sd = adapter.model_state(trainer.model)
+    optim_sd = adapter.optim_state(trainer.model, trainer.optimizer)
     final = checkpoint_dir(trainer.run_dir, step)
     tmp = staging_dir(final)
     error = None
@@ -231,7 +234,7 @@ def save_checkpoint(trainer, step: int) -> Path:
     _agree(trainer, error, step, tmp)
     try:
         kill_point("engine_begin", step, strategy.rank)
-        strategy.save_engine(trainer.model, tmp / "engine")
+        adapter.save_engine(trainer.model, tmp / "engine")
         kill_point("engine", step, strategy.rank)
     except Exception as e:
         error = e
@@ -263,13 +266,13 @@ def load_checkpoint(trainer, folder: Path, weights_only: bool = False) -> int:
     position, with a fresh optimizer state (asked for explicitly, never a silent fallback).
     """
     state = read_state(folder)
-    s = trainer.strategy
+    adapter = trainer.strategy.checkpoint
     try:
         if weights_only:
-            s.load_weights(trainer.model, folder)
-        elif not s.load_engine(trainer.model, folder / "engine"):
-            s.load_weights(trainer.model, folder)
-            s.load_optim_state(trainer.model, trainer.optimizer, state["optimizer"])
+            adapter.load_weights(trainer.model, folder)
+        elif not adapter.load_engine(trainer.model, trainer.optimizer, folder / "engine"):
+            adapter.load_weights(trainer.model, folder)
+            adapter.load_optim_state(trainer.model, trainer.optimizer, state["optimizer"])
     except (OSError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"cannot resume from {folder}: {str(e).splitlines()[0]}") from None
     trainer.scheduler.load_state_dict(state["scheduler"])

@@ -1,12 +1,27 @@
-"""Metrics as JSONL in the run folder, wandb (offline by default), and plots."""
+"""Metrics as JSONL in the run folder, wandb (offline by default), plots, logging callbacks."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Protocol
 
 from vidtrain.utils.io import atomic_write_text
+
+
+class StepCallback(Protocol):
+    """What the trainer tells a logging callback (e.g. vidtrain.parallel.BalanceLog). Called on
+    every rank: a callback may gather figures over the ranks."""
+
+    def on_batch(self, batch: dict) -> None:
+        """A batch the step will train on (before its loss)."""
+
+    def on_step(self, logs: dict[str, float]) -> dict[str, float]:
+        """After an optimizer step, with its figures: more figures for the step's log."""
+
+    def on_finish(self) -> None:
+        """At the end of a run (plots)."""
 
 
 class MetricsLogger:

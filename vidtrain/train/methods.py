@@ -14,6 +14,7 @@ import torch
 from vidtrain.forcing.flow import frames_sigma, sample_chunk_sigmas
 from vidtrain.forcing.teacher import tf_loss_terms
 from vidtrain.models.wan.attention import AttentionContext
+from vidtrain.parallel.layouts import LAYOUTS, Layout
 from vidtrain.registry import Registry
 from vidtrain.tokens import MaskRule
 from vidtrain.utils.faults import fault
@@ -83,6 +84,10 @@ class TeacherForcing(Method):
     def mask_rule(self) -> MaskRule:
         return MaskRule.of("teacher_forcing", self.recipe.model)
 
+    def layout(self) -> Layout:
+        """Which tokens of the sequence this rank holds (`parallel.layout`; all of them at sp_size 1)."""
+        return LAYOUTS.get(self.recipe.parallel.layout)
+
     def kv_hook(self, trainer):
         return None
 
@@ -105,8 +110,8 @@ class TeacherForcing(Method):
         x0 = batch["latents"]
         noise, sigma_BF = self.noise(trainer, batch, micro)
         dev = trainer.device
-        seq, global_meta = trainer.strategy.tf_sequence(
-            x0, noise, sigma_BF, self.recipe.model.frames_per_chunk
+        seq, global_meta = self.layout().tf_sequence(
+            x0, noise, sigma_BF, self.recipe.model.frames_per_chunk, trainer.strategy.mesh
         )
         attn = AttentionContext(
             rule=self.mask_rule(), meta=global_meta.to(dev), kv_hook=self.kv_hook(trainer)

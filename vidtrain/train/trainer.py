@@ -17,7 +17,7 @@ from vidtrain.data.videos import make_video_loader
 from vidtrain.errors import CheckpointError, NonFiniteError
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.config import flavor
-from vidtrain.parallel import make_strategy
+from vidtrain.parallel import BalanceLog, make_strategy, parallelize
 from vidtrain.train.checkpoint import (
     clean_stale,
     find_resumable,
@@ -27,7 +27,7 @@ from vidtrain.train.checkpoint import (
 )
 from vidtrain.train.context import RoleOptimizer
 from vidtrain.train.ema import EMA
-from vidtrain.train.logging import MetricsLogger, plot_loss
+from vidtrain.train.logging import MetricsLogger, StepCallback, plot_loss
 from vidtrain.train.methods import make_method
 from vidtrain.train.resume_policy import check_resume
 from vidtrain.train.run_lock import RunLock, RunLockError
@@ -55,8 +55,7 @@ def build_model(recipe: Recipe) -> CausalWanDiT:
         if "in_channels" in overrides:
             overrides["out_channels"] = overrides["in_channels"]
         model = CausalWanDiT.from_flavor(m.flavor, m.attn_backend, **overrides)
-    model.gradient_checkpointing = m.activation_checkpointing
-    return model
+    return model  # activation checkpointing is applied by parallelize
 
 
 class LRSchedule:
@@ -114,8 +113,9 @@ class Trainer:
         plain = build_model(recipe)
         self.model_config = plain.cfg
         plain = self.method.prepare_model(plain, self)
-        self.model, self.optimizer = self.strategy.wrap(
-            plain, lambda params: self.method.make_optimizer(self, params)
+        s = self.strategy  # SP -> activation checkpointing -> compile -> the strategy's data parallel
+        self.model, self.optimizer = parallelize(
+            plain, s.mesh, recipe, s.data_parallel, lambda params: self.method.make_optimizer(self, params)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, LRSchedule(recipe))
         ema_decay = recipe.train.ema_decay
@@ -124,6 +124,8 @@ class Trainer:
         self._batches = None
         self.step = 0
         self.logger = MetricsLogger(self.run_dir, recipe, enabled=self.strategy.is_main)
+        # logging callbacks: per-rank balance figures on a launcher's world
+        self.callbacks: list[StepCallback] = [BalanceLog(recipe, s.mesh)] if s.mesh.distributed else []
 
     # ---- the run folder ------------------------------------------------------------------------
     def _claim_run_folder(self) -> Path | None:
@@ -160,7 +162,7 @@ class Trainer:
         notes += [f"removed {n} (a checkpoint write that was killed)" for n in clean_stale(self.run_dir)]
         if not self.recipe.run.resume:
             return None, notes
-        needs_engine = self.strategy.name == "deepspeed" and t.resume == "exact"
+        needs_engine = self.strategy.checkpoint.resume_needs_engine and t.resume == "exact"
         choice, skipped = find_resumable(self.run_dir, t.verify_checkpoints, needs_engine)
         notes += skipped
         if choice is None:
@@ -259,6 +261,8 @@ class Trainer:
             raise ValueError(
                 f"latent batch {list(x.shape)} does not fit the model: expected [B, {self.model_config.in_channels}, F, H, W]"
             )
+        for cb in self.callbacks:
+            cb.on_batch(batch)
         return batch
 
     def step_generator(self, micro: int = 0, salt: int = 0) -> torch.Generator:
@@ -368,7 +372,8 @@ class Trainer:
                 self.ema.update(self.strategy.full_params(self.model))
             self.step += 1
             logs.update(self.step_figures(time.perf_counter() - start))
-            logs.update(self.strategy.step_report(logs["step_time_s"], logs))
+            for cb in self.callbacks:  # every rank (a callback may gather over ranks)
+                logs.update(cb.on_step(logs))
             last = logs
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.logger.log({"step": self.step, **logs})
@@ -398,6 +403,8 @@ class Trainer:
     def finish(self) -> None:
         if self.strategy.is_main and self.recipe.log.plots:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        for cb in self.callbacks:
+            cb.on_finish()
         self.logger.close()
         self.strategy.barrier()
 

@@ -28,11 +28,14 @@ class AttentionContext:
 
     `meta` describes the whole sequence in the order the attention core sees it (after a
     sequence-parallel gather this is the concatenation of all ranks' local tokens).
+    `plans` holds per-forward plans of the cores' wrappers, built by the first layer and shared
+    by all (ring attention's query schedule under "ring"); a new context starts empty.
     """
 
     rule: MaskRule = field(default_factory=MaskRule)
     meta: TokenMeta | None = None
     kv_hook: KVHook | None = None
+    plans: dict[str, object] = field(default_factory=dict)
     _mask: torch.Tensor | None = None
     _mask_built: bool = False
     _block_mask: object = None

@@ -98,6 +98,11 @@ class Head(nn.Module):
 class CausalWanDiT(nn.Module):
     """Wan2.1 DiT whose attention follows token metadata (full, chunk-causal, teacher forcing)."""
 
+    # seams, declared as data (vidtrain/models/seams.py): vidtrain.parallel reads these
+    _attention_modules = ("SelfAttention",)  # `core` wrapped by sequence parallelism; `num_heads`
+    _shard_units = ("WanBlock",)  # FSDP2 shards each block, then the root
+    _supports_gradient_checkpointing = True  # `gradient_checkpointing`: recompute blocks in backward
+
     def __init__(self, cfg: WanConfig, attn_backend: str = "auto") -> None:
         super().__init__()
         self.cfg = cfg
