@@ -97,3 +97,29 @@ def test_a_role_step_needs_a_role_optimizer(tmp_path):
             tr.optimizer_step(True, role="critic")
     finally:
         tr.close()
+
+
+def test_chunked_masks_need_their_chunk_size():
+    from vidtrain.tokens import MaskRule
+
+    assert MaskRule("full").frames_per_chunk is None  # full attention has no chunks
+    for kind in ("causal", "teacher_forcing"):
+        with pytest.raises(ValueError, match="needs frames_per_chunk"):
+            MaskRule(kind)
+    assert MaskRule.of("causal", load_recipe(None).model).frames_per_chunk == config.FRAMES_PER_CHUNK
+
+
+def test_quant_excludes_are_a_model_seam():
+    from vidtrain.models.seams import quant_exclude
+    from vidtrain.models.wan.config import flavor
+    from vidtrain.models.wan.model import CausalWanDiT
+
+    model = CausalWanDiT(flavor("debug"))
+    assert quant_exclude(model) == config.QAT_EXCLUDE
+    declared = qat.convert(CausalWanDiT(flavor("debug")))  # no list: the model's declared one
+    listed = qat.convert(CausalWanDiT(flavor("debug")), exclude=config.QAT_EXCLUDE)
+    kinds = [[type(m).__name__ for m in x.modules()] for x in (declared, listed)]
+    assert kinds[0] == kinds[1] and "NVFP4Linear" in kinds[0] and "Linear" in kinds[0]
+    assert load_recipe(None, ["quant.exclude=null"]).quant.exclude is None
+    bare = torch.nn.Sequential(torch.nn.Linear(16, 16))  # declares nothing: the Wan default list
+    assert qat.resolve_exclude(bare, None) == qat.DEFAULT_EXCLUDE

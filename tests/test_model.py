@@ -110,13 +110,13 @@ def test_missing_checkpoint_and_bad_shapes(tmp_path):
         CausalWanDiT.from_flavor("debug", num_heads=5)
 
 
-@pytest.mark.parametrize(("name", "billions"), [("1.3B", 1.42), ("14B", 14.29)])
+@pytest.mark.parametrize(("name", "billions"), [("1.3B", 1.42), ("14B", 14.29), ("5B", 5.00)])
 def test_flavor_sizes(name, billions):
     with torch.device("meta"):
         m = CausalWanDiT.from_flavor(name)
     n = sum(p.numel() for p in m.parameters()) / 1e9
     assert abs(n - billions) < 0.02, n
-    assert set(FLAVORS) == {"debug", "1.3B", "14B"}
+    assert set(FLAVORS) == {"debug", "1.3B", "14B", "wan2.2-debug", "5B"}
 
 
 def test_causal_rule_makes_early_chunks_ignore_later_ones():

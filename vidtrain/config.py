@@ -47,7 +47,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    flavor: str = "debug"  # debug | 1.3B | 14B
+    flavor: str = "debug"  # debug | 1.3B | 14B (Wan2.1) | wan2.2-debug | 5B (Wan2.2-TI2V-5B)
     checkpoint: str | None = None  # Wan2.1 / diffusers / vidtrain folder to start from
     in_channels: int | None = None  # override the flavor's latent channels (must match the VAE)
     text_dim: int | None = None  # override the flavor's text embedding size
@@ -145,7 +145,9 @@ class QuantConfig:
     # where the NVFP4 arithmetic runs: emulate (torch, any device) | triton (CUDA) | te
     # (Transformer Engine, Blackwell); vidtrain/quant/convert.py maps it to the implementations
     backend: Literal["emulate", "triton", "te"] = "emulate"
-    exclude: list[str] = field(default_factory=lambda: list(QAT_EXCLUDE))
+    # linears kept in high precision (fnmatch on qualified names); null: the model family's
+    # declared `_quant_exclude` (Wan's is this default)
+    exclude: list[str] | None = field(default_factory=lambda: list(QAT_EXCLUDE))
     # history K/V as the NVFP4 KV cache stores them: fake-quantized in QAT's teacher forcing, the
     # NVFP4 cache in DMD's rollouts and the sampler's default for the run's checkpoints
     kv_fake_quant: bool = True

@@ -106,7 +106,9 @@ class MaskRule:
     """
 
     kind: str = "full"
-    frames_per_chunk: int = 3
+    # latent frames per chunk: required by causal and teacher_forcing (the recipe's
+    # model.frames_per_chunk, through `MaskRule.of`); full attention has no chunks
+    frames_per_chunk: int | None = None
     window_frames: int | None = None
     sink_frames: int = 0
     shot_sink: bool = False
@@ -114,6 +116,11 @@ class MaskRule:
     def __post_init__(self) -> None:
         if self.kind not in ("full", "causal", "teacher_forcing"):
             raise ValueError(f"unknown mask kind {self.kind!r}; known: causal, full, teacher_forcing")
+        if self.kind != "full" and (self.frames_per_chunk is None or self.frames_per_chunk < 1):
+            raise ValueError(
+                f"a {self.kind} mask needs frames_per_chunk >= 1 (latent frames per chunk), "
+                f"got {self.frames_per_chunk}"
+            )
         if self.window_frames is not None and self.window_frames < 0:
             raise ValueError(f"window_frames must be >= 0, got {self.window_frames}")
 

@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vidtrain.data_tools._shards import check_shard, error_text, manifest_of, readable_keys, resolve_shards
+from vidtrain.utils.rng import stream_seed
 
 _STATE_VERSION = 1
 BAD_SAMPLE_POLICIES = ("error", "skip")
@@ -467,7 +468,7 @@ class SyntheticLatentDataset(ResumableStream):
         yield unit
 
     def _decode(self, raw: int) -> dict[str, Any]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + raw)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, raw))
         return {
             "latents": torch.randn(self.shape_CFHW, generator=g),
             "text": torch.randn(self.text_LD, generator=g),

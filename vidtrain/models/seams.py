@@ -7,6 +7,9 @@ Strategies and conversions read these class attributes instead of probing module
   _shard_units                       class names of the FSDP shard units (each sharded, then the root)
   _supports_gradient_checkpointing   the model's forward checkpoints each block when its
                                      `gradient_checkpointing` flag is set
+  _quant_exclude                     fnmatch patterns of the linears that quantization keeps in
+                                     high precision (embeddings, time embedding, output head):
+                                     the default of QAT's and NVFP4 conversion's `exclude`
 The model may sit inside a wrapper (a peft model, a converted model): the first module whose
 class declares a seam is the model that owns it.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-SEAMS = ("_attention_modules", "_shard_units", "_supports_gradient_checkpointing")
+SEAMS = ("_attention_modules", "_shard_units", "_supports_gradient_checkpointing", "_quant_exclude")
 
 
 def seam_owner(model: nn.Module, seam: str) -> nn.Module:
@@ -37,3 +40,8 @@ def declared_modules(model: nn.Module, seam: str) -> list[nn.Module]:
     names = set(getattr(type(owner), seam))
     # by class name, as diffusers does; the bases count too (FSDP2 renames a sharded module's class)
     return [m for m in owner.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+
+
+def quant_exclude(model: nn.Module) -> tuple[str, ...]:
+    """The patterns the model declares for `_quant_exclude`."""
+    return tuple(type(seam_owner(model, "_quant_exclude"))._quant_exclude)

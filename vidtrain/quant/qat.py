@@ -37,14 +37,28 @@ from torch import nn
 
 from vidtrain.config import QAT_EXCLUDE
 from vidtrain.formats import nvfp4
+from vidtrain.models.seams import quant_exclude
 from vidtrain.registry import Registry
 
 log = logging.getLogger(__name__)
 
 # Module names (fnmatch patterns on the qualified name) kept in high precision by default: the
 # recipe's `quant.exclude` default (embeddings, time embedding/projection, the output head);
-# norms are no nn.Linear and are never converted.
+# norms are no nn.Linear and are never converted. A model family declares its own as the
+# `_quant_exclude` seam (vidtrain/models/seams.py), used when no list is given.
 DEFAULT_EXCLUDE: tuple[str, ...] = QAT_EXCLUDE
+
+
+def resolve_exclude(model: nn.Module, exclude: Sequence[str] | None) -> tuple[str, ...]:
+    """`exclude` when given, else the model's declared `_quant_exclude` (DEFAULT_EXCLUDE for a
+    model that declares none, as a bare test module)."""
+    if exclude is not None:
+        return tuple(exclude)
+    try:
+        return quant_exclude(model)
+    except ValueError:
+        return DEFAULT_EXCLUDE
+
 
 QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")
 
@@ -256,8 +270,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @QUANTIZERS.register("nvfp4")
-def convert_nvfp4(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> nn.Module:
+def convert_nvfp4(model: nn.Module, exclude: Sequence[str] | None = None) -> nn.Module:
     """Swap every nn.Linear (not excluded, in_features % 16 == 0) for an NVFP4Linear, in place."""
+    exclude = resolve_exclude(model, exclude)
     swaps = []
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or _excluded(name, exclude):
@@ -308,12 +323,13 @@ class TENVFP4Linear(nn.Linear):
 
 
 @QUANTIZERS.register("nvfp4_te")
-def convert_nvfp4_te(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> nn.Module:
+def convert_nvfp4_te(model: nn.Module, exclude: Sequence[str] | None = None) -> nn.Module:
     """Transformer Engine NVFP4BlockScaling for the same linears `convert_nvfp4` would take.
 
     Only where transformer_engine imports and a Blackwell (sm_100+) GPU is present.
     """
     te_available_or_raise()
+    exclude = resolve_exclude(model, exclude)
     names = [
         n for n, m in model.named_modules()
         if type(m) is nn.Linear and not _excluded(n, exclude) and m.in_features % nvfp4.BLOCK == 0
@@ -337,11 +353,10 @@ def te_available_or_raise() -> None:
         raise ValueError("quantizer 'nvfp4_te' needs a Blackwell GPU (sm_100+); use 'nvfp4' elsewhere")
 
 
-def convert(
-    model: nn.Module, quantizer: str = "nvfp4", exclude: Sequence[str] = DEFAULT_EXCLUDE
-) -> nn.Module:
-    """QAT convert step, by registered quantizer name (in place; returns the model)."""
-    return QUANTIZERS.get(quantizer)(model, exclude=tuple(exclude))
+def convert(model: nn.Module, quantizer: str = "nvfp4", exclude: Sequence[str] | None = None) -> nn.Module:
+    """QAT convert step, by registered quantizer name (in place; returns the model); `exclude`
+    None takes the model's declared `_quant_exclude`."""
+    return QUANTIZERS.get(quantizer)(model, exclude=resolve_exclude(model, exclude))
 
 
 def export_weights(model: nn.Module) -> dict[str, nvfp4.NVFP4Tensor]:

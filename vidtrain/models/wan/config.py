@@ -1,4 +1,11 @@
-"""Wan2.1 DiT hyper-parameters and the named flavors (behaviour declared as data)."""
+"""Wan DiT hyper-parameters and the named flavors (behaviour declared as data).
+
+Wan2.1 (T2V 1.3B / 14B) and Wan2.2-TI2V-5B share one architecture: the same modules, parameter
+names, RoPE (theta 10000), qk RMSNorm, cross-attention norm and eps 1e-6. The 5B differs in
+sizes only, and in its 48 latent channels (the Wan2.2 VAE's z_dim). TI2V's image conditioning is
+not a module: the first latent frame is held clean and its tokens get timestep 0 (per-frame or
+per-token timesteps, see `CausalWanDiT.forward`).
+"""
 
 from __future__ import annotations
 
@@ -57,6 +64,19 @@ FLAVORS: dict[str, WanConfig] = {
     "1.3B": WanConfig(dim=1536, num_heads=12, num_layers=30, ffn_dim=8960),
     # Wan2.1-T2V-14B.
     "14B": WanConfig(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
+    # Tiny, shaped like the 5B (48 latent channels, the Wan2.2 VAE's), for CPU tests.
+    "wan2.2-debug": WanConfig(
+        dim=64,
+        num_heads=4,
+        num_layers=2,
+        ffn_dim=128,
+        in_channels=48,
+        out_channels=48,
+        text_dim=32,
+        freq_dim=32,
+    ),
+    # Wan2.2-TI2V-5B (wan/configs/wan_ti2v_5B.py; diffusers' Wan2.2-TI2V-5B-Diffusers transformer).
+    "5B": WanConfig(dim=3072, num_heads=24, num_layers=30, ffn_dim=14336, in_channels=48, out_channels=48),
 }
 
 

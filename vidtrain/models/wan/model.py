@@ -1,9 +1,11 @@
-"""CausalWanDiT: the Wan2.1 text-to-video DiT, driven by token metadata.
+"""CausalWanDiT: the Wan2.1 text-to-video DiT (and Wan2.2-TI2V-5B), driven by token metadata.
 
-Parameter names follow the original Wan2.1 checkpoint, so its state dict loads as is;
-diffusers' layout is mapped in `state_dict.py`.
+Parameter names follow the original Wan checkpoints (Wan2.1 and Wan2.2 name them alike), so their
+state dicts load as is; diffusers' layout is mapped in `state_dict.py`.
 
-With no metadata the model is Wan2.1 exactly (bidirectional attention over one clip).
+With no metadata the model is Wan exactly (bidirectional attention over one clip). Wan2.2 TI2V's
+per-token timesteps (the clean first frame's tokens at 0) are the per-frame [B, F] or per-token
+[B, L] `timestep` of `forward`: time embedding and AdaLN modulation per token, as Wan2.2 computes.
 `forward_tokens` takes any token sequence (clean and noisy copies, a rank's slice, a chunk plus
 its KV cache) with per-token timesteps and metadata; masks follow from the metadata.
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vidtrain.config import FRAMES_PER_CHUNK, QAT_EXCLUDE
 from vidtrain.models.wan.attention import AttentionContext, CrossAttention, SelfAttention, rope_cos_sin
 from vidtrain.models.wan.config import WanConfig, flavor
 from vidtrain.models.wan.state_dict import load_pretrained
@@ -96,12 +99,13 @@ class Head(nn.Module):
 
 
 class CausalWanDiT(nn.Module):
-    """Wan2.1 DiT whose attention follows token metadata (full, chunk-causal, teacher forcing)."""
+    """Wan DiT whose attention follows token metadata (full, chunk-causal, teacher forcing)."""
 
     # seams, declared as data (vidtrain/models/seams.py): vidtrain.parallel reads these
     _attention_modules = ("SelfAttention",)  # `core` wrapped by sequence parallelism; `num_heads`
     _shard_units = ("WanBlock",)  # FSDP2 shards each block, then the root
     _supports_gradient_checkpointing = True  # `gradient_checkpointing`: recompute blocks in backward
+    _quant_exclude = QAT_EXCLUDE  # high precision under NVFP4: embeddings, time layers, head
 
     def __init__(self, cfg: WanConfig, attn_backend: str = "auto") -> None:
         super().__init__()
@@ -126,10 +130,13 @@ class CausalWanDiT(nn.Module):
         return cls(flavor(name).replace(**overrides), attn_backend)
 
     @classmethod
-    def from_pretrained(cls, path: str, attn_backend: str = "auto") -> CausalWanDiT:
-        """Load Wan2.1 weights: original Wan layout, diffusers folder, or a vidtrain checkpoint."""
-
-        return load_pretrained(cls, path, attn_backend)
+    def from_pretrained(
+        cls, path: str, attn_backend: str = "auto", flavor: str | None = None
+    ) -> CausalWanDiT:
+        """Load Wan2.1 / Wan2.2 weights: original Wan layout, diffusers folder, or a vidtrain
+        checkpoint. With `flavor`, a checkpoint whose configuration differs from the flavor's is
+        refused in one line naming the fields that differ."""
+        return load_pretrained(cls, path, attn_backend, flavor)
 
     # ---- patches <-> latents (vidtrain.tokens) ----------------------------------------------------
     patchify = staticmethod(patchify)
@@ -212,7 +219,7 @@ class CausalWanDiT(nn.Module):
         context_BST: torch.Tensor,
         *,
         rule: MaskRule | None = None,
-        frames_per_chunk: int = 3,
+        frames_per_chunk: int = FRAMES_PER_CHUNK,
         context_mask_BS: torch.Tensor | None = None,
         meta: TokenMeta | None = None,
         attn: AttentionContext | None = None,
@@ -221,8 +228,9 @@ class CausalWanDiT(nn.Module):
     ) -> torch.Tensor:
         """Prediction shaped like x.
 
-        Latent mode: x is [B, C, F, H, W] and `timestep` is [B] or per-frame [B, F]. Without
-        `rule` the attention is full (bidirectional), exactly as Wan2.1; pass
+        Latent mode: x is [B, C, F, H, W] and `timestep` is [B], per-frame [B, F] or per-token
+        [B, F*H/2*W/2] (tokens in (frame, row, column) order, as diffusers' Wan2.2 TI2V passes
+        them). Without `rule` the attention is full (bidirectional), exactly as Wan; pass
         `MaskRule("causal", frames_per_chunk)` for chunk-causal attention over one copy.
 
         Token mode: x is patch vectors [B, L, P] with per-token timesteps [B, L], `meta` and
@@ -262,7 +270,8 @@ def timestep_runs(inv_BL: torch.Tensor) -> int:
 
 
 def expand_timesteps(timestep: torch.Tensor, b: int, f: int, tokens_per_frame: int) -> torch.Tensor:
-    """[B] or [B, F] timesteps -> per-token [B, F*tokens_per_frame]."""
+    """[B], [B, F] or per-token [B, F*tokens_per_frame] timesteps -> per-token [B, F*tokens_per_frame]
+    (with one token per frame the last two are the same shape and mean the same)."""
     t = torch.as_tensor(timestep)
     if t.ndim == 0:
         t = t.expand(b)
@@ -270,6 +279,11 @@ def expand_timesteps(timestep: torch.Tensor, b: int, f: int, tokens_per_frame: i
         if t.shape[0] != b:
             raise ValueError(f"timestep has {t.shape[0]} entries for a batch of {b}")
         t = t[:, None].expand(b, f)
-    if t.shape != (b, f):
-        raise ValueError(f"timestep must be [B] or [B, F] = [{b}, {f}], got {list(t.shape)}")
-    return t.repeat_interleave(tokens_per_frame, dim=1)
+    if t.shape == (b, f):
+        return t.repeat_interleave(tokens_per_frame, dim=1)
+    if t.shape == (b, f * tokens_per_frame):
+        return t
+    raise ValueError(
+        f"timestep must be [B], [B, F] or [B, L] = [{b}], [{b}, {f}] or [{b}, {f * tokens_per_frame}], "
+        f"got {list(t.shape)}"
+    )
