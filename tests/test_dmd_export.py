@@ -155,3 +155,72 @@ def test_merge_refuses_quantized_base(trained, qat_base, tmp_path):
     assert not (tmp_path / "m").exists()
     with pytest.raises(ValueError, match="quantized"):
         merge_lora(load(), root / "lora")
+
+
+@pytest.fixture(scope="module")
+def qat_lora(trained, qat_base, tmp_path_factory):
+    """A LoRA distilled on the QAT base (the pipeline's DMD stage: the QAT model is the teacher)."""
+    folder, _, load = qat_base
+    model = lora.add_roles(load(), 4, 8.0, ["q", "k", "v", "o", "ffn.0"])
+    with torch.no_grad():
+        for p in lora.adapter_params(model, "dmd").values():
+            p.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("qat_lora") / "lora"
+    export_lora(model, out, teacher=str(folder))
+    with lora.use_role(model, "dmd"):
+        want = forward(model, *inputs())
+    return out, want
+
+
+def test_merge_requantize_keeps_the_nvfp4_record(qat_base, qat_lora, tmp_path, capsys):
+    from vidtrain.quant.qat import QUANT_RECORD, apply_quant_record
+
+    folder, names, load = qat_base
+    lora_dir, want = qat_lora
+    out = tmp_path / "merged"
+    assert main(["--base", str(folder), "--lora", str(lora_dir), "--out", str(out), "--requantize"]) == 0
+    assert json.loads((out / QUANT_RECORD).read_text())["linears"] == names
+    record = json.loads((out / "merge.json").read_text())
+    assert record["requantized"] is True and 0 < record["probe_max_rel_deviation"] < 0.2
+    printed = capsys.readouterr().out
+    assert "NVFP4 record kept" in printed, printed
+    # the saved folder samples exactly as the in-memory requantized merge
+    in_memory = merge_lora(load(), lora_dir, requantize=True)
+    saved = CausalWanDiT.from_pretrained(str(out))
+    assert apply_quant_record(saved, out)
+    torch.testing.assert_close(forward(saved, *inputs()), forward(in_memory, *inputs()), rtol=0, atol=0)
+    # not exact: the LoRA's high-precision path is now quantized with the weights
+    dev = (forward(saved, *inputs()) - want).abs().max() / want.abs().max()
+    assert 0 < dev < 0.2
+
+
+def test_merge_names_the_right_base_for_a_qat_lora(trained, qat_lora, tmp_path):
+    root, _ = trained
+    lora_dir, _ = qat_lora
+    with pytest.raises(ValueError, match=r"distilled on an NVFP4.*high-precision checkpoint.*--requantize"):
+        main(["--base", str(root / "teacher"), "--lora", str(lora_dir), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_readme_merge_example_runs(qat_base, qat_lora, tmp_path):
+    """The README's `vidtrain merge` line, with its run folders replaced by debug-size ones of
+    the same kind (the QAT run as base, the DMD run's lora/)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from vidtrain.cli import main as cli
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = [ln for ln in readme.splitlines() if ln.startswith("vidtrain merge ")]
+    assert lines, "README shows a vidtrain merge command"
+    folder, _, _ = qat_base
+    lora_dir, _ = qat_lora
+    for line in lines:
+        args = shlex.split(line)[1:]
+        base = args[args.index("--base") + 1]
+        assert re.search(r"qat", base), "the README merges into the pipeline's QAT run"
+        args[args.index("--base") + 1] = str(folder)
+        args[args.index("--lora") + 1] = str(lora_dir)
+        args[args.index("--out") + 1] = str(tmp_path / "out")
+        assert cli(args) == 0

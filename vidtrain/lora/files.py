@@ -8,8 +8,14 @@ A LoRA folder holds:
                                plus the few-step schedule it was distilled for
 Loading on any other base is an error (`load_lora`), not a silently wrong video.
 
-`vidtrain merge --base CKPT --lora DIR --out DIR` folds the LoRA into the base (`main`); a
-quantized (QAT) base is refused: sample it with `--lora` instead.
+`vidtrain merge --base CKPT --lora DIR --out DIR` folds the LoRA into the base (`main`). On a
+high-precision base the merged model equals base + LoRA (to float rounding). On a quantized
+(QAT, NVFP4 fake-quant) base it cannot be exact: peft's LoRA path runs in high precision beside
+the NVFP4 linear, and folding it into the weights puts it under NVFP4 quantization. That merge
+is refused unless `--requantize` asks for it: the merged weights keep the base's NVFP4 record
+(`quant.json`), so the merged model samples as NVFP4 of (W + dW), and the deviation from
+base + LoRA on a probe input is measured and written beside it (`merge.json`). The exact path
+for a QAT base is `vidtrain sample ... --lora DIR` (no merge).
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from torch import nn
 
 from vidtrain.lora import roles as lora
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.models.wan.state_dict import resolve_model_folder, save_vidtrain
-from vidtrain.quant.qat import QUANT_RECORD, NVFP4Linear
+from vidtrain.models.wan.state_dict import resolve_model_folder, save_model_state
+from vidtrain.quant.qat import QUANT_RECORD, NVFP4Linear, apply_quant_record, write_quant_record
+from vidtrain.tokens import MaskRule
 from vidtrain.utils.io import atomic_dir
 
 BASE_FILE = "vidtrain_base.json"
@@ -138,30 +145,88 @@ def load_lora(model: nn.Module, folder: str | Path, adapter: str = lora.GENERATO
     return peft_model.eval()
 
 
-def merge_lora(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Fold the LoRA of `folder` into `model`'s weights; returns the plain model."""
-    if nvfp4_linears(model):
+def merge_lora(model: nn.Module, folder: str | Path, *, requantize: bool = False) -> nn.Module:
+    """Fold the LoRA of `folder` into `model`'s weights; returns the plain model. A quantized
+    (NVFP4 fake-quant) `model` needs `requantize=True`: its NVFP4 linears stay NVFP4 and
+    quantize the merged weights (not equal to base + LoRA, see the module docstring)."""
+    if nvfp4_linears(model) and not requantize:
         raise ValueError(_QUANT_MERGE)
     return load_lora(model, folder).merge_and_unload()
 
 
+MERGE_RECORD = "merge.json"
 _QUANT_MERGE = (
-    "refusing to merge a LoRA into a quantized (NVFP4 fake-quant) base: merging into fake-quantized "
-    "weights changes what is quantized; sample with `vidtrain sample --lora` instead"
+    "refusing to merge a LoRA into a quantized (NVFP4 fake-quant) base without --requantize: the "
+    "LoRA's path runs in high precision beside the NVFP4 linears, folding it into the weights "
+    "quantizes it, so the merged model would not sample exactly as base + LoRA. Exact: sample "
+    "the base with `vidtrain sample ... --lora LORA`; or pass --requantize to merge anyway (the "
+    "merged weights keep the base's NVFP4 record; the deviation is measured into merge.json)"
 )
 
 
+def _probe(model: nn.Module) -> torch.Tensor:
+    """The model's output on a fixed small random input (one chunk of 4x4 latents)."""
+    cfg = model.cfg if hasattr(model, "cfg") else model.get_base_model().cfg
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, 3, 4, 4, generator=g)
+    ctx = torch.randn(1, 8, cfg.text_dim, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([500.0]), ctx, rule=MaskRule("causal", 3)).float()
+
+
+def _check_pairing(base: str, lora_dir: str, info: dict, base_quantized: bool) -> None:
+    """A LoRA distilled on an NVFP4 (QAT) base goes with that base, not a high-precision one."""
+    theirs = info.get("nvfp4_linears") or []
+    if theirs and not base_quantized:
+        raise ValueError(
+            f"LoRA {lora_dir} was distilled on an NVFP4 fake-quant (QAT) base ({len(theirs)} NVFP4 "
+            f"linears, teacher {info.get('teacher')}); --base {base} is a high-precision checkpoint "
+            "(no quant.json): pass the QAT checkpoint it was distilled on, with --requantize"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vidtrain merge", description="Fold a DMD LoRA into its base model.")
+    p = argparse.ArgumentParser(
+        prog="vidtrain merge",
+        description="Fold a DMD LoRA into its base model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--base", required=True, help="base checkpoint folder (the DMD teacher)")
     p.add_argument("--lora", required=True, help="LoRA folder (RUN/lora from a dmd run)")
     p.add_argument("--out", required=True, help="output folder, vidtrain format (written atomically)")
+    p.add_argument(
+        "--requantize", action="store_true",
+        help="a quantized (QAT) base: merge anyway; the merged weights keep its NVFP4 record "
+        "(not equal to base + LoRA: the deviation is measured and written to OUT/merge.json)",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     info = read_base_info(args.lora)
-    if (resolve_model_folder(args.base) / _quant_record()).exists() or info.get("nvfp4_linears"):
+    folder = resolve_model_folder(args.base)
+    base_quantized = (folder / _quant_record()).exists()
+    _check_pairing(args.base, args.lora, info, base_quantized)
+    if base_quantized and not args.requantize:
         raise ValueError(f"{args.base}: {_QUANT_MERGE}")
-    merged = merge_lora(CausalWanDiT.from_pretrained(args.base), args.lora)
-    save_vidtrain(merged, args.out)
-    print(f"[vidtrain] merged {args.lora} into {args.base} -> {args.out}")
+    model = CausalWanDiT.from_pretrained(args.base)
+    apply_quant_record(model, folder)
+    peft_model = load_lora(model, args.lora)
+    want = _probe(peft_model)
+    merged = peft_model.merge_and_unload()
+    got = _probe(merged)
+    deviation = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    record = {
+        "base": str(args.base),
+        "lora": str(args.lora),
+        "requantized": base_quantized,
+        "probe_max_rel_deviation": deviation,  # merged vs base + LoRA, one chunk of random latents
+    }
+    with atomic_dir(args.out) as tmp:  # weights, NVFP4 record and merge record land together
+        save_model_state(merged.cfg, merged.state_dict(), tmp)
+        write_quant_record(merged, tmp)
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    how = "NVFP4 record kept, " if base_quantized else ""
+    print(
+        f"[vidtrain] merged {args.lora} into {args.base} -> {args.out} "
+        f"({how}max relative deviation from base + LoRA on a probe: {deviation:.2e})"
+    )
     return 0
