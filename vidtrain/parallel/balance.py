@@ -32,6 +32,7 @@ from vidtrain.models.vae.model import CausalVideoVAE
 from vidtrain.parallel.layouts import LAYOUTS, layout_frame_span, layout_metas
 from vidtrain.parallel.schedule import pixel_frames, query_work, ring_query_schedule, vae_encode_plan
 from vidtrain.tokens import MaskRule, TokenMeta
+from vidtrain.utils.plots import integer_axis, nonempty, pyplot
 
 # Used only when the VAE module cannot be built: Wan2.1 VAE's encoder receptive field in latent
 # frames, as CausalVideoVAE.temporal_receptive_field() computes it for the "wan2.1" flavor.
@@ -138,27 +139,37 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_rank_figures(figures: dict[str, list[float]], path: Path) -> None:
-    """Bar chart, one panel per figure, one bar per rank (the run folder's balance.png)."""
-    import matplotlib
+def plot_rank_figures(figures: dict[str, list[float]], path: Path, title: str = "per-rank balance") -> None:
+    """The run folder's balance.png (see `rank_figure`); nothing when no panel has values."""
+    fig = rank_figure(figures, title)
+    if fig is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def rank_figure(figures: dict[str, list[float]], title: str):
+    """Bar chart, one panel per figure, one bar per rank, the mean a labelled line; panels with
+    nothing to show (VAE frames when training on latents) are left out."""
+    figures = nonempty(figures)
+    if not figures:
+        return None
     names = list(figures)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         vals = figures[name]
         ax.bar(range(len(vals)), vals, color="tab:blue")
         mean = sum(vals) / len(vals)
         ratio = max(vals) / mean if mean else 1.0
-        ax.axhline(mean, color="tab:red", lw=1)
+        ax.axhline(mean, color="tab:red", lw=1, label=f"mean {mean:,.3g}")
         ax.set_title(f"{name}\nmax/mean {ratio:.3f}", fontsize=9)
         ax.set_xlabel("rank")
+        integer_axis(ax, "x")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

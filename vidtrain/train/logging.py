@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vidtrain.utils.io import atomic_write_text
+from vidtrain.utils.plots import integer_axis, pyplot, set_value_scale
 
 
 class StepCallback(Protocol):
@@ -90,27 +91,45 @@ def read_metrics(path: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict)]
 
 
-def plot_loss(metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
-    """Loss curve(s) of a run as a PNG."""
+# the losses a run logs, in the order they are drawn; DMD's `loss` is its critic loss, so a run
+# that logs both role losses shows those two instead
+LOSS_KEYS = ("loss", "generator_loss", "critic_loss")
+
+
+def plot_loss(
+    metrics_path: Path, out_png: Path, keys: tuple[str, ...] | None = None, title: str | None = None
+) -> Path | None:
+    """Loss curve(s) of a run as a PNG (see `loss_figure`); None when it logged no loss."""
     rows = read_metrics(metrics_path) if Path(metrics_path).exists() else []
-    if not rows:
+    fig = loss_figure(rows, keys, title or f"{Path(metrics_path).parent.name}: training loss")
+    if fig is None:
         return None
-    import matplotlib
+    fig.savefig(out_png, dpi=100)
+    pyplot().close(fig)
+    return out_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
+def loss_figure(rows: list[dict], keys: tuple[str, ...] | None, title: str):
+    """Every loss key the rows carry (both DMD roles: their `loss` is the critic's and is left
+    out), titled, integer step ticks, a log axis only when the losses span decades."""
+    if keys is None:
+        logged = {k for r in rows for k in r}
+        keys = tuple(k for k in LOSS_KEYS if k in logged)
+        if "critic_loss" in keys:
+            keys = tuple(k for k in keys if k != "loss")
+    curves = {k: [(r["step"], r[k]) for r in rows if k in r and "step" in r] for k in keys}
+    curves = {k: pts for k, pts in curves.items() if pts}
+    if not curves:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    for key, pts in curves.items():
+        ax.plot(*zip(*pts), label=key.replace("_", " "), marker="." if len(pts) < 30 else None)
+    set_value_scale(ax, [v for pts in curves.values() for _, v in pts])
+    integer_axis(ax, "x")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return fig
