@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vidtrain.utils import quiet
+
 SHARD_GLOB = "shard-*.tar"
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 TMP_SUFFIX = ".tmp"
@@ -282,6 +284,7 @@ def report_skipped(tool: str, skipped: list[dict[str, str]]) -> None:
 
 def run_cli(tool: str, run, args) -> int:
     """Run a data tool; a ToolError (bad input the user can fix) is one line and exit 2."""
+    quiet.install()
     try:
         return run(args)
     except ToolError as e:

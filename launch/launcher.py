@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from vidtrain.config import load_recipe
+from vidtrain.utils import quiet
 
 ENTRY = ["-m", "vidtrain.cli", "train"]
 
@@ -61,6 +62,8 @@ def deepspeed_command(a: argparse.Namespace) -> list[str]:
     if a.nnodes > 1:
         cmd += ["--num_nodes", str(a.nnodes)]
     cmd += ["--num_gpus", str(a.nproc), "--no_local_rank", "--module"]
+    if not a.verbose:
+        cmd += ["--log_level", "warning"]
     cmd += ["--master_addr", a.master_addr or "127.0.0.1", "--master_port", str(a.master_port or free_port())]
     # --module: deepspeed runs `python -u -m <first arg> <rest>`
     return [*cmd, "vidtrain.cli", "train", *train_args(a)]
@@ -129,6 +132,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-dir", help="slurm: folder for slurm-%%j.out (default: current folder)")
     p.add_argument("--script-out", help="slurm: where to write the sbatch script (default: a temp file)")
     p.add_argument("--dry-run", action="store_true", help="print the command / sbatch script, start nothing")
+    p.add_argument(
+        "--verbose", action="store_true",
+        help="everything the launcher and the ranks print (DeepSpeed's INFO lines, wandb's banner); "
+        "by default the known-harmless noise listed in vidtrain/utils/quiet.py is dropped",
+    )  # fmt: skip
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
     a = p.parse_args(argv)
@@ -156,6 +164,7 @@ def check_recipe(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet.install()
     try:
         a = parse(argv)
         if a.launcher == "slurm":
@@ -167,7 +176,45 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         print(shlex.join(cmd))
         return 0
-    return subprocess.call(cmd)
+    return run_ranks(cmd, a)
+
+
+def rank_env(a: argparse.Namespace) -> dict[str, str]:
+    """The ranks' environment: --verbose passed on; on a machine without CUDA the accelerator
+    named for DeepSpeed (its probe would warn once per process) and torchrun's OMP_NUM_THREADS=1
+    set as torchrun would (it warns when it has to)."""
+    env = dict(os.environ)
+    if a.verbose:
+        env[quiet.VERBOSE_ENV] = "1"
+    if a.launcher == "deepspeed" and "DS_ACCELERATOR" not in env:
+        import torch  # lazy: only a local deepspeed launch asks which accelerator this is
+
+        if not torch.cuda.is_available():
+            env["DS_ACCELERATOR"] = "cpu"
+    if a.launcher == "torchrun" and a.nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_ranks(cmd: list[str], a: argparse.Namespace) -> int:
+    """Start the ranks, say so, and pass their output through minus the listed noise."""
+    world = a.nproc * a.nnodes
+    print(
+        f"[vidtrain-launch] starting {world} {a.launcher} rank(s) on {a.nnodes} node(s); start-up takes "
+        "10-90 s (DeepSpeed builds its CPU comm op once, ~70 s); rank 0 reports progress",
+        flush=True,
+    )
+    env = rank_env(a)
+    if env.get(quiet.VERBOSE_ENV):
+        return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    for line in proc.stdout:
+        if not quiet.noise_line(line):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    return proc.wait()
 
 
 def _slurm(a: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from vidtrain.utils import quiet
+
 # subcommand -> module whose `main(argv)` handles it (imported lazily: `vidtrain --help` stays fast)
 DELEGATED = {
     "sample": ("vidtrain.sample.cli", "stream a multi-shot video from a checkpoint"),
@@ -60,6 +62,7 @@ LOCAL = {"train": (_train, "train from a recipe YAML"), "convert": (_convert, "c
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet.install()
     commands = {k: v[1] for k, v in LOCAL.items()} | {k: v[1] for k, v in DELEGATED.items()}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: vidtrain <command> [args]\n\ncommands:")

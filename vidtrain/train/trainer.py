@@ -27,7 +27,7 @@ from vidtrain.train.checkpoint import (
 )
 from vidtrain.train.context import RoleOptimizer
 from vidtrain.train.ema import EMA
-from vidtrain.train.logging import MetricsLogger, StepCallback, plot_loss
+from vidtrain.train.logging import MetricsLogger, StepCallback, StepProgress, plot_loss
 from vidtrain.train.methods import make_method
 from vidtrain.train.resume_policy import check_resume
 from vidtrain.train.run_lock import RunLock, RunLockError
@@ -351,16 +351,9 @@ class Trainer:
     def fit(self) -> dict:
         self.resume()
         t = self.recipe.train
-        bar = None
-        if self.strategy.is_main and t.progress and self.step < t.max_steps:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=t.max_steps,
-                initial=self.step,
-                desc=f"train[{self.recipe.method.name}]",
-                dynamic_ncols=True,
-            )
+        progress = StepProgress(
+            t.max_steps, self.step, f"train[{self.recipe.method.name}]", self.strategy.is_main and t.progress
+        )
         last: dict = {}
         while self.step < t.max_steps:
             start = time.perf_counter()
@@ -377,16 +370,11 @@ class Trainer:
             last = logs
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.logger.log({"step": self.step, **logs})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{logs.get('loss', float('nan')):.4f}", sps=f"{logs['samples_per_s']:.2f}"
-                )
+            progress.update(logs)
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 self.method.on_checkpoint(self, self.step)
                 save_checkpoint(self, self.step)
-        if bar is not None:
-            bar.close()
+        progress.close()
         self.finish()
         return last
 
