@@ -62,3 +62,27 @@ def test_yaml_errors_and_missing_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_recipe(scalar)
+
+
+def test_5b_recipes_fit_the_model_and_the_wan22_vae():
+    import torch
+
+    from vidtrain.models.vae import CausalVideoVAE
+    from vidtrain.models.wan.config import flavor
+
+    five = sorted(p for p in TRAIN_RECIPES if p.stem.endswith("_5B"))
+    assert [p.stem for p in five] == ["dmd_lora_5B", "qat_5B", "tf_5B"]
+    with torch.device("meta"):
+        vae = CausalVideoVAE.from_flavor("wan2.2")
+    assert vae.spatial_compression == 16 and vae.temporal_compression == 4
+    for path in five:
+        r = load_recipe(path)
+        cfg = flavor(r.model.flavor)
+        assert r.model.flavor == "5B" and cfg.in_channels == vae.config.z_dim == 48
+        assert cfg.num_heads % r.parallel.sp_size == 0, path.name
+        assert "704x1280" in path.read_text() and "latents_wan22" in r.data.shards
+    # the documented clip: 24 latent frames (93 pixel frames) split into sp x chunk pieces, and
+    # 704x1280 into whole (1, 2, 2) patches of 16x latents
+    r = load_recipe(five[2])
+    assert 24 % (r.parallel.sp_size * r.model.frames_per_chunk) == 0 and 1 + 4 * 23 == 93
+    assert 704 % 32 == 0 and 1280 % 32 == 0

@@ -23,7 +23,11 @@ DELEGATED = {
 
 
 def _train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vidtrain train", description="Train from a recipe YAML.")
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="vidtrain train",
+        description="Train from a recipe YAML.",
+    )
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = p.parse_args(argv)
@@ -40,10 +44,14 @@ def _train(argv: list[str]) -> int:
 
 def _convert(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog="vidtrain convert",
-        description="Convert Wan2.1 weights (original or diffusers layout) to vidtrain's format.",
+        description="Convert Wan2.1 / Wan2.2-TI2V-5B DiT weights (original or diffusers layout) to vidtrain's "
+        "format; the flavor is read off the weights.",
     )
-    p.add_argument("src", help="folder with a Wan2.1 or diffusers WanTransformer3DModel checkpoint")
+    p.add_argument(
+        "src", help="folder with a Wan2.1 / Wan2.2 original or diffusers WanTransformer3DModel checkpoint"
+    )
     p.add_argument("dst", help="output folder (written atomically)")
     args = p.parse_args(argv)
     # lazy: torch only when converting (`vidtrain --help` stays fast)

@@ -41,13 +41,19 @@ FIGURES = ("tokens", "loss_tokens", "vae_frames", "attn_pairs_ring", "attn_pairs
 UNSCHEDULED = ("vae_frames_own_span", "attn_pairs_own_queries")
 
 
-def vae_halo() -> int:
-    """Left halo (latent frames) that makes the chunk-halo encode exact for Wan2.1's VAE."""
+def vae_halo(flavor: str = "wan2.1") -> int:
+    """Left halo (latent frames) that makes the chunk-halo encode exact for a VAE flavor."""
     try:
         with torch.device("meta"):
-            return CausalVideoVAE.from_flavor("wan2.1").temporal_receptive_field()
+            return CausalVideoVAE.from_flavor(flavor).temporal_receptive_field()
     except Exception:  # the VAE is optional for this report
         return WAN21_HALO_LATENT_FRAMES
+
+
+def vae_stride(flavor: str) -> int:
+    """Pixels per latent along height and width (8 for Wan2.1's VAE, 16 for Wan2.2's)."""
+    with torch.device("meta"):
+        return CausalVideoVAE.from_flavor(flavor).spatial_compression
 
 
 def _summary(per_rank: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -173,23 +179,35 @@ def rank_figure(figures: dict[str, list[float]], title: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vidtrain balance", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="vidtrain balance",
+        description=__doc__.split("\n")[0],
+    )
     p.add_argument("--frames", type=int, required=True, help="latent frames")
-    p.add_argument("--frames-per-chunk", type=int, default=3)
+    p.add_argument("--frames-per-chunk", type=int, default=3, help="latent frames per chunk")
     p.add_argument("--sp", type=int, required=True, help="sequence-parallel ranks")
-    p.add_argument("--layout", choices=LAYOUTS.names(), default="balanced")
+    p.add_argument("--layout", choices=LAYOUTS.names(), default="balanced", help="teacher-forcing layout")
     p.add_argument("--height", type=int, default=480, help="pixels")
     p.add_argument("--width", type=int, default=832, help="pixels")
-    p.add_argument("--halo", type=int, default=None, help="VAE halo in latent frames (default: exact)")
+    p.add_argument(
+        "--vae", choices=("wan2.1", "wan2.2"), default="wan2.1", help="VAE of the latents (stride, halo)"
+    )
+    p.add_argument(
+        "--halo", type=int, default=None, help="VAE halo in latent frames (None: the VAE's exact one)"
+    )
     p.add_argument("--pre-encoded", action="store_true", help="latents from latent shards (no VAE work)")
     p.add_argument("--window-frames", type=int, default=None, help="attention window (model.window_frames)")
     p.add_argument("--sink-frames", type=int, default=0, help="global sink frames (model.sink_frames)")
     p.add_argument("--shot-sink", action="store_true", help="shot sink (model.shot_sink)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
-    if a.height % 16 or a.width % 16 or a.height <= 0 or a.width <= 0:
+    stride = vae_stride(a.vae)
+    unit = 2 * stride  # a latent pixel pair per (1, 2, 2) patch
+    if a.height % unit or a.width % unit or a.height <= 0 or a.width <= 0:
         raise ValueError(
-            f"height and width must be positive multiples of 16 pixels, got {a.height}x{a.width}"
+            f"height and width must be positive multiples of {unit} pixels with the {a.vae} VAE, "
+            f"got {a.height}x{a.width}"
         )
     for name, value, low in (
         ("--frames", a.frames, 1),
@@ -203,8 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.sink_frames < 0:
         raise ValueError(f"--sink-frames must be >= 0, got {a.sink_frames}")
     rule = MaskRule("teacher_forcing", a.frames_per_chunk, a.window_frames, a.sink_frames, a.shot_sink)
+    halo = vae_halo(a.vae) if a.halo is None else a.halo
     rep = layout_report(
-        a.layout, a.frames, a.frames_per_chunk, a.sp, a.height // 8, a.width // 8, a.halo, a.pre_encoded, rule
+        a.layout,
+        a.frames,
+        a.frames_per_chunk,
+        a.sp,
+        a.height // stride,
+        a.width // stride,
+        halo,
+        a.pre_encoded,
+        rule,
     )
     print(json.dumps(rep, indent=1) if a.json else format_report(rep))
     return 0
