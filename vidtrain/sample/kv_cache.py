@@ -20,11 +20,23 @@ Storage is per layer and per chunk block (K and V of one chunk, [B, H, Lc, D]):
 Keys arrive already rotated (RoPE applied inside the attention), so cached keys keep the
 positions they were written with.
 
+Memory layout. With a window (`rule.restricted`) the number of chunks a query can ever see is
+bounded (`history_slots`: the window's chunks, the sink chunks, the shot sink, plus the chunk
+being written), so each layer's K and V live in one preallocated buffer of that many chunk
+slots, allocated at the first write and reused in place (a ring of slots: a dropped chunk frees
+its slot): storage never grows with video length and stays at fixed addresses (what a captured
+CUDA graph reads). Under `torch.no_grad` (sampling) the history and the current chunk's K/V are
+gathered into one workspace shared by all layers instead of a fresh `torch.cat` per layer and
+pass. Without a window the history is unbounded and the slots grow as chunks arrive. Either
+way the values, their order and so the attention output are bit-identical to gathering the
+visible blocks and concatenating them.
+
 Legend: B batch, H heads, L tokens, Lc tokens of one chunk, D head dim, F frames.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -50,6 +62,120 @@ def visible_frames(rule: MaskRule, chunk: int, shot_start_chunk: int, frames: to
     if rule.shot_sink:
         keep |= torch.div(frames, c, rounding_mode="floor") == shot_start_chunk
     return hist & keep
+
+
+def history_slots(rule: MaskRule) -> int | None:
+    """Chunk slots a cache under `rule` ever holds at once (None: unbounded history). The
+    visible history of chunk c is the window's frames [cC - W, cC) (ceil(W/C) chunks), the sink
+    frames [0, G) (ceil(G/C) chunks) and the shot's first chunk; the chunk being stored is one
+    more until the next chunk begins."""
+    if not rule.restricted:
+        return None
+    c = rule.frames_per_chunk
+    return math.ceil(rule.window_frames / c) + math.ceil(rule.sink_frames / c) + int(rule.shot_sink) + 1
+
+
+class _Slots:
+    """One layer's K and V storage: a preallocated buffer of chunk slots per stored tensor
+    (dense K/V, or NVFP4 codes, scales as bytes and amax), written in place."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.slot: dict[int, int] = {}  # chunk -> slot
+        self.free: list[int] = []
+        self.bufs: list[list[torch.Tensor]] | None = None  # [K parts, V parts], leading dim = slot
+        self.meta: list[tuple] = []  # NVFP4: (shape, dtype, tile_2d) of K and V blocks
+        self.views: dict[int, tuple] = {}  # chunk -> (K, V) views of its slot
+
+    def __contains__(self, chunk: int) -> bool:
+        return chunk in self.slot
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def __iter__(self):
+        return iter(self.chunks())
+
+    def chunks(self) -> list[int]:
+        return sorted(self.slot)
+
+    def __getitem__(self, chunk: int) -> tuple:
+        """(K, V) block of one stored chunk: views of its slot (a mapping view of the storage)."""
+        return self.views[chunk]
+
+    def _view(self, which: int, slot: int):
+        parts = [b[slot] for b in self.bufs[which]]
+        if not self.meta:
+            return parts[0]
+        shape, dtype, tile_2d = self.meta[which]
+        return nvfp4.NVFP4Tensor(
+            parts[0], parts[1].view(torch.float8_e4m3fn), parts[2], shape, dtype, tile_2d
+        )
+
+    def drop(self, chunk: int) -> None:
+        self.free.append(self.slot.pop(chunk))
+        del self.views[chunk]
+
+    def clear(self) -> None:
+        self.free += self.slot.values()
+        self.slot.clear()
+        self.views.clear()
+
+    @staticmethod
+    def _parts(t) -> list[torch.Tensor]:
+        if isinstance(t, nvfp4.NVFP4Tensor):
+            return [t.data, t.scales.view(torch.uint8), t.amax.float()]
+        return [t]
+
+    def _grow(self, like: list[list[torch.Tensor]], n: int) -> None:
+        """Room for `n` more slots (all at once when the capacity is known)."""
+        new = [[torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for p in parts] for parts in like]
+        if self.bufs is None:
+            self.bufs = new
+        else:  # unbounded history: the buffers grow, the stored chunks' views follow
+            self.bufs = [[torch.cat([b, x]) for b, x in zip(bs, xs)] for bs, xs in zip(self.bufs, new)]
+            self.views = {j: (self._view(0, s), self._view(1, s)) for j, s in self.slot.items()}
+        start = len(self.slot) + len(self.free)
+        self.free += range(start, start + n)
+
+    def write(self, chunk: int, k, v) -> None:
+        parts = [self._parts(k), self._parts(v)]
+        if not self.meta and isinstance(k, nvfp4.NVFP4Tensor):
+            self.meta = [(t.shape, t.dtype, t.tile_2d) for t in (k, v)]
+        if not self.free:
+            if self.bufs is not None and self.capacity is not None:
+                raise RuntimeError(f"KV cache: all {self.capacity} slots in use (a bookkeeping bug)")
+            self._grow(parts, self.capacity or max(1, len(self.slot)))  # unbounded: doubling
+        slot = self.free.pop(0)
+        for bufs, ps in zip(self.bufs, parts):
+            for b, p in zip(bufs, ps):
+                b[slot].copy_(p)
+        self.slot[chunk] = slot
+        self.views[chunk] = (self._view(0, slot), self._view(1, slot))
+
+    def read(self, chunks: list[int], which: int):
+        """Stacked blocks of `chunks` (in that order) of K (`which` 0) or V (1): a dense
+        [n, B, H, Lc, D] tensor, or a stacked NVFP4Tensor (what `dequantize_kv_blocks` takes)."""
+        idx = torch.tensor([self.slot[j] for j in chunks], device=self.bufs[which][0].device)
+        parts = [b.index_select(0, idx) for b in self.bufs[which]]
+        if not self.meta:
+            return parts[0]
+        shape, dtype, tile_2d = self.meta[which]
+        return nvfp4.NVFP4Tensor(
+            parts[0],
+            parts[1].view(torch.float8_e4m3fn),
+            parts[2],
+            torch.Size((len(chunks), *shape)),
+            dtype,
+            tile_2d,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of the stored chunks (NVFP4: codes + e4m3 scales + fp32 amax)."""
+        if self.bufs is None:
+            return 0
+        per_slot = sum(b[0].numel() * b.element_size() for bufs in self.bufs for b in bufs)
+        return per_slot * len(self.slot)
 
 
 # vidtrain.kernels backend of the NVFP4 KV write and read ("auto", "torch", "triton", "interpret")
@@ -91,17 +217,21 @@ class KVCache:
             raise ValueError(f"unknown KV cache dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
         self.rule, self.kv_dtype = rule, kv_dtype
         self.tokens_per_frame = tokens_per_frame
-        self.layers: list[dict[int, tuple]] = [{} for _ in range(num_layers)]
+        self.capacity = history_slots(rule)
+        self.chunk_tokens = rule.frames_per_chunk * tokens_per_frame if rule.frames_per_chunk else 0
+        self.layers: list[_Slots] = [_Slots(self.capacity) for _ in range(num_layers)]
         self.shot_start: dict[int, int] = {}
         self.chunk, self.shot, self.write = 0, 0, False
         self._history: list[int] = []
+        self._token_idx: dict[int, torch.Tensor] = {}  # partly visible chunk -> its visible tokens
+        self._workspace: dict[tuple, torch.Tensor] = {}  # (which, dtype, device) -> shared buffer
         self.nvfp4_backend = nvfp4_backend or NVFP4_BACKEND
         self._quant, self._dequant = _nvfp4_ops(self.nvfp4_backend)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @property
     def chunks(self) -> list[int]:
-        return sorted(self.layers[0])
+        return self.layers[0].chunks()
 
     def begin(self, chunk: int, shot: int, write: bool = False) -> None:
         """Set the query chunk; pin a new shot's first chunk; drop chunks nothing can see again."""
@@ -109,8 +239,13 @@ class KVCache:
         self.chunk, self.shot, self.write = chunk, shot, write
         for j in [j for j in self.chunks if j >= chunk or not self._visible(j).any()]:
             for layer in self.layers:
-                layer.pop(j, None)
+                layer.drop(j)
         self._history = self.chunks  # what every layer's pass of this chunk reads
+        self._token_idx = {}
+        for j in self._history:
+            vis = self._visible(j)
+            if not vis.all():  # partly visible block (window edge or sink inside a chunk)
+                self._token_idx[j] = torch.nonzero(vis.repeat_interleave(self.tokens_per_frame)).squeeze(1)
 
     def _visible(self, j: int) -> torch.Tensor:
         c = self.rule.frames_per_chunk
@@ -121,18 +256,11 @@ class KVCache:
         for layer in self.layers:
             layer.clear()
         self._history = []
+        self._token_idx = {}
 
     def nbytes(self) -> int:
         """Bytes held by all layers' K/V (NVFP4: codes + e4m3 scales + fp32 amax)."""
-        total = 0
-        for layer in self.layers:
-            for kv in layer.values():
-                for t in kv:
-                    if isinstance(t, nvfp4.NVFP4Tensor):
-                        total += t.nbytes() + t.amax.numel() * 4
-                    else:
-                        total += t.numel() * t.element_size()
-        return total
+        return sum(layer.nbytes() for layer in self.layers)
 
     # ---- storage -------------------------------------------------------------------------------
     def _store(self, t_BHLD: torch.Tensor):
@@ -140,25 +268,55 @@ class KVCache:
             return self._quant(t_BHLD.detach())
         return t_BHLD.detach().to(KV_DTYPES[self.kv_dtype])
 
-    def _read(self, layer: dict[int, tuple], chunks: list[int], dtype: torch.dtype) -> tuple[list, list]:
-        """K and V blocks of `chunks` in `dtype` (NVFP4: every block of the layer in one call)."""
+    def _read(
+        self, layer: _Slots, chunks: list[int], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V blocks of `chunks`, stacked [n, B, H, Lc, D] in `dtype` (NVFP4: all the
+        layer's blocks in one dequantize call)."""
         if self.kv_dtype != "nvfp4":
-            return [layer[j][0].to(dtype) for j in chunks], [layer[j][1].to(dtype) for j in chunks]
-        blocks = [layer[j][0] for j in chunks] + [layer[j][1] for j in chunks]
-        out = self._dequant(blocks, dtype)  # [2n, B, H, Lc, D]
-        return list(out[: len(chunks)]), list(out[len(chunks) :])
+            return layer.read(chunks, 0).to(dtype), layer.read(chunks, 1).to(dtype)
+        k, v = layer.read(chunks, 0), layer.read(chunks, 1)
+        out = self._dequant([k, v], dtype)  # [2, n, B, H, Lc, D]
+        return out[0], out[1]
+
+    def _gather(self, which: int, blocks: torch.Tensor, chunks: list[int], cur: torch.Tensor) -> torch.Tensor:
+        """[visible history tokens | the current chunk's] along L. Without autograd, written into
+        a workspace shared by every layer (one buffer per K/V and dtype, grown to the largest
+        history); with it, a concatenation the graph can keep."""
+        pieces = [
+            blocks[i].index_select(2, self._token_idx[j].to(blocks.device))
+            if j in self._token_idx
+            else blocks[i]
+            for i, j in enumerate(chunks)
+        ]
+        pieces.append(cur)
+        if torch.is_grad_enabled():
+            return torch.cat(pieces, dim=2)
+        n = sum(p.shape[2] for p in pieces)
+        key = (which, cur.dtype, cur.device)
+        ws = self._workspace.get(key)
+        b, h, _, d = cur.shape
+        if ws is None or ws.shape[2] < n or ws.shape[0] != b or ws.shape[1] != h or ws.shape[3] != d:
+            # with a window: room for the most history the rule allows, once (a fixed address)
+            most = n if self.capacity is None else (self.capacity - 1) * self.chunk_tokens + cur.shape[2]
+            ws = self._workspace[key] = torch.empty(
+                (b, h, max(n, most), d), dtype=cur.dtype, device=cur.device
+            )
+        off = 0
+        for p in pieces:
+            ws[:, :, off : off + p.shape[2]].copy_(p)
+            off += p.shape[2]
+        return ws[:, :, :n]
 
     def hook(self, layer_idx: int, q_BHLD, k_BHLD, v_BHLD, ctx) -> tuple:
         """kv_hook: prepend the visible history to this chunk's K/V; store them on the clean pass."""
         layer = self.layers[layer_idx]
         chunks = self._history
-        ks, vs = self._read(layer, chunks, k_BHLD.dtype) if chunks else ([], [])
-        for i, j in enumerate(chunks):
-            vis = self._visible(j)
-            if not vis.all():  # partly visible block (window edge or sink inside a chunk)
-                idx = torch.nonzero(vis.repeat_interleave(self.tokens_per_frame)).squeeze(1)
-                idx = idx.to(k_BHLD.device)
-                ks[i], vs[i] = ks[i].index_select(2, idx), vs[i].index_select(2, idx)
+        if chunks:
+            hk, hv = self._read(layer, chunks, k_BHLD.dtype)
+            k_out, v_out = self._gather(0, hk, chunks, k_BHLD), self._gather(1, hv, chunks, v_BHLD)
+        else:
+            k_out, v_out = k_BHLD, v_BHLD
         if self.write:
-            layer[self.chunk] = (self._store(k_BHLD), self._store(v_BHLD))
-        return torch.cat([*ks, k_BHLD], dim=2), torch.cat([*vs, v_BHLD], dim=2), None
+            layer.write(self.chunk, self._store(k_BHLD), self._store(v_BHLD))
+        return k_out, v_out, None
