@@ -8,8 +8,11 @@ share nothing and a re-run skips every finished output shard. A latent sample ho
 
     __key__       the video sample's key
     latents.npy   float32 [C, F, H, W]: normalised VAE latents ((mu - mean) / std), F = 1 + (T-1)/4
-    text.npy      float16 [L, D]: text-encoder states of the caption's L real tokens (the padding
-                  is trimmed: the reader pads a batch to its longest caption and builds the mask)
+    text.npy      float16 [L, D]: text-encoder states of the caption's L real tokens, at most
+                  --max-text-len (a longer caption is truncated, said once). The padding is not
+                  stored: the trainer pads each batch as the recipe's model.text_padding says
+                  (wan: zeros up to model.text_len tokens, no mask, as Wan2.1; masked: to the
+                  longest caption with a mask), so one shard set serves both
     json          the video sample's json plus caption, text_tokens, vae, text_encoder
 
 Each rank writes `manifest.rank<r>-of-<n>.json`; the rank that completes the set merges them into
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vidtrain.config import TEXT_LEN
 from vidtrain.data_tools._shards import (
     TMP_SUFFIX,
     RollingShardWriter,
@@ -214,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError("give --text-encoder PATH (a local umT5/T5 folder) or --tiny-text-encoder")
     if args.batch_size < 1:
         raise ToolError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_text_len < 1:
+        raise ToolError(f"--max-text-len must be >= 1, got {args.max_text_len}")
     try:
         shards = resolve_shards(args.input)
         manifest = manifest_of(args.input)
@@ -295,15 +301,22 @@ def _finish(args, out: Path, shards: list[Path], mine: list, rank: int, world: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=TOOL, description="Encode video shards into latent shards.")
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=TOOL,
+        description="Encode video shards into latent shards.",
+    )
     p.add_argument("input", help="video shard folder (with manifest.json), a manifest, or a .tar")
     p.add_argument("out", help="output folder for latent shards")
     p.add_argument("--vae", default="debug", help="debug | wan2.1 (random init) | PATH to Wan2.1 VAE weights")
     p.add_argument("--text-encoder", default=None, help="local umT5/T5 folder (encoder + tokenizer)")
     p.add_argument("--tiny-text-encoder", action="store_true", help="a tiny random umT5 (demos and tests)")
     p.add_argument("--tiny-text-dim", type=int, default=32, help="d_model of the tiny text encoder")
-    p.add_argument("--max-text-len", type=int, default=512, help="tokens kept per caption (Wan: 512)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--max-text-len", type=int, default=TEXT_LEN,
+        help=f"tokens kept per caption (Wan: {TEXT_LEN}; at least the recipe's model.text_len)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=4, help="clips encoded together")
     p.add_argument(
         "--latents-per-pass", type=int, default=1, help="VAE latent frames per pass (0 = whole clip)"
     )

@@ -170,12 +170,14 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=TOOL, description="Counts, shapes, checksums and a contact sheet of shards."
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=TOOL,
+        description="Counts, shapes, checksums and a contact sheet of shards.",
     )
     p.add_argument("shards", help="shard folder, manifest.json or .tar")
     p.add_argument("--contact-sheet", default=None, help="write a PNG grid of sample frames (video shards)")
-    p.add_argument("--sheet-rows", type=int, default=8)
-    p.add_argument("--sheet-frames", type=int, default=6)
+    p.add_argument("--sheet-rows", type=int, default=8, help="clips in the contact sheet")
+    p.add_argument("--sheet-frames", type=int, default=6, help="frames per clip in the contact sheet")
     p.add_argument("--max-samples", type=int, default=64, help="samples decoded for shapes and the sheet")
     return p
 

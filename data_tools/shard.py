@@ -481,7 +481,9 @@ def _spec_from_args(args: argparse.Namespace) -> ClipSpec:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=TOOL, description="Cut videos into fixed-size clips in webdataset shards."
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=TOOL,
+        description="Cut videos into fixed-size clips in webdataset shards.",
     )
     p.add_argument("input", help="folder of videos, or a .csv / .jsonl with path,caption[,start,end]")
     p.add_argument("out", help="output folder for shard-NNNNNN.tar and manifest.json")

@@ -117,10 +117,19 @@ def sbatch_script(a: argparse.Namespace) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vidtrain-launch", description=__doc__.split("\n")[0])
-    p.add_argument("--launcher", choices=("deepspeed", "torchrun", "slurm"), default="torchrun")
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="vidtrain-launch",
+        description=__doc__.split("\n")[0],
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("deepspeed", "torchrun", "slurm"),
+        default="torchrun",
+        help="how the ranks start",
+    )
     p.add_argument("--nproc", type=int, default=1, help="ranks (GPUs or CPU processes) per node")
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nnodes", type=int, default=1, help="nodes")
     p.add_argument("--node-rank", type=int, default=0, help="torchrun multi-node: this node's rank")
     p.add_argument("--hostfile", help="deepspeed multi-node hostfile")
     p.add_argument("--master-addr")
@@ -128,7 +137,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partition", help="slurm partition")
     p.add_argument("--time", help="slurm time limit, e.g. 02:00:00")
     p.add_argument("--gpus-per-node", type=int, default=0, help="slurm GPUs per node (0: CPU ranks)")
-    p.add_argument("--job-name", default="vidtrain")
+    p.add_argument("--job-name", default="vidtrain", help="slurm job name")
     p.add_argument("--log-dir", help="slurm: folder for slurm-%%j.out (default: current folder)")
     p.add_argument("--script-out", help="slurm: where to write the sbatch script (default: a temp file)")
     p.add_argument("--dry-run", action="store_true", help="print the command / sbatch script, start nothing")

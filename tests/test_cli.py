@@ -58,3 +58,42 @@ def test_train_then_convert_roundtrip(tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "converted")]) == 0
     assert (tmp_path / "converted" / "model.safetensors").exists()
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def _parser_of(entry, argv, monkeypatch):
+    """The ArgumentParser an entry point builds (caught at parse_args, nothing runs)."""
+    import argparse
+
+    seen = []
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, args=None, namespace=None):
+        seen.append(self)
+        raise Caught
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(Caught):
+        entry(argv)
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["train", "convert", "sample", "eval", "balance", "merge", "shard", "encode", "inspect", "launch"],
+)
+def test_help_shows_every_default(command, monkeypatch):
+    import argparse
+
+    from vidtrain.data_tools import encode, inspect, shard
+    from vidtrain.launch import launcher
+
+    tools = {"shard": shard.main, "encode": encode.main, "inspect": inspect.main, "launch": launcher.main}
+    entry, argv = (tools[command], []) if command in tools else (main, [command])
+    parser = _parser_of(entry, argv, monkeypatch)
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            continue
+        assert f"(default: {action.default})" in text, (command, action.option_strings, action.default)

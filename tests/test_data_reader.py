@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -115,7 +116,8 @@ def test_state_mismatch_is_a_clear_error(shards: Path) -> None:
 
 def test_collate_pads_text_with_a_mask(shards: Path) -> None:
     items = _keys_items = list(itertools.islice(iter(LatentShardDataset(shards, shuffle=False)), 3))
-    batch = collate_latents(_keys_items)
+    # the masked option (Wan's fixed-length padding: tests/test_text_padding.py)
+    batch = collate_latents(_keys_items, text_padding="masked")
     assert batch["latents"].shape == (3, 4, 2, 3, 5)
     assert batch["text"].shape == (3, 5, 6) and batch["text_mask"].tolist() == [
         [1] * 3 + [0] * 2,
@@ -148,5 +150,6 @@ def test_synthetic_dataset_format_split_and_resume() -> None:
     assert head + _keys(again, 12) == full
     r0, r1 = _keys(make(rank=0, world_size=2), 5), _keys(make(rank=1, world_size=2), 5)
     assert sorted(r0 + r1) == sorted(full[:10])
-    batch = next(iter(LatentLoader(make(), batch_size=4)))
+    masked = functools.partial(collate_latents, text_padding="masked")  # a mask to look at
+    batch = next(iter(LatentLoader(make(), batch_size=4, collate_fn=masked)))
     assert batch["latents"].shape == (4, 4, 3, 2, 2) and batch["text_mask"].all()

@@ -86,7 +86,7 @@ def test_batch_encoder_trims_text_to_the_longest_caption(shards):
     items = iter(VideoShardDataset(shards, shuffle=False))
     raw = collate_videos([next(items), next(items)])
     raw["captions"][1] = "a cat"
-    out = VideoBatchEncoder(debug_vae(), text)(raw)
+    out = VideoBatchEncoder(debug_vae(), text, text_padding="masked")(raw)  # trimming: the masked option
     assert out["text"].shape[:2] == out["text_mask"].shape and out["text_mask"][0].all()
     assert out["text_mask"].sum(1).tolist()[1] < out["text_mask"].shape[1]
     assert isinstance(out["latents"], VideoLatents) and out["latents"].shape == (2, 16, 6, 4, 4)

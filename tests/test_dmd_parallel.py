@@ -38,7 +38,10 @@ def dmd_recipe(teacher: Path, run_dir: Path, batch_size: int, *extra: str):
             "method.dmd.generator_lr=1e-3", "method.dmd.critic_lr=2e-3", "method.dmd.generator_betas=[0.9, 0.99]",
             "method.dmd.critic_betas=[0.5, 0.999]", "method.dmd.ema_decay=0.5", "optim.warmup_steps=0",
             "optim.schedule=constant", "optim.weight_decay=0.0", "optim.grad_clip=1.0", "parallel.timeout_s=60",
-            f"data.batch_size={batch_size}", "data.frames=6", "data.height=4", "data.width=4", *extra,
+            f"data.batch_size={batch_size}", "data.frames=6", "data.height=4", "data.width=4",
+            # the batches' 8 text tokens (Wan's padding adds none): at 512 zero-padded tokens the fp32
+            # rounding of the cross-attention sums alone exceeds the 1e-5 tolerance
+            "model.text_len=8", *extra,
         ],
     )  # fmt: skip
 

@@ -36,6 +36,13 @@ DENOISING_STEPS = (1000.0, 750.0, 500.0, 250.0)  # few-step schedule before the 
 # linears kept in high precision by NVFP4 QAT (fnmatch on module names): embeddings, the time
 # embedding and projection, the output head
 QAT_EXCLUDE = ("patch_embedding", "text_embedding.*", "time_embedding.*", "time_projection.*", "head.*")
+# how caption embeddings enter cross-attention (training, encode, sampler and DMD alike):
+#   wan     Wan2.1's convention (its own code and diffusers' pipeline): zero-padded (or truncated)
+#           to exactly TEXT_LEN tokens, no mask, so the pads attend as text_embedding(0)
+#   masked  padded to the batch's longest caption (at most TEXT_LEN) with a mask hiding the pads
+TEXT_PADDINGS = ("wan", "masked")
+TEXT_PADDING = "wan"
+TEXT_LEN = 512  # umT5 tokens per caption: Wan2.1's fixed context (and the longest caption kept)
 
 
 @dataclass
@@ -59,6 +66,11 @@ class ModelConfig:
     window_frames: int | None = None
     sink_frames: int = 0
     shot_sink: bool = False
+    # caption context: wan (fixed text_len tokens, zero pad, no mask; right for Wan bases) or
+    # masked (pad to the longest caption, pads masked); see TEXT_PADDINGS. `vidtrain sample` of
+    # the run's checkpoints takes both
+    text_padding: Literal["wan", "masked"] = TEXT_PADDING
+    text_len: int = TEXT_LEN  # tokens of the text context (longer captions are truncated)
 
 
 @dataclass
@@ -85,7 +97,7 @@ class DataConfig:
     frames: int = 6  # latent frames
     height: int = 8  # latent height
     width: int = 8  # latent width
-    text_len: int = 8
+    text_len: int = 8  # real tokens of each synthetic caption (padded as model.text_padding says)
 
 
 @dataclass
@@ -357,6 +369,7 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"optim.decay_steps must be >= 1 (or null), got {r.optim.decay_steps}")
     if r.model.frames_per_chunk < 1:
         raise ConfigError(f"model.frames_per_chunk must be >= 1, got {r.model.frames_per_chunk}")
+    check_text_padding(r.model.text_padding, r.model.text_len, "model.")
     if r.data.source == "synthetic" and r.data.frames % r.model.frames_per_chunk:
         raise ConfigError(
             f"data.frames ({r.data.frames}) must be a multiple of model.frames_per_chunk ({r.model.frames_per_chunk})"
@@ -397,6 +410,17 @@ def check_timesteps(timesteps: Sequence[float], name: str = "timesteps") -> None
         raise ConfigError(f"{name} must be in (0, {NUM_TRAIN_TIMESTEPS}], got {ts}")
     if any(a <= b for a, b in itertools.pairwise(ts)):
         raise ConfigError(f"{name} must be strictly decreasing, got {ts}")
+
+
+def check_text_padding(padding: str, length: int, prefix: str = "") -> None:
+    """A known text padding (TEXT_PADDINGS) and a text length >= 1."""
+    if padding not in TEXT_PADDINGS:
+        raise ConfigError(
+            f"{prefix}text_padding {padding!r} is not one of {', '.join(map(repr, TEXT_PADDINGS))} "
+            "(wan: fixed length, zero pad, no mask, as Wan2.1; masked: pads masked)"
+        )
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ConfigError(f"{prefix}text_len must be an integer >= 1, got {length!r}")
 
 
 def check_shift(shift: float, name: str = "shift") -> None:

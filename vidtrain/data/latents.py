@@ -1,6 +1,7 @@
 """Resumable, endless, rank- and worker-split streams of latent samples for the trainer.
 
-An item is `{"latents": FloatTensor[C,F,H,W], "text": FloatTensor[L,D], "key": str}`.
+An item is `{"latents": FloatTensor[C,F,H,W], "text": FloatTensor[L,D], "key": str}` (the
+caption's true length L); `collate_latents` pads a batch's text as `model.text_padding` says.
 
 How a stream is cut. Each data-parallel rank runs W "roles" (its DataLoader workers, or one
 role when iterated in-process); consumer `c = rank * W + role` of `n = world_size * W`. Epoch
@@ -32,6 +33,7 @@ D text width.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -44,7 +46,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vidtrain.config import TEXT_LEN, TEXT_PADDING
 from vidtrain.data_tools._shards import check_shard, error_text, manifest_of, readable_keys, resolve_shards
+from vidtrain.models.text import text_context
 from vidtrain.utils.rng import stream_seed
 
 _STATE_VERSION = 1
@@ -476,8 +480,13 @@ class SyntheticLatentDataset(ResumableStream):
         }
 
 
-def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack latents to [B,C,F,H,W]; pad text to the longest with zeros plus a bool mask [B,L]."""
+def collate_latents(
+    items: list[dict[str, Any]], text_padding: str = TEXT_PADDING, text_len: int = TEXT_LEN
+) -> dict[str, Any]:
+    """Stack latents to [B,C,F,H,W] and pad each caption's true-length text [L_b, D] as the recipe's
+    `model.text_padding` says (`vidtrain.models.text.text_context`): `wan` zero-pads to exactly
+    `text_len` tokens with `text_mask` None (Wan2.1), `masked` pads to the longest caption with a
+    bool `text_mask` [B, L]. Longer captions are truncated to `text_len` (said once)."""
     shapes = {tuple(it["latents"].shape) for it in items}
     if len(shapes) > 1:
         raise ValueError(f"latents of one batch differ in shape {sorted(shapes)}; shard clips of one size")
@@ -491,12 +500,21 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
         n = it["text"].shape[0]
         text_BLD[b, :n] = it["text"]
         mask_BL[b, :n] = True
+    text_BLD, mask = text_context(text_BLD, mask_BL, text_padding, text_len)
     return {
         "latents": torch.stack([it["latents"] for it in items]),
         "text": text_BLD,
-        "text_mask": mask_BL,
+        "text_mask": mask,
         "keys": [it["key"] for it in items],
     }
+
+
+def latent_collate(model_config) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """`collate_latents` with a recipe's `model.text_padding` and `model.text_len` (picklable, for
+    DataLoader workers)."""
+    return functools.partial(
+        collate_latents, text_padding=model_config.text_padding, text_len=model_config.text_len
+    )
 
 
 class _Slots(IterableDataset):

@@ -5,8 +5,9 @@ same splitting, shuffling and resumable position as latent shards (latents.py). 
 `{"video": FloatTensor[3, T, H, W] in [-1, 1], "caption": str, "key": str}`.
 
 In the main process (the VAE and the text encoder live on the training device) a batch becomes
-`{"latents": VideoLatents, "text", "text_mask", "keys"}`: captions are encoded once per batch;
-the latents are lazy. The layout asks them for the latent frames this rank holds
+`{"latents": VideoLatents, "text", "text_mask", "keys"}`: captions are encoded once per batch
+and padded as `model.text_padding` says (as latent shards are: `collate_latents`); the latents
+are lazy. The layout asks them for the latent frames this rank holds
 (`vidtrain.parallel.layouts`): under sequence parallelism each rank VAE-encodes one range of the
 group's balanced encode plan plus a left halo (chunk-halo encode) and the ranks exchange latents;
 one process encodes the whole clip.
@@ -25,12 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidtrain.config import TEXT_LEN, TEXT_PADDING
 from vidtrain.data.latents import BadSample, LatentLoader, ShardStream
 from vidtrain.data_tools._shards import error_text
 from vidtrain.data_tools.encode import decode_clip, load_vae
-from vidtrain.models.text import TextEncoder, make_tiny_text_encoder
-
-TEXT_MAX_LENGTH = 512  # Wan2.1's umT5 context; batches are trimmed to their longest caption
+from vidtrain.models.text import TextEncoder, make_tiny_text_encoder, text_context
 
 
 def decode_mp4(mp4: bytes) -> torch.Tensor:
@@ -119,19 +119,24 @@ class VideoLatents:
 
 
 class VideoBatchEncoder:
-    """Turns a video batch into a training batch: captions encoded now, latents on demand."""
+    """Turns a video batch into a training batch: captions encoded now (their context as
+    `text_padding` says, `text_context`), latents on demand."""
 
-    def __init__(self, vae, text_encoder, halo: int | None = None) -> None:
+    def __init__(
+        self, vae, text_encoder, halo: int | None = None, text_padding: str = TEXT_PADDING,
+        text_len: int = TEXT_LEN,
+    ) -> None:  # fmt: skip
         self.vae, self.text_encoder = vae, text_encoder
         self.halo = vae.temporal_receptive_field() if halo is None else halo
+        self.text_padding, self.text_len = text_padding, text_len
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         emb_BLD, mask_BL = self.text_encoder.encode(batch["captions"])
-        n = max(1, int(mask_BL.sum(1).max()))  # trim padding to the longest caption, as latent shards do
+        text, mask = text_context(emb_BLD, mask_BL, self.text_padding, self.text_len)
         return {
             "latents": VideoLatents(self.vae, batch["video"], self.halo),
-            "text": emb_BLD[:, :n].cpu(),
-            "text_mask": mask_BL[:, :n].cpu(),
+            "text": text.cpu(),
+            "text_mask": None if mask is None else mask.cpu(),
             "keys": batch["keys"],
         }
 
@@ -169,7 +174,7 @@ def load_text_encoder(recipe, strategy, dim: int):
         if strategy.is_main and not (path / "config.json").exists():
             make_tiny_text_encoder(path, d_model=dim, seed=recipe.seed)
         strategy.barrier()
-    return TextEncoder.from_pretrained(path, max_length=TEXT_MAX_LENGTH, device=strategy.device)
+    return TextEncoder.from_pretrained(path, max_length=recipe.model.text_len, device=strategy.device)
 
 
 def make_video_loader(recipe, strategy, in_channels: int, text_dim: int) -> EncodingLoader:
@@ -187,4 +192,5 @@ def make_video_loader(recipe, strategy, in_channels: int, text_dim: int) -> Enco
     if text.dim != text_dim:
         raise ValueError(f"data.text_encoder gives {text.dim}-wide embeddings, the model takes {text_dim}")
     loader = LatentLoader(ds, d.batch_size, d.num_workers, collate_fn=collate_videos)
-    return EncodingLoader(loader, VideoBatchEncoder(vae, text, d.vae_halo))
+    m = recipe.model
+    return EncodingLoader(loader, VideoBatchEncoder(vae, text, d.vae_halo, m.text_padding, m.text_len))

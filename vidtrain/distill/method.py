@@ -18,7 +18,10 @@ The generator LoRA keeps its own EMA (`method.dmd.ema_decay`, vidtrain/train/ema
 (RUN/lora/, whenever the trainer checkpoints: `on_checkpoint`) writes the EMA weights.
 The rollouts' sampler settings are resolved once, from the recipe, by `SamplerConfig.from_run`
 (the settings `vidtrain sample` takes from the run): on an NVFP4 (QAT) base the self-forcing
-rollouts use the NVFP4 KV cache, as deployed; on a high-precision base fp32 K/V.
+rollouts use the NVFP4 KV cache, as deployed; on a high-precision base fp32 K/V. The caption
+context follows `model.text_padding` everywhere (`Method.caption_context`): rollouts, the
+teacher's and critic's scores and the critic loss see the same context, and the LoRA record
+carries the setting so `vidtrain sample --lora` pads as the distillation did.
 
 Legend: B batch, C channels, F latent frames, K chunks, H/W latent size.
 """
@@ -40,7 +43,7 @@ from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.state_dict import resolve_model_folder
 from vidtrain.quant.convert import convert_for_recipe
 from vidtrain.quant.qat import apply_quant_record
-from vidtrain.sample import Conditioning, SamplerConfig, StreamingSampler
+from vidtrain.sample import SamplerConfig, StreamingSampler
 from vidtrain.tokens import MaskRule
 from vidtrain.train.ema import EMA
 from vidtrain.train.methods import METHODS, Method
@@ -193,13 +196,18 @@ class DMD(Method):
         b, _, f, h, w = x_data.shape
         seeds = self.sample_seeds(trainer, b, salt=0)
         out = StreamingSampler(model, self.sampler_config).generate_latents(
-            Conditioning(text, mask), f // self.fpc, (h, w), seeds, grad_exit=exit_step if grad else None
+            self.sampler_config.condition(text, mask),
+            f // self.fpc,
+            (h, w),
+            seeds,
+            grad_exit=exit_step if grad else None,
         )
         return out.latents_BCFHW
 
     def text(self, trainer, batch: dict):
-        mask = batch.get("text_mask")
-        return batch["text"].to(trainer.device), None if mask is None else mask.to(trainer.device)
+        """Caption context and mask as `model.text_padding` says: the teacher's and critic's scores
+        and both rollouts (the sampler's Conditioning) see the same context."""
+        return self.caption_context(batch, trainer.device)
 
     def sample_seeds(self, trainer, batch_size: int, salt: int) -> list[int]:
         """One seed per sample from (seed, step, the sample's index in the global batch, salt):
@@ -301,7 +309,8 @@ class DMD(Method):
                 model, trainer.run_dir / "lora", weights=None if self.ema is None else self.ema.shadow,
                 teacher=str(self.teacher_path),
                 extra={"denoising_steps": list(self.cfg.denoising_steps), "timestep_shift": self.cfg.timestep_shift,
-                       "frames_per_chunk": self.fpc, "quant": self.recipe.quantized},
+                       "frames_per_chunk": self.fpc, "quant": self.recipe.quantized,
+                       "text_padding": self.recipe.model.text_padding, "text_len": self.recipe.model.text_len},
             )  # fmt: skip
         trainer.strategy.barrier()
 

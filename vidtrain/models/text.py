@@ -1,10 +1,14 @@
 """Text encoder wrapper: a umT5 / T5 encoder and its tokenizer from a local folder.
 
 Wan2.1 conditions on umT5-XXL encoder states of 512 tokens, zero past the caption's last
-token. `TextEncoder.encode` gives the same: `(emb_BLD, mask_BL)`, padded or truncated to
-`max_length`, with padded rows set to zero. Folders accepted: a Hugging Face encoder folder
-holding the tokenizer too, or a diffusers pipeline folder with `text_encoder/` and
-`tokenizer/`. Nothing is downloaded.
+token, with no mask (its own code and diffusers' pipeline): the pads enter cross-attention as
+`text_embedding(0)`. `TextEncoder.encode` gives `(emb_BLD, mask_BL)`, padded or truncated to
+`max_length`, with padded rows set to zero; `text_context` turns encoder states into the context
+a recipe's `model.text_padding` asks for (`wan`: exactly that; `masked`: pads hidden by a mask),
+the one function training, the sampler and DMD use. A caption longer than the context is
+truncated, said once per process. Folders accepted: a Hugging Face encoder folder holding the
+tokenizer too, or a diffusers pipeline folder with `text_encoder/` and `tokenizer/`. Nothing is
+downloaded.
 
 `make_tiny_text_encoder(path, d_model=32)` writes a small random umT5 encoder plus a word-piece
 tokenizer trained offline with `tokenizers`, for tests and CPU demos.
@@ -16,10 +20,13 @@ from __future__ import annotations
 
 import json
 import string
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from vidtrain.config import TEXT_LEN, TEXT_PADDING, TEXT_PADDINGS
 
 _TINY_CORPUS = (
     "a rabbit walks through a green forest in the morning light",
@@ -31,6 +38,62 @@ _TINY_CORPUS = (
     "close up of rain drops falling on a window at night",
     "a red car drives along a coastal road next to the sea",
 )
+
+
+_truncation_said = False  # the truncation warning is printed once per process
+
+
+def warn_truncated(tokens: int, length: int) -> None:
+    """One line, once per process: a caption of `tokens` tokens cut to the `length`-token context."""
+    global _truncation_said
+    if not _truncation_said:
+        _truncation_said = True
+        print(
+            f"[vidtrain] warning: a caption of {tokens} tokens is longer than the {length}-token text "
+            f"context (model.text_len): truncated to {length} tokens (said once per process)",
+            file=sys.stderr,
+        )
+
+
+def text_context(
+    text_BLD: torch.Tensor,
+    mask_BL: torch.Tensor | None = None,
+    padding: str = TEXT_PADDING,
+    length: int = TEXT_LEN,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The caption context the model takes, and the cross-attention mask to pass with it.
+
+    `text_BLD`: encoder states, each caption's real tokens first; `mask_BL` marks them (None:
+    every row is real). Rows past a caption are set to zero; a caption longer than `length` is
+    truncated (`warn_truncated`).
+      wan:    [B, length, D] zero-padded, mask None (Wan2.1: the pads attend as text_embedding(0));
+      masked: [B, n, D] with n the longest caption (at most `length`) and its mask [B, n]
+              (None when no mask was given: every row is real).
+    Idempotent: a context it returned comes back unchanged."""
+    if padding not in TEXT_PADDINGS:
+        raise ValueError(f"text_padding {padding!r} is not one of {', '.join(map(repr, TEXT_PADDINGS))}")
+    if length < 1:
+        raise ValueError(f"text_len must be >= 1, got {length}")
+    if text_BLD.ndim != 3:
+        raise ValueError(f"text context must be [B, L, D], got {list(text_BLD.shape)}")
+    b, n, d = text_BLD.shape
+    if mask_BL is not None:
+        if tuple(mask_BL.shape) != (b, n):
+            raise ValueError(f"text mask {list(mask_BL.shape)} does not fit the text context {[b, n, d]}")
+        mask_BL = mask_BL.to(device=text_BLD.device, dtype=torch.bool)
+        text_BLD = text_BLD * mask_BL[..., None].to(text_BLD.dtype)
+        longest = int(mask_BL.sum(1).max()) if b else 0
+    else:
+        longest = n
+    if longest > length:
+        warn_truncated(longest, length)
+    if padding == "masked":
+        keep = min(length, n if mask_BL is None else max(1, longest))
+        return text_BLD[:, :keep], None if mask_BL is None else mask_BL[:, :keep]
+    if n >= length:
+        return text_BLD[:, :length], None
+    pad = text_BLD.new_zeros(b, length - n, d)
+    return torch.cat([text_BLD, pad], dim=1), None
 
 
 def _split_folder(path: Path) -> tuple[Path, Path]:
@@ -101,6 +164,11 @@ class TextEncoder(nn.Module):
         )
         ids_BL = tok["input_ids"].to(self.device)
         mask_BL = tok["attention_mask"].to(self.device).bool()
+        full = [t for t, n in zip(texts, mask_BL.sum(1).tolist()) if n == self.max_length]
+        if full:  # at the limit: were they cut?
+            longest = max(len(ids) for ids in self.tokenizer(full, truncation=False)["input_ids"])
+            if longest > self.max_length:
+                warn_truncated(longest, self.max_length)
         emb_BLD = self.model(input_ids=ids_BL, attention_mask=mask_BL.long()).last_hidden_state
         emb_BLD = emb_BLD.float() * mask_BL[..., None]
         return emb_BLD, mask_BL

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from vidtrain.config import NUM_TRAIN_TIMESTEPS, check_shift
+from vidtrain.config import NUM_TRAIN_TIMESTEPS, TEXT_LEN, check_shift
 from vidtrain.lora.files import load_lora
 from vidtrain.models.vae import VAE_FLAVORS, CausalVideoVAE, VAEConfig
 from vidtrain.models.wan import CausalWanDiT
@@ -72,25 +72,26 @@ def load_vae(spec: str, z_dim: int, device, dtype):
     return vae.to(device, dtype).eval()
 
 
-def shot_conditionings(prompts: list[list[str]], text_encoder, text_dim: int) -> list[Conditioning]:
-    """prompts[shot][sample] -> one Conditioning per shot."""
+def shot_conditionings(
+    prompts: list[list[str]], text_encoder, text_dim: int, cfg: SamplerConfig | None = None
+) -> list[Conditioning]:
+    """prompts[shot][sample] -> one Conditioning per shot, padded as the run trained
+    (`cfg.text_padding` / `text_len`; `SamplerConfig.condition`)."""
+    cfg = cfg or SamplerConfig()
     if text_encoder is None:
-        return [debug_text_context(p, text_dim) for p in prompts]
-    out = []
-    for p in prompts:
-        emb, mask = text_encoder.encode(p)
-        out.append(Conditioning(emb, mask))
-    return out
+        return [cfg.condition(debug_text_context(p, text_dim).context_BST) for p in prompts]
+    return [cfg.condition(*text_encoder.encode(p)) for p in prompts]
 
 
-def load_text_encoder(path: str | None, text_dim: int, device):
+def load_text_encoder(path: str | None, text_dim: int, device, max_length: int = TEXT_LEN):
+    """The umT5 encoder of `--text-encoder` (tokens up to `max_length`: the run's text_len)."""
     if path is None:
         print("[vidtrain] no --text-encoder: using fixed random contexts per prompt (debug stand-in)")
         return None
     # lazy: transformers (umT5) only when a text encoder is given
     from vidtrain.models.text import TextEncoder
 
-    enc = TextEncoder.from_pretrained(path, device=device)
+    enc = TextEncoder.from_pretrained(path, max_length=max_length, device=device)
     if enc.dim != text_dim:
         raise ValueError(f"text encoder width {enc.dim} != model text_dim {text_dim}")
     return enc
@@ -297,7 +298,6 @@ def check_positions(shots: list[Shot], cfg: SamplerConfig, rope_positions: int) 
 
 
 KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nvfp4": 0.5625}  # per element (NVFP4 with scales)
-TEXT_TOKENS = 512  # cross-attention context per shot (umT5's length)
 
 
 def memory_estimate(
@@ -322,7 +322,8 @@ def memory_estimate(
         blocks = math.ceil(cfg.window_frames / c) + 1 + math.ceil(cfg.sink_frames / c) + int(cfg.shot_sink)
         kept = min(total_frames, c * blocks)
     per_token = 2 * wan.dim * wan.num_layers  # K and V of every layer
-    kv = per_token * (kept * tokens_per_frame * KV_BYTES[cfg.kv_cache] + TEXT_TOKENS * dtype_bytes)
+    # + the shot's cross-attention K/V (text_len tokens: the most a context holds)
+    kv = per_token * (kept * tokens_per_frame * KV_BYTES[cfg.kv_cache] + cfg.text_len * dtype_bytes)
     lq = c * tokens_per_frame
     lk = lq + kept * tokens_per_frame
     # fp32 residual stream + q, k, v, out, FFN hidden in the compute dtype + the K/V handed to attention
@@ -384,16 +385,23 @@ def remove_stale_temps(out: Path) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vidtrain sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="vidtrain sample",
+        description=__doc__.split("\n")[0],
+    )
     p.add_argument("--checkpoint", required=True, help="model folder, checkpoint step folder, or run folder")
     p.add_argument("--shots", required=True, help="shots YAML (see recipes/shots_example.yaml)")
     p.add_argument("--out", required=True, help="output .mp4 (metrics and timeline written beside it)")
-    p.add_argument("--decode", default="async", choices=list(DECODE_MODES))
+    p.add_argument(
+        "--decode", default="async", choices=list(DECODE_MODES),
+        help="async: the VAE decodes chunk k while the DiT generates chunk k+1; sync: one after the other",
+    )  # fmt: skip
     p.add_argument("--lora", default=None, help="peft LoRA folder from the DMD stage")
     p.add_argument("--vae", default="debug", help="debug | wan2.1 (random init, for timing) | PATH")
     p.add_argument("--text-encoder", default=None, help="local umT5/T5 encoder folder")
-    p.add_argument("--fps", type=float, default=16.0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4 (and of shot times)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument(
         "--max-memory-gib",
         type=float,
@@ -425,14 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.checkpoint, args.lora)
     model = model.to(device, dtype).eval().requires_grad_(False)
     vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)
-    text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)
+    text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_dim, device, cfg.text_len)
     # 2. generate + decode into temp files beside the outputs; renamed over them once all are complete
     for stale in remove_stale_temps(out):
         print(f"[vidtrain] removed {stale.name}, left by a killed run")
     finals = [out, out.with_suffix(".metrics.json"), out.with_suffix(".timeline.png")]
     temps = [_tmp_beside(p) for p in finals]
     try:
-        conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim)
+        conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim, cfg)
         writer = VideoWriter(temps[0], args.fps)
         try:
             metrics = stream_video(

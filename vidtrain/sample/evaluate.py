@@ -74,13 +74,17 @@ def evaluate_one(model, cfg, conds, chunks: int, latent_hw, seeds) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vidtrain eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="vidtrain eval",
+        description=__doc__.split("\n")[0],
+    )
     p.add_argument("--checkpoints", nargs="+", required=True)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="Markdown table (a .csv is written beside it)")
-    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunks", type=int, default=8, help="chunks generated per prompt")
     p.add_argument("--text-encoder", default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument(
         "--max-memory-gib",
         type=float,
@@ -139,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.checkpoints:
         model = load_model(name, None).to(device, dtype).eval().requires_grad_(False)
-        enc = load_text_encoder(args.text_encoder, model.cfg.text_dim, device)
-        conds = shot_conditionings([prompts], enc, model.cfg.text_dim)
+        first = next(iter(cfgs[name].values()))  # the KV format apart, one run's settings
+        enc = load_text_encoder(args.text_encoder, model.cfg.text_dim, device, first.text_len)
+        conds = shot_conditionings([prompts], enc, model.cfg.text_dim, first)
         seeds = [args.seed + i for i in range(len(prompts))]
         latent_hw = latent_size(args.height, args.width, rope_positions=model_config(name)[1])
         for kv, cfg in cfgs[name].items():

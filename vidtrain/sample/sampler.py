@@ -12,7 +12,10 @@ History enters every pass through `AttentionContext.kv_hook` (kv_cache.KVCache),
 model code serves teacher forcing and streaming.
 
 The text of a shot enters as its embedded context and, per layer, its cross-attention K/V,
-computed once per shot and reused by every chunk and step (`cross_kv_cache`).
+computed once per shot and reused by every chunk and step (`cross_kv_cache`). A `Conditioning`
+holds the context as the model takes it: `SamplerConfig.condition` builds it from encoder states
+in the run's `text_padding` (wan: `text_len` zero-padded tokens, no mask, as Wan2.1 and the
+run's training), so `vidtrain sample`, `vidtrain eval` and DMD's rollouts see what training saw.
 
 `StreamingSampler.stream` is the one chunk loop; `generate_latents` collects it, and the DMD
 stage calls it with `grad_exit=[k_0, k_1, ...]` (or one k for all chunks) for self-forcing
@@ -37,12 +40,16 @@ import torch
 from vidtrain.config import (
     DENOISING_STEPS,
     FRAMES_PER_CHUNK,
+    TEXT_LEN,
+    TEXT_PADDING,
     TIMESTEP_SHIFT,
     Recipe,
     check_shift,
+    check_text_padding,
     check_timesteps,
 )
 from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, step_sigmas
+from vidtrain.models.text import text_context
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.sample import settings
 from vidtrain.sample.kv_cache import KV_DTYPES, KVCache
@@ -72,10 +79,14 @@ class SamplerConfig:
     shot_rope_offset: int = 0  # temporal RoPE offset added per shot (shot s: s * offset)
     recache_on_cut: bool = False  # LongLive: recompute the kept K/V under the new prompt at a cut
     cross_kv_cache: bool = True  # each layer's cross-attention K/V once per shot (False: every pass)
+    # the caption context (`condition`): as the run trained (model.text_padding / text_len)
+    text_padding: str = TEXT_PADDING  # wan (fixed text_len tokens, zero pad, no mask) | masked
+    text_len: int = TEXT_LEN
 
     def __post_init__(self) -> None:
         check_timesteps(self.timesteps)
         check_shift(self.shift)
+        check_text_padding(self.text_padding, self.text_len)  # a ConfigError is a ValueError
         if self.update not in UPDATES:
             raise ValueError(f"unknown update {self.update!r}; known: {', '.join(UPDATES)}")
         if self.kv_cache not in KV_DTYPES:
@@ -111,10 +122,16 @@ class SamplerConfig:
         """Shifted sigmas of the denoising steps (the model sees t = 1000 * sigma)."""
         return step_sigmas(self.timesteps, self.shift)
 
+    def condition(self, context_BST: torch.Tensor, mask_BS: torch.Tensor | None = None) -> Conditioning:
+        """A shot's Conditioning from encoder states (and their token mask) in this config's
+        `text_padding` and `text_len` (`vidtrain.models.text.text_context`, as training pads)."""
+        return Conditioning(*text_context(context_BST, mask_BS, self.text_padding, self.text_len))
+
 
 @dataclass
 class Conditioning:
-    """Text context of one shot for the whole batch: [B, S, T] encoder states and optional mask."""
+    """Text context of one shot for the whole batch, as the model takes it: [B, S, T] encoder
+    states and the optional cross-attention mask (`SamplerConfig.condition` pads as the run did)."""
 
     context_BST: torch.Tensor
     mask_BS: torch.Tensor | None = None

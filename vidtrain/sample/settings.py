@@ -7,8 +7,9 @@ For every `SamplerConfig` field, the first of:
      `timestep_shift` and `frames_per_chunk`;
   3. the run: the recipe that trained the checkpoint (its step folder's recipe.yaml, else its run
      folder's; or a `Recipe` in memory, DMD's own): `model.frames_per_chunk`, `window_frames`,
-     `sink_frames`, `shot_sink`, and for a dmd run its `method.dmd.denoising_steps` and
-     `timestep_shift`; and the KV cache format: an NVFP4 model (the checkpoint's quant.json, a
+     `sink_frames`, `shot_sink`, `text_padding`, `text_len` (a run folder's recipe.yaml written
+     before `model.text_padding` existed trained "masked"), and for a dmd run its
+     `method.dmd.denoising_steps` and `timestep_shift`; and the KV cache format: an NVFP4 model (the checkpoint's quant.json, a
      qat recipe, `quant.enabled`; for a DMD recipe its teacher's quant.json) trained with NVFP4
      history K/V (`quant.kv_fake_quant`) samples with the "nvfp4" cache;
   4. `defaults` (the caller's own fallbacks: DMD's rollouts keep fp32 K/V on a high-precision
@@ -28,14 +29,17 @@ from vidtrain.config import Recipe, load_recipe
 from vidtrain.lora.files import read_base_info
 from vidtrain.models.wan.state_dict import resolve_model_folder
 from vidtrain.quant.qat import QUANT_RECORD
+from vidtrain.utils.io import read_yaml
 
 # the recipe's `model` section keys that are SamplerConfig fields of the same name
-RECIPE_KEYS = ("frames_per_chunk", "window_frames", "sink_frames", "shot_sink")
+RECIPE_KEYS = ("frames_per_chunk", "window_frames", "sink_frames", "shot_sink", "text_padding", "text_len")
 # LoRA vidtrain_base.json key (written by the dmd method) -> SamplerConfig field
 LORA_KEYS = {
     "denoising_steps": "timesteps",
     "timestep_shift": "shift",
     "frames_per_chunk": "frames_per_chunk",
+    "text_padding": "text_padding",
+    "text_len": "text_len",
 }
 DEFAULT = "SamplerConfig default"
 
@@ -98,11 +102,33 @@ def run_settings(run: str | Path | Recipe | None) -> dict[str, Setting]:
     recipe = None if path is None else load_recipe(path)
     where = f"recipe {path}"
     out = {} if recipe is None else recipe_settings(recipe, where)
+    if path is not None and _before_text_padding(path):
+        out["text_padding"] = Setting(
+            "masked", f"{where} (written before model.text_padding: trained masked)"
+        )
     return {**out, **_kv_setting(recipe, where, _record(run))}
 
 
+# the `model` keys a trainer wrote into a run's recipe.yaml before model.text_padding existed
+_MODEL_KEYS_BEFORE_TEXT_PADDING = frozenset(
+    ("flavor", "checkpoint", "in_channels", "text_dim", "frames_per_chunk", "attn_backend",
+     "activation_checkpointing", "window_frames", "sink_frames", "shot_sink")
+)  # fmt: skip
+
+
+def _before_text_padding(path: Path) -> bool:
+    """A run's recipe.yaml as a trainer writes it (every model key) but without
+    `model.text_padding`: written by a vidtrain that masked the caption pads."""
+    model = (read_yaml(path, "recipe") or {}).get("model")
+    return (
+        isinstance(model, dict)
+        and model.keys() >= _MODEL_KEYS_BEFORE_TEXT_PADDING
+        and "text_padding" not in model
+    )
+
+
 def lora_settings(lora: str | Path | None) -> dict[str, Setting]:
-    """What a DMD LoRA's record decided (its few-step schedule and chunking)."""
+    """What a DMD LoRA's record decided (its few-step schedule, chunking and text padding)."""
     if not lora:
         return {}
     info, out = read_base_info(lora), {}

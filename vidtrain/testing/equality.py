@@ -24,7 +24,6 @@ import torch
 from vidtrain.assets_paths import sample_videos
 from vidtrain.config import Recipe, load_recipe
 from vidtrain.data.videos import (
-    TEXT_MAX_LENGTH,
     VideoBatchEncoder,
     VideoLatents,
     VideoShardDataset,
@@ -45,6 +44,9 @@ from vidtrain.train.methods import TeacherForcing
 from vidtrain.train.trainer import train
 
 FRAMES, HW, CHANNELS, TEXT_LEN = 12, 4, 16, 8
+# model.text_len of the cases: Wan's padding (zeros, no mask) at a CPU size; at 512 tokens the
+# fp32 rounding of the cross-attention sums alone exceeds the 1e-5 gradient tolerance
+TEXT_CONTEXT = 16
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def make_recipe(case: Case, run_dir: str = "/tmp/vidtrain-eq") -> Recipe:
     r.parallel.strategy, r.parallel.sp_size, r.parallel.layout = case.strategy, case.sp_size, case.layout
     r.parallel.zero_stage, r.parallel.timeout_s, r.parallel.sp_impl = case.zero_stage, 60.0, case.sp_impl
     r.model.attn_backend = "sdpa"
+    r.model.text_len = TEXT_CONTEXT
     r.optim.lr, r.optim.grad_clip, r.optim.weight_decay, r.optim.eps = 1e-3, 0.0, 0.0, 1e-3
     r.train.mixed_precision = "fp32"
     r.log.plots = False
@@ -134,8 +137,8 @@ def video_batch(shards: str | Path, batch_size: int, seed: int = 1) -> dict:
 
     items = iter(VideoShardDataset(shards, shuffle=False))
     raw = collate_videos([next(items) for _ in range(batch_size)])
-    text = TextEncoder.from_pretrained(Path(shards).parent / "text_encoder", max_length=TEXT_MAX_LENGTH)
-    enc = VideoBatchEncoder(debug_vae(), text)(raw)
+    text = TextEncoder.from_pretrained(Path(shards).parent / "text_encoder", max_length=TEXT_CONTEXT)
+    enc = VideoBatchEncoder(debug_vae(), text, text_len=TEXT_CONTEXT)(raw)
     shape = enc["latents"].shape
     g = torch.Generator().manual_seed(seed)
     return {
@@ -143,7 +146,8 @@ def video_batch(shards: str | Path, batch_size: int, seed: int = 1) -> dict:
         "noise": torch.randn(shape, generator=g),
         "sigma": torch.rand(batch_size, shape[2] // 3, generator=g).repeat_interleave(3, dim=1),
         "text": enc["text"],
-        "text_mask": enc["text_mask"],
+        # a mask only for model.text_padding=masked (Wan's default pads to the fixed length, no mask)
+        **({} if enc["text_mask"] is None else {"text_mask": enc["text_mask"]}),
     }
 
 

@@ -13,6 +13,7 @@ import torch
 
 from vidtrain.forcing.flow import frames_sigma, sample_chunk_sigmas
 from vidtrain.forcing.teacher import tf_loss_terms
+from vidtrain.models.text import text_context
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.parallel.layouts import LAYOUTS, Layout
 from vidtrain.registry import Registry
@@ -74,6 +75,13 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def caption_context(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's caption context and cross-attention mask on `device`, as the recipe's
+        `model.text_padding` says (the loader pads so already; a batch built by hand gets the same)."""
+        m = self.recipe.model
+        text, mask = text_context(batch["text"], batch.get("text_mask"), m.text_padding, m.text_len)
+        return text.to(device), None if mask is None else mask.to(device)
+
 
 @METHODS.register("teacher_forcing")
 class TeacherForcing(Method):
@@ -116,11 +124,10 @@ class TeacherForcing(Method):
         attn = AttentionContext(
             rule=self.mask_rule(), meta=global_meta.to(dev), kv_hook=self.kv_hook(trainer)
         )
-        mask = batch.get("text_mask")
+        text, mask = self.caption_context(batch, dev)
         pred = trainer.model(
-            seq.x_BLP.to(dev), seq.t_BL.to(dev), batch["text"].to(dev),
-            meta=seq.meta.to(dev), attn=attn, context_mask_BS=None if mask is None else mask.to(dev),
-        )  # fmt: skip
+            seq.x_BLP.to(dev), seq.t_BL.to(dev), text, meta=seq.meta.to(dev), attn=attn, context_mask_BS=mask
+        )
         sq, count = tf_loss_terms(pred, seq)
         total = trainer.strategy.sp_sum(count.detach())
         loss = sq / total

@@ -50,10 +50,18 @@ def is_safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE)
 
 
+# keys an older vidtrain's recipe lacks whose old behaviour is not the new default: a checkpoint
+# written before model.text_padding existed trained with masked caption pads
+BEFORE_THE_KEY = {"model.text_padding": "masked"}
+
+
 def recipe_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(safe, unsafe) changes as 'key: old -> new'; keys one side lacks (a newer or older
-    vidtrain's schema) are not changes."""
+    vidtrain's schema) are not changes, but for those of BEFORE_THE_KEY (their old behaviour)."""
     a, b = flatten(stored), flatten(new)
+    for key, old in BEFORE_THE_KEY.items():
+        if any(k.startswith(key.rsplit(".", 1)[0] + ".") for k in a):  # the section is there
+            a.setdefault(key, old)
     safe, unsafe = [], []
     for key in sorted(a.keys() & b.keys()):
         if a[key] != b[key]:

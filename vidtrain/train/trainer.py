@@ -13,6 +13,7 @@ import yaml
 
 from vidtrain.config import ConfigError, Recipe, dump_recipe
 from vidtrain.data import LatentLoader, LatentShardDataset, SyntheticLatentDataset
+from vidtrain.data.latents import latent_collate
 from vidtrain.data.videos import make_video_loader
 from vidtrain.errors import CheckpointError, NonFiniteError
 from vidtrain.models.wan import CausalWanDiT
@@ -248,7 +249,8 @@ class Trainer:
                 verify=d.verify_shards,
                 on_bad_sample=d.on_bad_sample,
             )
-        return LatentLoader(ds, d.batch_size, d.num_workers)
+        # captions padded as model.text_padding says (wan: text_len tokens, no mask)
+        return LatentLoader(ds, d.batch_size, d.num_workers, collate_fn=latent_collate(self.recipe.model))
 
     # ---- helpers used by methods ---------------------------------------------------------------
     def next_batch(self) -> dict:
