@@ -98,6 +98,10 @@ class DataConfig:
     height: int = 8  # latent height
     width: int = 8  # latent width
     text_len: int = 8  # real tokens of each synthetic caption (padded as model.text_padding says)
+    # t2v; i2v: every sample's first latent frame (the encoded first pixel frame) held clean as
+    # the image (`flow.condition_first_frame`); mixed: a keyed draw per sample, i2v_fraction of them
+    task: Literal["t2v", "i2v", "mixed"] = "t2v"
+    i2v_fraction: float = 0.5  # task=mixed: share of samples conditioned on their first frame
 
 
 @dataclass
@@ -352,8 +356,32 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return recipe
 
 
+# flavors of the Wan2.2 TI2V family (48 latent channels), the ones trained for image-to-video
+I2V_FLAVORS = ("wan2.2-debug", "5B")
+I2V_CHANNELS = 48
+
+
+def _validate_task(r: Recipe) -> None:
+    d = r.data
+    if not 0.0 <= d.i2v_fraction <= 1.0:
+        raise ConfigError(f"data.i2v_fraction must be in [0, 1], got {d.i2v_fraction}")
+    if d.task == "t2v":
+        return
+    if r.model.flavor not in I2V_FLAVORS or (r.model.in_channels or I2V_CHANNELS) != I2V_CHANNELS:
+        raise ConfigError(
+            f"data.task={d.task} needs an image-to-video flavor (the Wan2.2 TI2V family, "
+            f"{I2V_CHANNELS} latent channels: {', '.join(I2V_FLAVORS)}); model.flavor={r.model.flavor} is text-to-video only"
+        )
+    if not r.method.forcing.min_timestep > 0:
+        raise ConfigError(
+            f"data.task={d.task} needs method.forcing.min_timestep > 0 (a noisy token at t=0 is a "
+            f"conditioning frame), got {r.method.forcing.min_timestep}"
+        )
+
+
 def validate(r: Recipe) -> None:
     """Cross-field checks that types alone cannot express."""
+    _validate_task(r)
     if r.train.max_steps < 0:
         raise ConfigError(f"train.max_steps must be >= 0, got {r.train.max_steps}")
     if r.train.grad_accum < 1:

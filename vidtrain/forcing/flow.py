@@ -42,6 +42,19 @@ def sample_chunk_sigmas(
     return sigma.clamp(min_t / NUM_TRAIN_TIMESTEPS, max_t / NUM_TRAIN_TIMESTEPS)
 
 
+def condition_first_frame(sigma_BF: torch.Tensor, conditioned_B: torch.Tensor) -> torch.Tensor:
+    """Image-to-video, the Wan2.2 way: the first latent frame of a conditioned sample is the
+    encoded image, held clean (sigma 0, so its noisy copy equals its clean one and its tokens
+    see timestep 0) and, as a noisy token at t = 0, left out of the loss (`tf_loss_terms`).
+    Training draws sigmas > 0 (config.validate: method.forcing.min_timestep > 0 for I2V), so a
+    noisy token at t = 0 is a conditioning token."""
+    if not bool(conditioned_B.any()):
+        return sigma_BF
+    out = sigma_BF.clone()
+    out[conditioned_B.to(out.device), 0] = 0.0
+    return out
+
+
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 

@@ -81,9 +81,13 @@ def build_tf_sequence(
 
 def tf_loss_terms(pred_BLP: torch.Tensor, seq: TFSequence) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of squared errors over noisy tokens, number of those elements) — the caller divides,
-    after all-reducing the count over a sequence-parallel group."""
+    after all-reducing the count over a sequence-parallel group. Noisy tokens at timestep 0 are
+    image-to-video conditioning (`flow.condition_first_frame`) and carry no loss."""
     m = seq.loss_mask.to(pred_BLP.device)
     err = (pred_BLP.float() - seq.target_BLP.float())[:, m]
+    target = seq.t_BL.to(pred_BLP.device)[:, m] > 0  # False: an I2V conditioning frame's tokens
+    if not bool(target.all()):
+        err = err[target]
     return err.pow(2).sum(), torch.tensor(float(err.numel()), device=pred_BLP.device)
 
 

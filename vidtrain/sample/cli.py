@@ -11,6 +11,11 @@ are bounded by what the model represents: at most `ROPE_POSITIONS` positions on 
 (the length of Wan2.1's RoPE tables; a diffusers config's `rope_max_seq_len` when it gives one),
 and a memory estimate (weights + KV cache + one chunk's activations + VAE decode) under
 `--max-memory-gib` (default: the device's memory).
+
+Image-to-video (`--image first.png`, a Wan2.2 TI2V base: the image, encoded as one pixel frame,
+is latent frame 0, held clean) and continuation (`--video prefix.mp4`: its first 1 + 4k pixel
+frames encoded, whole chunks kept as clean history of shot 0; `--include-prefix` writes them
+too, as the VAE decodes them).
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vidtrain.config import NUM_TRAIN_TIMESTEPS, TEXT_LEN, check_shift
 from vidtrain.lora.files import load_lora
-from vidtrain.models.vae import VAE_FLAVORS, CausalVideoVAE, VAEConfig
+from vidtrain.models.vae import ALL_VAE_FLAVORS, CausalVideoVAE, VAEConfig
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.config import WanConfig
 from vidtrain.models.wan.state_dict import (
@@ -57,15 +63,17 @@ def load_model(checkpoint: str | Path, lora_dir: str | None):
 
 
 def load_vae(spec: str, z_dim: int, device, dtype):
-    """'debug' / 'wan2.1': random-initialised VAE of that size (seeded; for tests and timing);
-    anything else: a path to Wan2.1 VAE weights."""
-    if spec in VAE_FLAVORS:
+    """'debug' / 'wan2.1' / 'wan2.2-debug' / 'wan2.2': random-initialised VAE of that size
+    (seeded; for tests and timing); anything else: a path to Wan2.1 or Wan2.2 VAE weights."""
+    if spec in ALL_VAE_FLAVORS:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             vae = CausalVideoVAE.from_flavor(spec)
     else:
         if not Path(spec).exists():
-            raise FileNotFoundError(f"VAE weights not found: {spec} (or use one of {sorted(VAE_FLAVORS)})")
+            raise FileNotFoundError(
+                f"VAE weights not found: {spec} (or use one of {sorted(ALL_VAE_FLAVORS)})"
+            )
         vae = CausalVideoVAE.from_pretrained(spec)
     if vae.z_dim != z_dim:
         raise ValueError(f"VAE latent channels {vae.z_dim} != model in_channels {z_dim}")
@@ -101,7 +109,9 @@ ROPE_POSITIONS = 1024  # per axis: Wan2.1's rope_params(1024, ...), diffusers' r
 MAX_STEPS = NUM_TRAIN_TIMESTEPS  # denoising steps: at most one per timestep of the schedule
 MAX_FPS = 1000.0
 PATCH = 2  # spatial patch of the DiT (WanConfig.patch_size (1, 2, 2))
-SPATIAL = 8  # VAE spatial compression
+SPATIAL = 8  # the Wan2.1 VAE's spatial compression (a run's own comes from its VAE)
+I2V_CHANNELS = 48  # latent channels of the Wan2.2 TI2V family (flavors 5B, wan2.2-debug): I2V bases
+ASPECT_TOLERANCE = 0.01  # --image / --video: resized when the aspect ratio matches within 1%
 
 
 def parse_steps(s: str) -> tuple[float, ...]:
@@ -308,6 +318,7 @@ def memory_estimate(
     vae_spec: str | None,
     dtype_bytes: int,
     batch: int = 1,
+    spatial: int = SPATIAL,
 ):
     """Bytes by part: weights, KV cache, one chunk's activations (both for `batch` samples), VAE
     decode (of one sample; none without `vae_spec`). An estimate (attention score buffers,
@@ -330,8 +341,8 @@ def memory_estimate(
     act = lq * (4 * wan.dim + (4 * wan.dim + wan.ffn_dim) * dtype_bytes) + 2 * lk * wan.dim * dtype_bytes
     parts = {"weights": params * dtype_bytes, "KV cache": batch * kv, "one chunk's activations": batch * act}
     if vae_spec is not None:
-        vae = VAE_FLAVORS.get(vae_spec, VAEConfig())
-        h, w = latent_hw[0] * SPATIAL, latent_hw[1] * SPATIAL
+        vae = ALL_VAE_FLAVORS.get(vae_spec, VAEConfig())
+        h, w = latent_hw[0] * spatial, latent_hw[1] * spatial
         # one latent frame (4 pixel frames) per decode pass at ~6 x base_dim values per pixel, plus
         # the chunk's decoded frames in fp32
         parts["VAE decode"] = 4 * h * w * (6 * vae.base_dim * dtype_bytes + 3 * 4 * c)
@@ -355,6 +366,135 @@ def check_memory(parts: dict[str, float], limit_gib: float | None, device: torch
             "set --window-frames or use --kv-cache nvfp4"
         )
     return total
+
+
+def fit_frames(frames_THWC, height: int, width: int, flag: str) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] -> pixels [1, 3, T, height, width] in [-1, 1], resized when the
+    aspect ratio matches the sampling size's within 1%; refused in one line otherwise."""
+    x = torch.as_tensor(frames_THWC)
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{flag}: expected RGB frames, got shape {list(x.shape)}")
+    h, w = int(x.shape[1]), int(x.shape[2])
+    if abs((w / h) / (width / height) - 1) > ASPECT_TOLERANCE:
+        raise ValueError(
+            f"{flag} is {w}x{h} (aspect {w / h:.3f}), the sampling size --width/--height is {width}x{height} "
+            f"(aspect {width / height:.3f}): aspect ratios differ by more than 1%; crop it or change the size"
+        )
+    x = x.permute(3, 0, 1, 2).float()  # [3, T, H, W]
+    if (h, w) != (height, width):
+        x = torch.nn.functional.interpolate(
+            x.permute(1, 0, 2, 3), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        ).permute(1, 0, 2, 3)
+        x = x.round().clamp(0, 255)
+    return (x / 127.5 - 1.0)[None]
+
+
+def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """`--image`: one pixel frame [1, 3, 1, height, width] in [-1, 1] (PIL)."""
+    # lazy: PIL only for --image
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except Exception as e:  # PIL raises its own types for a non-image
+        raise ValueError(f"--image {path}: cannot read it as an image ({type(e).__name__})") from None
+    return fit_frames(torch.from_numpy(np.asarray(rgb).copy())[None], height, width, "--image")
+
+
+def video_frames(path: str | Path) -> int:
+    """Frames of `--video` (decord), read before any compute."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--video not found: {path}")
+    return len(_reader(path))
+
+
+def _reader(path):
+    import decord  # lazy: decord only for --video
+
+    try:
+        return decord.VideoReader(str(path), num_threads=1)
+    except Exception as e:  # decord raises its own error types for a non-video
+        raise ValueError(f"--video {path}: cannot decode it ({type(e).__name__})") from None
+
+
+def prefix_chunks(frames: int, frames_per_chunk: int, temporal: int = 4) -> int:
+    """Whole chunks of latent frames a `frames`-frame video encodes to (1 + temporal*(F-1) pixel
+    frames per F latent frames); a video shorter than one chunk is refused in one line."""
+    latent = 1 + (frames - 1) // temporal if frames > 0 else 0
+    k = latent // frames_per_chunk
+    if k < 1:
+        need = 1 + temporal * (frames_per_chunk - 1)
+        raise ValueError(
+            f"--video has {frames} frame(s): shorter than one chunk ({frames_per_chunk} latent frames = "
+            f"{need} pixel frames)"
+        )
+    return k
+
+
+def read_prefix(path, chunks: int, frames_per_chunk: int, height: int, width: int, temporal: int = 4):
+    """`--video`: its first 1 + temporal*(k*C - 1) pixel frames [1, 3, T, height, width] in [-1, 1]."""
+    n = 1 + temporal * (chunks * frames_per_chunk - 1)
+    frames = _reader(path).get_batch(list(range(n))).asnumpy()
+    return fit_frames(frames, height, width, "--video")
+
+
+def encode_frames(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [1, 3, T, H, W] -> the causal VAE's latents [1, C, F, h, w] (float32)."""
+    p = next(vae.parameters())
+    with torch.no_grad():
+        return vae.encode(pixels.to(p.device, p.dtype)).float()
+
+
+class PrefixSampler(StreamingSampler):
+    """A StreamingSampler whose every stream continues `prefix_latents` (what `stream_video` calls)."""
+
+    def __init__(self, model, config, prefix_latents: torch.Tensor | None) -> None:
+        super().__init__(model, config)
+        self.prefix_latents = prefix_latents
+
+    def stream(self, *args, **kw):
+        return super().stream(*args, prefix_latents=self.prefix_latents, **kw)
+
+
+class SkipFrames:
+    """A sink that drops the first `skip` pixel frames (the prefix's, without --include-prefix)."""
+
+    def __init__(self, sink, skip: int) -> None:
+        self.sink, self.skip = sink, skip
+
+    def __call__(self, x_BCTHW: torch.Tensor) -> None:
+        drop = min(self.skip, x_BCTHW.shape[2])
+        self.skip -= drop
+        if drop < x_BCTHW.shape[2]:
+            self.sink(x_BCTHW[:, :, drop:])
+
+
+def check_conditioning_args(args, wan) -> None:
+    """--image / --video / --include-prefix against each other and the base (one line each)."""
+    if args.image and args.video:
+        raise ValueError("--image and --video exclude each other (a prefix video has its own first frame)")
+    if args.include_prefix and not args.video:
+        raise ValueError("--include-prefix needs --video")
+    if args.image and wan.in_channels != I2V_CHANNELS:
+        raise ValueError(
+            f"--image needs an image-to-video base (the Wan2.2 TI2V family, {I2V_CHANNELS} latent channels: "
+            f"5B, wan2.2-debug); this checkpoint is a text-to-video-only base ({wan.in_channels} latent channels)"
+        )
+
+
+def vae_spatial(spec: str, z_dim: int) -> int:
+    """The VAE's spatial compression, checked against the DiT's latent channels, before compute."""
+    if spec in ALL_VAE_FLAVORS:
+        cfg = ALL_VAE_FLAVORS[spec]
+        if cfg.z_dim != z_dim:
+            raise ValueError(
+                f"VAE {spec} has {cfg.z_dim} latent channels, the model's in_channels is {z_dim}"
+            )
+        return 2 ** (len(cfg.dim_mult) - 1) * cfg.patch_size
+    return load_vae(spec, z_dim, "cpu", torch.float32).spatial_compression
 
 
 def _tmp_beside(path: Path) -> Path:
@@ -398,7 +538,16 @@ def parser() -> argparse.ArgumentParser:
         help="async: the VAE decodes chunk k while the DiT generates chunk k+1; sync: one after the other",
     )  # fmt: skip
     p.add_argument("--lora", default=None, help="peft LoRA folder from the DMD stage")
-    p.add_argument("--vae", default="debug", help="debug | wan2.1 (random init, for timing) | PATH")
+    p.add_argument(
+        "--vae",
+        default="debug",
+        help="debug | wan2.1 | wan2.2-debug | wan2.2 (random init, for timing) | PATH",
+    )
+    p.add_argument("--image", default=None, help="image-to-video: first frame (a Wan2.2 TI2V base)")
+    p.add_argument("--video", default=None, help="continuation: prefix video (whole chunks kept)")
+    p.add_argument(
+        "--include-prefix", action="store_true", help="--video: the mp4 starts with the prefix frames"
+    )
     p.add_argument("--text-encoder", default=None, help="local umT5/T5 encoder folder")
     p.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4 (and of shot times)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -421,18 +570,26 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SamplerConfig.from_run(args.checkpoint, args.lora, sampler_overrides(args), log=print)
     shots: list[Shot] = load_shots(args.shots, fps=args.fps, frames_per_chunk=cfg.frames_per_chunk)
     wan, rope_positions = model_config(args.checkpoint)
-    latent_hw = latent_size(args.height, args.width, rope_positions=rope_positions)
+    check_conditioning_args(args, wan)
+    spatial = vae_spatial(args.vae, wan.in_channels)
+    latent_hw = latent_size(args.height, args.width, spatial, rope_positions=rope_positions)
+    image = read_image(args.image, args.height, args.width) if args.image else None
+    k = prefix_chunks(video_frames(args.video), cfg.frames_per_chunk) if args.video else 0
+    if k:  # the prefix is shot 0's first chunks: its prompt continues it
+        shots = [Shot(shots[0].prompt, shots[0].chunks + k), *shots[1:]]
     check_positions(shots, cfg, rope_positions)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     frames = sum(s.chunks for s in shots) * cfg.frames_per_chunk
-    parts = memory_estimate(wan, cfg, latent_hw, frames, args.vae, torch.finfo(dtype).bits // 8)
+    parts = memory_estimate(
+        wan, cfg, latent_hw, frames, args.vae, torch.finfo(dtype).bits // 8, spatial=spatial
+    )
     need = check_memory(parts, args.max_memory_gib, device)
     print(f"[vidtrain] memory estimate {need / 2**30:.2f} GiB (" + ", ".join(
         f"{k} {v / 2**30:.2f}" for k, v in parts.items()) + ")")  # fmt: skip
     model = load_model(args.checkpoint, args.lora)
     model = model.to(device, dtype).eval().requires_grad_(False)
-    vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)
+    vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)  # checked by vae_spatial
     text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_dim, device, cfg.text_len)
     # 2. generate + decode into temp files beside the outputs; renamed over them once all are complete
     for stale in remove_stale_temps(out):
@@ -441,17 +598,30 @@ def main(argv: list[str] | None = None) -> int:
     temps = [_tmp_beside(p) for p in finals]
     try:
         conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim, cfg)
+        prefix = skip = None
+        if image is not None:
+            conds[0] = Conditioning(
+                conds[0].context_BST, conds[0].mask_BS, encode_frames(vae, image)[:, :, 0]
+            )
+        if k:
+            pixels = read_prefix(
+                args.video, k, cfg.frames_per_chunk, args.height, args.width, vae.temporal_compression
+            )
+            prefix = encode_frames(vae, pixels)
+            skip = 0 if args.include_prefix else pixels.shape[2]
         writer = VideoWriter(temps[0], args.fps)
         try:
             metrics = stream_video(
-                StreamingSampler(model, cfg), conds, [s.chunks for s in shots], latent_hw, [args.seed], vae,
-                args.decode, writer,
+                PrefixSampler(model, cfg, prefix), conds, [s.chunks for s in shots], latent_hw, [args.seed], vae,
+                args.decode, writer if not skip else SkipFrames(writer, skip),
             )  # fmt: skip
         finally:
             writer.close()
         # 3. metrics and timeline beside the video
         metrics.update(fps=args.fps, shots=[{"prompt": s.prompt, "chunks": s.chunks} for s in shots],
-                       frames_written=writer.frames, height=args.height, width=args.width)  # fmt: skip
+                       frames_written=writer.frames, height=args.height, width=args.width,
+                       image=args.image, prefix_video=args.video, prefix_chunks=k,
+                       include_prefix=bool(args.include_prefix))  # fmt: skip
         write_metrics(metrics, temps[1])
         plot_timeline(metrics["timeline"], temps[2], f"{out.name}: {args.decode} decode")
         for tmp, final in zip(temps, finals):

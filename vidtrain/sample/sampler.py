@@ -8,6 +8,12 @@ Per chunk c (C latent frames):
      to the next timestep with *fresh* noise; update "euler": x <- x + (sigma' - sigma) * v.
      Either way the chunk's output is the x0 prediction of the last step;
   3. one pass of the clean chunk at t=0 whose K/V the cache stores (skipped after the last chunk).
+Image-to-video, the Wan2.2 way (`Conditioning.image_latent`, shot 0's): during chunk 0 latent frame
+0 is the image latent, its tokens at timestep 0 (per-frame timesteps), reset to it after every
+step; the chunk's output keeps it bit-exactly and its clean pass caches it, as teacher forcing's
+clean copy with `flow.condition_first_frame`. Continuation (`prefix_latents`, k whole chunks):
+the prefix chunks are only written into the cache by clean passes (t=0) under the same
+window/sink rule and yielded as they are (`ChunkOut.prefix`); generation continues at chunk k.
 History enters every pass through `AttentionContext.kv_hook` (kv_cache.KVCache), so the same
 model code serves teacher forcing and streaming.
 
@@ -131,10 +137,12 @@ class SamplerConfig:
 @dataclass
 class Conditioning:
     """Text context of one shot for the whole batch, as the model takes it: [B, S, T] encoder
-    states and the optional cross-attention mask (`SamplerConfig.condition` pads as the run did)."""
+    states and the optional cross-attention mask (`SamplerConfig.condition` pads as the run did).
+    `image_latent` [B, C, H, W] (first shot only): the encoded first frame of image-to-video."""
 
     context_BST: torch.Tensor
     mask_BS: torch.Tensor | None = None
+    image_latent: torch.Tensor | None = None
 
 
 @dataclass
@@ -145,7 +153,8 @@ class ChunkOut:
     gen_start: float  # perf_counter seconds
     gen_end: float
     kv_bytes: int  # cache bytes the chunk attended to (after eviction)
-    trace: list[dict] | None = None  # per step: t, x_t, v (when asked for)
+    trace: list[dict] | None = None  # per step: t, x_t, v (and t_F under I2V) (when asked for)
+    prefix: bool = False  # a continuation prefix chunk (given, not generated)
 
 
 @dataclass
@@ -211,11 +220,15 @@ class StreamingSampler:
         ctx_BSD, kv = self._text_cache[shot]
         return ctx_BSD, None if torch.is_grad_enabled() else kv
 
-    def _forward(self, x_BCFHW, t: float, meta: TokenMeta, shot: int, cond: Conditioning, cache: KVCache):
-        """Velocity prediction [B, C, F, H, W] for one chunk at timestep t (0..1000)."""
+    def _forward(self, x_BCFHW, t, meta: TokenMeta, shot: int, cond: Conditioning, cache: KVCache):
+        """Velocity prediction [B, C, F, H, W] for one chunk at timestep t (0..1000): one number,
+        or per frame [B, F] (I2V: the image frame at 0)."""
         model = self.model
         b, _, f, h, w = x_BCFHW.shape
-        t_BL = torch.full((b, len(meta)), float(t), device=x_BCFHW.device)
+        if isinstance(t, torch.Tensor):
+            t_BL = t.to(x_BCFHW.device, torch.float32).repeat_interleave(len(meta) // f, dim=1)
+        else:
+            t_BL = torch.full((b, len(meta)), float(t), device=x_BCFHW.device)
         attn = AttentionContext(rule=MaskRule("full"), meta=meta, kv_hook=cache.hook)
         ctx_BSD, cross_kv = self._text(shot, cond)
         mask = None if cond.mask_BS is None else cond.mask_BS.to(x_BCFHW.device)
@@ -232,21 +245,33 @@ class StreamingSampler:
 
     def denoise_chunk(
         self, meta, shot, cond, cache, gens, shape, *, grad_exit: int | None = None, with_grad: bool = False,
-        trace: bool = False,
+        trace: bool = False, image_BCHW: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[dict] | None]:  # fmt: skip
-        """Few-step denoising of one chunk; returns its x0 [B, C, F, H, W] (and the step trace)."""
+        """Few-step denoising of one chunk; returns its x0 [B, C, F, H, W] (and the step trace).
+        `image_BCHW`: I2V, latent frame 0 pinned to it at timestep 0 in every pass and step."""
         sigmas = self.config.sigmas()
         last = len(sigmas) - 1 if grad_exit is None else grad_exit
         steps: list[dict] | None = [] if trace else None
         x = self._noise(gens, shape, self.device)  # pure noise, whatever the first timestep
+        pin = None if image_BCHW is None else image_BCHW.to(self.device, x.dtype)[:, :, None]
+        if pin is not None:
+            x = _pin_first(x, pin)
         x0 = x
         for i, s in enumerate(sigmas[: last + 1]):
             grad = with_grad and i == last
+            t = s * NUM_TRAIN_TIMESTEPS
+            if pin is not None:  # per-frame timesteps: the image frame at 0
+                t = torch.full((x.shape[0], x.shape[2]), t, device=self.device)
+                t[:, 0] = 0.0
             with torch.set_grad_enabled(grad):
-                v = self._forward(x, s * NUM_TRAIN_TIMESTEPS, meta, shot, cond, cache)
+                v = self._forward(x, t, meta, shot, cond, cache)
                 x0 = x - s * v
+                if pin is not None:
+                    x0 = _pin_first(x0, pin)  # the image frame's x0 is the image, bit-exactly
             if steps is not None:
                 steps.append({"t": s * NUM_TRAIN_TIMESTEPS, "x_t": x.detach(), "v": v.detach()})
+                if pin is not None:
+                    steps[-1]["t_F"] = t.detach().cpu()
             if i == last:
                 break
             s_next = sigmas[i + 1]
@@ -254,6 +279,8 @@ class StreamingSampler:
                 x = (1 - s_next) * x0.detach() + s_next * self._noise(gens, shape, self.device)
             else:
                 x = x + (s_next - s) * v.detach()
+            if pin is not None:
+                x = _pin_first(x, pin)
         return x0, steps
 
     # ---- the chunk loop ------------------------------------------------------------------------
@@ -267,6 +294,7 @@ class StreamingSampler:
         grad_exit: int | Sequence[int] | None = None,
         grad_chunks: Sequence[int] | None = None,
         trace: bool = False,
+        prefix_latents: torch.Tensor | None = None,
     ) -> Iterator[ChunkOut]:
         """Yield each chunk's clean latents as soon as they exist (the one chunk loop).
 
@@ -275,6 +303,9 @@ class StreamingSampler:
         grad_exit: stop each chunk's denoising at this step index (an int for every chunk, or one
         per chunk) and keep the graph of that x0 prediction (for the chunks in `grad_chunks`,
         default all); None = inference.
+        prefix_latents: continuation, [B, C, k*frames_per_chunk, H, W] clean latents of the first
+        k chunks (k < all chunks): cached by clean passes and yielded as given (`ChunkOut.prefix`).
+        conds[0].image_latent: image-to-video (see the module docstring); not with a prefix.
         """
         cfg, model = self.config, self.model
         shots = shot_of_chunks(chunks_per_shot)
@@ -292,6 +323,16 @@ class StreamingSampler:
         c, hp, wp = cfg.frames_per_chunk, h // 2, w // 2
         cache = self.new_cache(hp * wp)
         shape = (1, model.cfg.in_channels, c, h, w)
+        n_prefix = self._check_prefix(prefix_latents, len(shots), (len(seeds), shape[1], h, w))
+        image = conds[0].image_latent
+        if image is not None:
+            want = (len(seeds), shape[1], h, w)
+            if tuple(image.shape) != want:
+                raise ValueError(f"image_latent must be [B, C, H, W] = {list(want)}, got {list(image.shape)}")
+            if n_prefix:
+                raise ValueError(
+                    "image_latent and prefix_latents exclude each other (a prefix has its first frame)"
+                )
         kept: dict[int, tuple[torch.Tensor, TokenMeta]] = {}  # clean latents for LongLive re-cache
         for idx, shot in enumerate(shots):
             sync(self.device)
@@ -304,11 +345,22 @@ class StreamingSampler:
                 self._recache(cache, kept, shots, shot, conds[shot])
             cache.begin(idx, shot, write=False)
             kv_bytes = cache.nbytes()
+            if idx < n_prefix:  # continuation: the given chunk's clean pass writes its K/V
+                x0 = prefix_latents[:, :, idx * c : (idx + 1) * c].to(self.device, torch.float32)
+                cache.begin(idx, shot, write=True)
+                with torch.no_grad():
+                    self._forward(x0, 0.0, meta, shot, conds[shot], cache)
+                if cfg.recache_on_cut:
+                    kept[idx] = (x0, meta)
+                    kept = {j: kept[j] for j in [*cache.chunks, idx] if j in kept}
+                sync(self.device)
+                yield ChunkOut(idx, shot, x0, start, time.perf_counter(), kv_bytes, None, prefix=True)
+                continue
             with_grad = exits is not None and (grad_chunks is None or idx in grad_chunks)
             with torch.no_grad():
                 x0, steps = self.denoise_chunk(
                     meta, shot, conds[shot], cache, gens, shape, grad_exit=None if exits is None else exits[idx],
-                    with_grad=with_grad, trace=trace,
+                    with_grad=with_grad, trace=trace, image_BCHW=image if idx == 0 else None,
                 )  # fmt: skip
                 if idx + 1 < len(shots):  # the clean pass at t=0 writes this chunk's K/V
                     cache.begin(idx, shot, write=True)
@@ -318,6 +370,28 @@ class StreamingSampler:
                 kept = {j: kept[j] for j in [*cache.chunks, idx] if j in kept}
             sync(self.device)
             yield ChunkOut(idx, shot, x0, start, time.perf_counter(), kv_bytes, steps)
+
+    def _check_prefix(self, prefix: torch.Tensor | None, num_chunks: int, bchw: tuple[int, ...]) -> int:
+        """Chunks of a continuation prefix (0: none): whole chunks, fewer than the video's."""
+        if prefix is None:
+            return 0
+        c = self.config.frames_per_chunk
+        b, ch, h, w = bchw
+        f = prefix.shape[2] if prefix.dim() == 5 else 0
+        if (
+            prefix.dim() != 5
+            or (prefix.shape[0], prefix.shape[1], *prefix.shape[3:]) != (b, ch, h, w)
+            or f % c
+        ):
+            raise ValueError(
+                f"prefix_latents must be [B, C, k*{c}, H, W] with [B, C, H, W] = {[b, ch, h, w]}, "
+                f"got {list(prefix.shape)}"
+            )
+        if not 0 < f // c < num_chunks:
+            raise ValueError(
+                f"a prefix of {f // c} chunk(s) needs 1 <= k < {num_chunks} (the video's chunks)"
+            )
+        return f // c
 
     def _exits(self, grad_exit: int | Sequence[int] | None, num_chunks: int) -> list[int] | None:
         """Per-chunk exit step indices (None: inference, every step of every chunk)."""
@@ -356,6 +430,11 @@ class StreamingSampler:
             chunks_per_shot = [chunks_per_shot]
         chunks = list(self.stream(conds, chunks_per_shot, latent_hw, seeds, **kw))
         return SampleResult(torch.cat([ch.x0_BCFHW for ch in chunks], dim=2), chunks)
+
+
+def _pin_first(x_BCFHW: torch.Tensor, first_BC1HW: torch.Tensor) -> torch.Tensor:
+    """`x` with latent frame 0 replaced by `first` (I2V's image latent)."""
+    return torch.cat([first_BC1HW, x_BCFHW[:, :, 1:]], dim=2)
 
 
 def sync(device: torch.device) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vidtrain.forcing.flow import frames_sigma, sample_chunk_sigmas
+from vidtrain.forcing.flow import condition_first_frame, frames_sigma, sample_chunk_sigmas
 from vidtrain.forcing.teacher import tf_loss_terms
 from vidtrain.models.text import text_context
 from vidtrain.models.wan.attention import AttentionContext
@@ -19,6 +19,7 @@ from vidtrain.parallel.layouts import LAYOUTS, Layout
 from vidtrain.registry import Registry
 from vidtrain.tokens import MaskRule
 from vidtrain.utils.faults import fault
+from vidtrain.utils.rng import STEP_RADIX, keyed_generator
 
 if TYPE_CHECKING:
     from vidtrain.train.context import StepContext
@@ -112,7 +113,27 @@ class TeacherForcing(Method):
             b, f // fpc, shift=fc.timestep_shift, min_t=fc.min_timestep, max_t=fc.max_timestep, generator=g
         )
         noise = torch.randn(x0.shape, generator=g)
-        return noise, frames_sigma(sigma_BK, fpc)
+        sigma_BF = frames_sigma(sigma_BK, fpc)
+        if self.recipe.data.task == "t2v":
+            return noise, sigma_BF
+        return noise, condition_first_frame(sigma_BF, self.conditioned(trainer, b, micro))
+
+    def conditioned(self, trainer, batch_size: int, micro: int) -> torch.Tensor:
+        """Which samples are image-to-video [B] (`data.task`): i2v all, t2v none, mixed a draw
+        per sample keyed by (seed, step, micro-batch, the sample's index in the global batch):
+        the same on every rank of a sequence-parallel group, after a resume and however the
+        batch is split over data-parallel ranks."""
+        task = self.recipe.data.task
+        if task != "mixed":
+            return torch.full((batch_size,), task == "i2v")
+        first = trainer.strategy.dp_rank * batch_size
+        u = [
+            float(torch.rand(1, generator=keyed_generator(
+                self.recipe.seed, (trainer.step, STEP_RADIX), (micro, 131), (first + i, 65_536), (1, 8)
+            )))
+            for i in range(batch_size)
+        ]  # fmt: skip
+        return torch.tensor(u) < self.recipe.data.i2v_fraction
 
     def loss(self, trainer, batch: dict, micro: int):
         x0 = batch["latents"]
@@ -131,7 +152,10 @@ class TeacherForcing(Method):
         sq, count = tf_loss_terms(pred, seq)
         total = trainer.strategy.sp_sum(count.detach())
         loss = sq / total
-        return loss, {"loss": float(trainer.strategy.sp_sum(loss.detach()))}
+        logs = {"loss": float(trainer.strategy.sp_sum(loss.detach()))}
+        if self.recipe.data.task != "t2v":  # a conditioned sample's frame 0 is at sigma 0 (min_timestep > 0)
+            logs["i2v_fraction"] = float((sigma_BF[:, 0] == 0).float().mean())
+        return loss, logs
 
 
 def make_method(recipe) -> Method:
