@@ -217,12 +217,34 @@ def test_sampler_defaults_come_from_checkpoint_recipe(ckpt, tmp_path, capsys):
     args = parser().parse_args(["--checkpoint", str(step), *base, "--window-frames", "none"])
     cfg = sampler_config(fill_sampler_args(args, args.checkpoint))
     assert cfg.window_frames is None and not cfg.shot_sink and cfg.sink_frames == 2
-    # a bare model folder (no recipe): SamplerConfig defaults
+    # a bare model folder (no recipe): SamplerConfig defaults, except that the CLI bounds the
+    # history (constant memory by default: config.SAMPLE_WINDOW_FRAMES / SAMPLE_SINK_FRAMES)
+    from vidtrain.config import SAMPLE_SINK_FRAMES, SAMPLE_WINDOW_FRAMES
+
     args = parser().parse_args(["--checkpoint", str(ckpt), *base])
     cfg = sampler_config(fill_sampler_args(args, args.checkpoint))
     d = SamplerConfig()
-    assert (cfg.frames_per_chunk, cfg.window_frames, cfg.sink_frames, cfg.timesteps, cfg.shift) == (
-        d.frames_per_chunk, d.window_frames, d.sink_frames, d.timesteps, d.shift)  # fmt: skip
+    assert (cfg.frames_per_chunk, cfg.timesteps, cfg.shift) == (d.frames_per_chunk, d.timesteps, d.shift)
+    assert (cfg.window_frames, cfg.sink_frames, cfg.shot_sink) == (
+        SAMPLE_WINDOW_FRAMES,
+        SAMPLE_SINK_FRAMES,
+        True,
+    )
+    assert "constant-memory default" in capsys.readouterr().out
+
+
+def test_unbounded_history_only_when_asked(ckpt, tmp_path, capsys):
+    from vidtrain.sample.cli import fill_sampler_args, parser, sampler_config
+
+    base = ["--shots", "s.yaml", "--out", "o.mp4"]
+    step = _step_folder(ckpt, tmp_path, "model:\n  frames_per_chunk: 3\n")  # trained without a window
+    cfg = sampler_config(
+        fill_sampler_args(parser().parse_args(["--checkpoint", str(step), *base]), str(step))
+    )
+    assert cfg.window_frames == 12 and cfg.sink_frames == 3 and cfg.shot_sink
+    args = parser().parse_args(["--checkpoint", str(step), *base, "--window-frames", "none"])
+    cfg = sampler_config(fill_sampler_args(args, args.checkpoint))
+    assert cfg.window_frames is None and not cfg.shot_sink and cfg.sink_frames == 0
 
 
 def test_lora_record_sets_steps_over_recipe(ckpt, tmp_path):

@@ -36,6 +36,11 @@ DENOISING_STEPS = (1000.0, 750.0, 500.0, 250.0)  # few-step schedule before the 
 # linears kept in high precision by NVFP4 QAT (fnmatch on module names): embeddings, the time
 # embedding and projection, the output head
 QAT_EXCLUDE = ("patch_embedding", "text_embedding.*", "time_embedding.*", "time_projection.*", "head.*")
+# `vidtrain sample` / `vidtrain eval` of a run that trained without a window still sample with
+# one (constant memory in video length; `--window-frames none` asks for all history): the last
+# 12 latent frames (4 chunks) plus a 3-frame global sink and the shot sink
+SAMPLE_WINDOW_FRAMES = 12
+SAMPLE_SINK_FRAMES = 3
 # how caption embeddings enter cross-attention (training, encode, sampler and DMD alike):
 #   wan     Wan2.1's convention (its own code and diffusers' pipeline): zero-padded (or truncated)
 #           to exactly TEXT_LEN tokens, no mask, so the pads attend as text_embedding(0)

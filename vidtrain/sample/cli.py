@@ -256,7 +256,9 @@ def fill_sampler_args(args, checkpoint: str | Path | None, lora: str | None = No
     """A copy of `args` that carries the resolved SamplerConfig (`sampler_config` returns it):
     flag > LoRA record > the checkpoint's run > SamplerConfig default (`SamplerConfig.from_run`).
     Prints each setting and where it came from."""
-    cfg = SamplerConfig.from_run(checkpoint, lora, sampler_overrides(args), log=print if log else None)
+    cfg = SamplerConfig.from_run(
+        checkpoint, lora, sampler_overrides(args), log=print if log else None, bounded=True
+    )
     return argparse.Namespace(**{**vars(args), "resolved_sampler_config": cfg})
 
 
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     check_output(out)
     check_numbers(args)
-    cfg = SamplerConfig.from_run(args.checkpoint, args.lora, sampler_overrides(args), log=print)
+    cfg = SamplerConfig.from_run(args.checkpoint, args.lora, sampler_overrides(args), log=print, bounded=True)
     shots: list[Shot] = load_shots(args.shots, fps=args.fps, frames_per_chunk=cfg.frames_per_chunk)
     wan, rope_positions = model_config(args.checkpoint)
     check_conditioning_args(args, wan)

@@ -103,7 +103,7 @@ def checkpoint_configs(args, name: str, n_samples: int, device: torch.device) ->
     resolve_model_folder(name)
     print(f"[vidtrain] {name}:")
     flags = sampler_overrides(argparse.Namespace(**{**vars(args), "kv_cache": None}))
-    trained = SamplerConfig.from_run(name, None, flags, log=print)
+    trained = SamplerConfig.from_run(name, None, flags, log=print, bounded=True)
     wan, rope_positions = model_config(name)
     latent_hw = latent_size(args.height, args.width, rope_positions=rope_positions)
     dtype_bytes = 2 if device.type == "cuda" else 4

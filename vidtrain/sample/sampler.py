@@ -110,12 +110,14 @@ class SamplerConfig:
         *,
         defaults: Mapping[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
+        bounded: bool = False,
     ) -> SamplerConfig:
         """The settings a checkpoint was trained with: `overrides` (flags) > the LoRA record >
         the run (a run / step / model folder's recipe.yaml and quant.json, or a Recipe in memory)
         > `defaults` > this dataclass's defaults (vidtrain/sample/settings.py). `log` gets a
-        line per source naming the settings it decided."""
-        resolved = settings.resolve(cls, run, lora, overrides, defaults)
+        line per source naming the settings it decided. `bounded`: a window unless a flag asks
+        for all history (what `vidtrain sample` and `vidtrain eval` use: constant memory)."""
+        resolved = settings.resolve(cls, run, lora, overrides, defaults, bounded)
         if log is not None:
             settings.describe(resolved, log)
         return cls(**{name: s.value for name, s in resolved.items()})

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vidtrain.config import Recipe, load_recipe
+from vidtrain.config import SAMPLE_SINK_FRAMES, SAMPLE_WINDOW_FRAMES, Recipe, load_recipe
 from vidtrain.lora.files import read_base_info
 from vidtrain.models.wan.state_dict import resolve_model_folder
 from vidtrain.quant.qat import QUANT_RECORD
@@ -146,8 +146,11 @@ def resolve(
     lora: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    bounded: bool = False,
 ) -> dict[str, Setting]:
-    """Every field of the dataclass `cls` (SamplerConfig) with its value and its source."""
+    """Every field of the dataclass `cls` (SamplerConfig) with its value and its source.
+    `bounded` (the CLIs): no window unless a flag says so, so a run that trained without one
+    samples with config.SAMPLE_WINDOW_FRAMES + SAMPLE_SINK_FRAMES (constant memory), stated."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for what, given in (("overrides", overrides), ("defaults", defaults)):
         unknown = sorted(set(given or {}) - set(fields))
@@ -160,6 +163,8 @@ def resolve(
         chosen = {**layer, **chosen}
     for name, value in (defaults or {}).items():
         chosen.setdefault(name, Setting(value, "caller default"))
+    if bounded:
+        _bound(chosen, fields)
     window = chosen.get("window_frames", Setting(fields["window_frames"].default, DEFAULT)).value
     chosen.setdefault("shot_sink", Setting(window is not None, "no record: on when windowed"))
     for name, f in fields.items():
@@ -167,6 +172,25 @@ def resolve(
     if chosen["shot_sink"].value and window is None:  # a shot sink exists only inside a window
         chosen["shot_sink"] = Setting(False, f"{chosen['shot_sink'].source} (no window)")
     return {name: chosen[name] for name in fields}
+
+
+BOUNDED = "constant-memory default (no window recorded; --window-frames none: all history)"
+
+
+def _bound(chosen: dict[str, Setting], fields: dict) -> None:
+    """A window (and a global sink) where nothing but a default or an unwindowed run decided."""
+    window = chosen.get("window_frames")
+    if (window is not None and (window.source == "flag" or window.value is not None)) or (
+        window is None and fields["window_frames"].default is not None
+    ):
+        return
+    chosen["window_frames"] = Setting(SAMPLE_WINDOW_FRAMES, BOUNDED)
+    sink = chosen.get("sink_frames")
+    if sink is None or (sink.source != "flag" and not sink.value):
+        chosen["sink_frames"] = Setting(SAMPLE_SINK_FRAMES, BOUNDED)
+    shot = chosen.get("shot_sink")
+    if shot is None or (shot.source != "flag" and not shot.value):
+        chosen["shot_sink"] = Setting(True, BOUNDED)
 
 
 def _show(value: Any) -> str:
