@@ -72,7 +72,7 @@ def test_async_decode_equals_sync(ckpt):
         torch.testing.assert_close(frames["sync"], vae.decode(m["_latents"]))
 
 
-def test_cli_writes_mp4_metrics_timeline(ckpt, tmp_path):
+def test_cli_writes_mp4_metrics_timeline(ckpt, tmp_path, capsys):
     from vidtrain.cli import main
 
     shots = _shots(tmp_path, "shots:\n  - prompt: a cat\n    chunks: 2\n  - prompt: a dog\n    chunks: 1\n")
@@ -81,6 +81,11 @@ def test_cli_writes_mp4_metrics_timeline(ckpt, tmp_path):
             "--width", "32", "--steps", "1000,500", "--window-frames", "3", "--sink-frames", "1",
             "--kv-cache", "nvfp4", "--fps", "8"]  # fmt: skip
     assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "[vidtrain] size 32x32 px from flags: 4x4 latents" in said  # what it resolved, and whence
+    assert (
+        "warning: --vae debug is a randomly initialised VAE" in said and "warning: no --text-encoder" in said
+    )
     metrics = json.loads((tmp_path / "video.metrics.json").read_text())
     for k in ("fps_end_to_end", "first_chunk_latency_s", "peak_memory_bytes", "kv_cache_bytes", "timeline"):
         assert k in metrics

@@ -66,6 +66,10 @@ def load_vae(spec: str, z_dim: int, device, dtype):
     """'debug' / 'wan2.1' / 'wan2.2-debug' / 'wan2.2': random-initialised VAE of that size
     (seeded; for tests and timing); anything else: a path to Wan2.1 or Wan2.2 VAE weights."""
     if spec in ALL_VAE_FLAVORS:
+        print(
+            f"[vidtrain] warning: --vae {spec} is a randomly initialised VAE of that size (seeded): "
+            "the video shows the pipeline, not content; give --vae PATH (Wan2.1 / Wan2.2 VAE weights)"
+        )
         with torch.random.fork_rng():
             torch.manual_seed(0)
             vae = CausalVideoVAE.from_flavor(spec)
@@ -94,7 +98,10 @@ def shot_conditionings(
 def load_text_encoder(path: str | None, text_dim: int, device, max_length: int = TEXT_LEN):
     """The umT5 encoder of `--text-encoder` (tokens up to `max_length`: the run's text_len)."""
     if path is None:
-        print("[vidtrain] no --text-encoder: using fixed random contexts per prompt (debug stand-in)")
+        print(
+            "[vidtrain] warning: no --text-encoder: each prompt gets a fixed random context (a debug "
+            "stand-in: the prompts do not steer the video); give --text-encoder PATH (umT5)"
+        )
         return None
     # lazy: transformers (umT5) only when a text encoder is given
     from vidtrain.models.text import TextEncoder
@@ -575,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     check_conditioning_args(args, wan)
     spatial = vae_spatial(args.vae, wan.in_channels)
     latent_hw = latent_size(args.height, args.width, spatial, rope_positions=rope_positions)
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+    size_from = "flags" if {"--height", "--width"} & given else "default (--height/--width)"
+    print(
+        f"[vidtrain] size {args.height}x{args.width} px from {size_from}: {latent_hw[0]}x{latent_hw[1]} latents, "
+        f"{sum(s.chunks for s in shots)} chunks of {cfg.frames_per_chunk} latent frames on {args.device}"
+    )
     image = read_image(args.image, args.height, args.width) if args.image else None
     k = prefix_chunks(video_frames(args.video), cfg.frames_per_chunk) if args.video else 0
     if k:  # the prefix is shot 0's first chunks: its prompt continues it
