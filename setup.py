@@ -23,7 +23,8 @@ setup(
     packages=sorted(set(find_packages(include=["vidtrain", "vidtrain.*"])) | set(_MAPPED)),
     package_dir=_MAPPED,
     include_package_data=True,
-    package_data={"vidtrain": ["py.typed", "assets/*"]},
+    # the demo's trained weights (vidtrain/assets/demo/: VAE, DiT model folder, text encoder)
+    package_data={"vidtrain": ["py.typed", "assets/*", "assets/**/*"]},
     install_requires=[
         # A range that a user's CUDA build also meets; the README installs the CPU 2.13.0 first.
         "torch>=2.6,<2.15",

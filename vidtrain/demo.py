@@ -5,9 +5,12 @@ shard (decord) -> encode (chunk-aware VAE + text encoder) -> teacher forcing on 
 streaming sample (NVFP4 KV cache, async decode) -> report.md in the run folder.
 
 Every stage runs through the same console scripts a user types; the commands are printed.
-Weights: no pretrained weights can be fetched here, so the debug DiT, the debug VAE and the
-tiny text encoder start from fixed random initialisations (saved once, reused by every stage);
-the video shows the pipeline working, not a good model.
+Weights: the debug VAE, the tiny text encoder and the debug DiT that teacher forcing starts from
+ship in `vidtrain/assets/demo/` (trained on these same clips by tools/train_demo_weights.py; its
+README says what they can and cannot do), so the video shows the clips' content; `--random-init`
+starts from fixed random initialisations instead (the pipeline without the pixels). The report
+(report.md) puts each stage's samples beside the data, with a fidelity figure against the
+random-init baseline (vidtrain/report.py).
 """
 
 from __future__ import annotations
@@ -22,13 +25,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from vidtrain.assets_paths import sample_video_dir
 from vidtrain.models.text import make_tiny_text_encoder
 from vidtrain.models.vae import CausalVideoVAE
-from vidtrain.report import write_report
+from vidtrain.report import stage_figures, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+# the shipped weights (tools/train_demo_weights.py) and the demo's shots (the clips' captions)
+DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
+# the sample stage's sampler flags (the report streams the random-init baseline with them too)
+VIDEO_SETTINGS = {"kv_cache": "nvfp4", "window_frames": 6, "sink_frames": 3}
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -54,10 +63,16 @@ def bin_(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-def prepare_assets(out: Path) -> tuple[Path, Path]:
-    """Fixed-seed debug VAE and tiny umT5 text encoder, saved once so every stage agrees."""
-    import torch
-
+def prepare_assets(out: Path, random_init: bool = False) -> tuple[Path, Path, Path | None]:
+    """(VAE, text encoder, DiT to start from): the shipped trained weights, or with `random_init`
+    a fixed-seed debug VAE and tiny umT5 text encoder saved once (and no DiT: the recipe's seed)."""
+    if not random_init:
+        for name in ("vae.safetensors", "text_encoder", "dit"):
+            if not (DEMO_ASSETS / name).exists():
+                raise SystemExit(
+                    f"demo weights missing: {DEMO_ASSETS / name} (tools/train_demo_weights.py makes them)"
+                )
+        return DEMO_ASSETS / "vae.safetensors", DEMO_ASSETS / "text_encoder", DEMO_ASSETS / "dit"
     vae_path, te_path = out / "assets" / "vae_debug.pth", out / "assets" / "text_encoder"
     vae_path.parent.mkdir(parents=True, exist_ok=True)
     if not vae_path.exists():
@@ -65,7 +80,7 @@ def prepare_assets(out: Path) -> tuple[Path, Path]:
         torch.save(CausalVideoVAE.from_flavor("debug").state_dict(), vae_path)
     if not te_path.exists():
         make_tiny_text_encoder(te_path, d_model=32)
-    return vae_path, te_path
+    return vae_path, te_path, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="teacher-forcing steps")
     p.add_argument("--dmd-steps", type=int, default=100, help="DMD critic steps (generator every 5th)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    p.add_argument(
+        "--random-init", action="store_true", help="start from random weights, not the shipped ones"
+    )
+    p.add_argument("--no-figures", action="store_true", help="skip the per-stage samples of the report")
     args = p.parse_args(argv)
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if args.fresh and out.exists():
@@ -81,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), PYTHONUNBUFFERED="1")
+    # one intra-op thread per process (the 2-rank stage has one per rank): the debug models' small
+    # ops gain little from a second thread and stall in spin-waits when the 2 cores are shared
+    # (the whole demo: 6.8 min vs 20.5 min at load average 7); set OMP_NUM_THREADS to change it
+    env.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
 
-    vae, te = prepare_assets(out)
+    vae, te, dit = prepare_assets(out, args.random_init)
+    start = [f"model.checkpoint={dit}"] if dit else []
+    shots = DEMO_ASSETS / "shots.yaml"
     videos, latents = out / "video_shards", out / "latent_shards"
     times: dict[str, float] = {}
     # train, distil and sample with the attention the sampler's KV cache keeps: a window of
@@ -96,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--no-progress"]),
         ("train", [bin_("vidtrain-launch"), "--launcher", "deepspeed", "--nproc", "2",
                    str(RECIPES / "tf_debug_sp2.yaml"), "data.source=shards", f"data.shards={latents}",
-                   f"run.dir={out / 'tf'}", f"train.max_steps={args.steps}", "train.progress=false", *attn]),
+                   f"run.dir={out / 'tf'}", f"train.max_steps={args.steps}", "train.progress=false", *start, *attn]),
         ("qat", [bin_("vidtrain"), "train", str(RECIPES / "qat_debug.yaml"), "data.source=shards",
                  f"data.shards={latents}", f"model.checkpoint={out / 'tf'}",
                  f"run.dir={out / 'qat'}", "train.progress=false", *attn]),
@@ -105,19 +131,30 @@ def main(argv: list[str] | None = None) -> int:
                  f"run.dir={out / 'dmd'}", "train.progress=false", f"train.max_steps={args.dmd_steps}",
                  *attn]),
         ("sample", [bin_("vidtrain"), "sample", "--checkpoint", str(out / "qat"), "--lora", str(out / "dmd" / "lora"),
-                    "--shots", str(RECIPES / "shots_example.yaml"), "--out", str(out / "video.mp4"),
-                    "--kv-cache", "nvfp4", "--decode", "async", "--vae", str(vae), "--text-encoder", str(te),
-                    "--height", "64", "--width", "64", "--window-frames", "6", "--sink-frames", "3"]),
+                    "--shots", str(shots), "--out", str(out / "video.mp4"),
+                    "--kv-cache", VIDEO_SETTINGS["kv_cache"], "--decode", "async", "--vae", str(vae),
+                    "--text-encoder", str(te), "--height", "64", "--width", "64",
+                    "--window-frames", str(VIDEO_SETTINGS["window_frames"]),
+                    "--sink-frames", str(VIDEO_SETTINGS["sink_frames"])]),
     ]  # fmt: skip
     for name, cmd in steps:
         times[name] = sh(cmd, logs / f"{name}.log", env)
+    if not args.no_figures:
+        # each stage's checkpoint sampled beside the data, and the random-init baseline
+        print("\n== per-stage samples and fidelity (report.md) ==", flush=True)
+        t = time.perf_counter()
+        fid = stage_figures(out, vae, te, video_settings=VIDEO_SETTINGS)
+        times["figures"] = time.perf_counter() - t
+        for stage, f in fid["stages"].items():
+            print(f"  {stage:7s} prompted {f['prompted']:.3f}  other {f.get('other', float('nan')):.3f}")
 
     report = write_report(out, times)
     print("\n== vidtrain demo finished ==")
     for name, secs in times.items():
-        print(f"  {name:7s} {secs:7.1f} s   log: {logs / (name + '.log')}")
+        log = logs / f"{name}.log"
+        print(f"  {name:7s} {secs:7.1f} s" + (f"   log: {log}" if log.exists() else ""))
     print(f"  video:   {out / 'video.mp4'} (+ video.metrics.json, video.timeline.png)")
-    print(f"  report:  {report}")
+    print(f"  report:  {report} (per-stage grids in {out / 'grids'}, figures in fidelity.json)")
     (out / "demo_summary.json").write_text(json.dumps({"seconds": times, "report": str(report)}, indent=2))
     return 0
 

@@ -1,9 +1,301 @@
-"""A Markdown report of a pipeline run folder: what ran, where each artefact is, the plots."""
+"""A Markdown report of a pipeline run folder: what ran, where each artefact is, the plots, and
+what each trained stage generates next to the data (`stage_figures`).
+
+Fidelity figure (`frame_distance`, lower is closer): every frame is shrunk to an 8x8 RGB
+thumbnail (area average, values in [0, 1]); a generated frame's distance to a set of reference
+frames is the RMSE between its thumbnail and the nearest reference thumbnail; the figure is the
+mean over the generated frames. It sees the colours and the coarse layout of a frame (8x8 cells of
+a 64x64 frame), not fine detail. Per stage it is measured against the frames of the clips whose
+caption was the prompt (`prompted`) and against each other caption's clips (`other`, their mean):
+prompted well below other says the caption steers what comes out. `motion` is the mean thumbnail RMSE between
+consecutive frames (0 = a frozen video), for generated frames and for the data.
+
+Legend: B samples, T pixel frames, H/W pixel height/width, N frames.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vidtrain.data_tools.encode import decode_clip, read_video_samples
+from vidtrain.models.vae import CausalVideoVAE
+from vidtrain.models.wan import CausalWanDiT
+from vidtrain.sample.cli import latent_size, load_model, load_text_encoder, load_vae, shot_conditionings
+from vidtrain.sample.decode import to_uint8_frames
+from vidtrain.sample.sampler import SamplerConfig, StreamingSampler
+
+THUMB = 8  # thumbnail side of the fidelity figure
+GRID_FRAMES = 6  # frames per row of a stage grid
+# stage -> (run folder of the checkpoint, LoRA folder or None), relative to the demo's run folder
+STAGES = {"tf": ("tf", None), "qat": ("qat", None), "dmd": ("qat", "dmd/lora")}
+STAGE_TITLES = {
+    "random": "random init (the old demo's weights)",
+    "tf": "teacher forcing",
+    "qat": "NVFP4 QAT",
+    "dmd": "DMD LoRA, 4 steps",
+    "vae": "VAE reconstruction (the floor)",
+}
+
+
+# ---------------------------------------------------------------- the fidelity figure
+
+
+def thumbnails(frames_NHWC: np.ndarray) -> np.ndarray:
+    """uint8 frames [N, H, W, 3] -> [N, 3 * THUMB * THUMB] float thumbnails in [0, 1] (area average)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames_NHWC)).permute(0, 3, 1, 2).float() / 255.0
+    return F.adaptive_avg_pool2d(x, THUMB).flatten(1).numpy()
+
+
+def frame_distance(gen_NHWC: np.ndarray, ref_NHWC: np.ndarray) -> float:
+    """Mean over generated frames of the thumbnail RMSE to the nearest reference frame."""
+    g, r = thumbnails(gen_NHWC), thumbnails(ref_NHWC)
+    d2 = ((g[:, None, :] - r[None, :, :]) ** 2).mean(-1)  # [Ng, Nr]
+    return float(np.sqrt(d2.min(1)).mean())
+
+
+def motion(frames_THWC: np.ndarray) -> float:
+    """Mean thumbnail RMSE between consecutive frames (0 = frozen)."""
+    t = thumbnails(frames_THWC)
+    return float(np.sqrt(((t[1:] - t[:-1]) ** 2).mean(-1)).mean()) if len(t) > 1 else 0.0
+
+
+def fidelity(gen: dict[str, np.ndarray], clips: Sequence[tuple[str, np.ndarray]]) -> dict:
+    """Figures of generated videos {prompt: [T, H, W, 3]} against the clips [(caption, [T, H, W, 3])]:
+    `by_caption[prompt][caption]`: frame_distance to that caption's clips; `prompted`: the mean
+    over prompts of the distance to the prompt's own clips; `other`: of the mean distance to
+    each other caption's clips; `motion` of the generated videos, `motion_data` of the clips."""
+    captions = list(dict.fromkeys(c for c, _ in clips))
+    frames_of = {c: np.concatenate([f for cc, f in clips if cc == c]) for c in captions}
+    by_caption, prompted, other = {}, [], []
+    for prompt, frames in gen.items():
+        if prompt not in frames_of:
+            raise ValueError(f"no clip has the caption {prompt!r} (captions: {captions})")
+        by_caption[prompt] = {c: frame_distance(frames, ref) for c, ref in frames_of.items()}
+        prompted.append(by_caption[prompt][prompt])
+        rest = [d for c, d in by_caption[prompt].items() if c != prompt]
+        if rest:
+            other.append(float(np.mean(rest)))
+    out = {
+        "prompted": float(np.mean(prompted)),
+        "motion": float(np.mean([motion(f) for f in gen.values()])),
+        "motion_data": float(np.mean([motion(f) for c, f in clips if c in gen])),
+        "by_caption": by_caption,
+    }
+    if other:
+        out["other"] = float(np.mean(other))
+    return out
+
+
+# ---------------------------------------------------------------- data and generation
+
+
+def read_clips(video_shards: str | Path) -> list[tuple[str, np.ndarray]]:
+    """(caption, uint8 frames [T, H, W, 3]) of every clip of a video shard set, in key order."""
+    root = Path(video_shards)
+    manifest = json.loads((root / "manifest.json").read_text())
+    items = []
+    for shard in manifest["shards"]:
+        for raw in read_video_samples(root / shard["name"]):
+            caption = raw["txt"].decode() if "txt" in raw else json.loads(raw["json"])["caption"]
+            items.append((raw["__key__"], caption, decode_clip(raw["mp4"])))
+    return [(c, f) for _, c, f in sorted(items, key=lambda it: it[0])]
+
+
+def prompts_of(clips: Sequence[tuple[str, np.ndarray]]) -> list[str]:
+    """The distinct captions, in order of first appearance."""
+    return list(dict.fromkeys(c for c, _ in clips))
+
+
+@torch.no_grad()
+def generate(
+    model: CausalWanDiT,
+    cfg: SamplerConfig,
+    vae: CausalVideoVAE,
+    text_encoder,
+    prompts: Sequence[str],
+    chunks: int = 2,
+    size: tuple[int, int] = (64, 64),
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """One streamed sample per prompt (one batch, seed + i for prompt i), decoded: {prompt: uint8 [T, H, W, 3]}."""
+    model = model.float().eval()
+    conds = shot_conditionings([list(prompts)], text_encoder, model.cfg.text_dim, cfg)
+    seeds = [seed + i for i in range(len(prompts))]
+    outs = StreamingSampler(model, cfg).stream(conds, [chunks], latent_size(*size), seeds)
+    z_BCFHW = torch.cat([c.x0_BCFHW for c in outs], dim=2)
+    x_BCTHW = vae.float().eval().decode(z_BCFHW.float(), latents_per_pass=None)
+    return {p: to_uint8_frames(x_BCTHW, i) for i, p in enumerate(prompts)}
+
+
+def random_init(seed: int = 0) -> tuple[CausalWanDiT, CausalVideoVAE]:
+    """The random-init baseline: the debug DiT and the debug VAE as seeded random initialisations."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CausalWanDiT.from_flavor("debug")
+        torch.manual_seed(seed)
+        vae = CausalVideoVAE.from_flavor("debug")
+    return model, vae
+
+
+@torch.no_grad()
+def reconstruct(vae: CausalVideoVAE, clips: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """The clips through the VAE (encode, decode): what the DiT's latents can at best become."""
+    out = []
+    for caption, frames in clips:
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        z = vae.float().eval().encode(x, latents_per_pass=None)
+        out.append((caption, to_uint8_frames(vae.decode(z, latents_per_pass=None))))
+    return out
+
+
+def plot_grid(
+    gen: dict[str, np.ndarray], clips: Sequence[tuple[str, np.ndarray]], out_png: Path, title: str
+) -> Path:
+    """Per prompt, a row of data frames (its first clip) above a row of generated frames."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, labels = [], []
+    for prompt, frames in gen.items():
+        data = next(f for c, f in clips if c == prompt)
+        n = min(len(frames), len(data))
+        idx = np.linspace(0, n - 1, GRID_FRAMES).round().astype(int)
+        for name, video in (("data", data), ("generated", frames)):
+            rows.append(np.concatenate([np.pad(video[i], ((1, 1), (1, 1), (0, 0)), constant_values=255)
+                                        for i in idx], axis=1))  # fmt: skip
+            labels.append(f"{prompt}\n{name}")
+    mosaic = np.concatenate(rows, axis=0)
+    h = rows[0].shape[0]
+    fig, ax = plt.subplots(figsize=(1.1 * GRID_FRAMES + 1.6, 1.1 * len(rows) + 0.5))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([h * (i + 0.5) for i in range(len(rows))], labels, fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def shot_frames(shots: Sequence[dict], frames_per_chunk: int, temporal: int = 4) -> list[tuple[int, int]]:
+    """Pixel frame range [a, b) of each shot ({"chunks": n}) of a streamed video: latent frame 0
+    decodes to pixel frame 0, latent frame f >= 1 to pixel frames 4f-3 .. 4f."""
+    ranges, f0 = [], 0
+    for shot in shots:
+        f1 = f0 + shot["chunks"] * frames_per_chunk
+        ranges.append((0 if f0 == 0 else temporal * f0 - (temporal - 1), temporal * (f1 - 1) + 1))
+        f0 = f1
+    return ranges
+
+
+@torch.no_grad()
+def video_figures(
+    out: Path, clips, cfg: SamplerConfig, baseline: tuple[CausalWanDiT, CausalVideoVAE], text_encoder,
+    seed: int = 0,
+) -> dict | None:  # fmt: skip
+    """Per shot of out/video.mp4 (shots from video.metrics.json): frame_distance to the prompt's
+    clips, beside the same shots streamed from the random-init `baseline` with `cfg` and `seed`."""
+    video, metrics = out / "video.mp4", out / "video.metrics.json"
+    if not video.exists() or not metrics.exists():
+        return None
+    import imageio.v3 as iio
+
+    shots = json.loads(metrics.read_text()).get("shots")
+    frames = iio.imread(video)
+    if not shots:
+        return None
+    model, vae = baseline
+    model = model.float().eval()
+    conds = shot_conditionings([[s["prompt"]] for s in shots], text_encoder, model.cfg.text_dim, cfg)
+    chunks = [s["chunks"] for s in shots]
+    h, w = frames.shape[1:3]
+    z = torch.cat(
+        [c.x0_BCFHW for c in StreamingSampler(model, cfg).stream(conds, chunks, latent_size(h, w), [seed])], 2
+    )
+    rand = to_uint8_frames(vae.float().eval().decode(z, latents_per_pass=None))
+    frames_of = {c: np.concatenate([f for cc, f in clips if cc == c]) for c in prompts_of(clips)}
+    rows = []
+    for shot, (a, b) in zip(shots, shot_frames(shots, cfg.frames_per_chunk)):
+        ref = frames_of[shot["prompt"]]
+        rows.append({"prompt": shot["prompt"], "chunks": shot["chunks"], "frames": [a, b],
+                     "distance": frame_distance(frames[a:b], ref), "random": frame_distance(rand[a:b], ref)})  # fmt: skip
+    return {"shots": rows, "distance": float(np.mean([r["distance"] for r in rows])),
+            "random": float(np.mean([r["random"] for r in rows]))}  # fmt: skip
+
+
+def stage_figures(
+    out: Path,
+    vae_path: str | Path,
+    text_encoder_path: str | Path,
+    chunks: int = 2,
+    size: tuple[int, int] = (64, 64),
+    seed: int = 0,
+    video_settings: dict | None = None,
+) -> dict:
+    """Sample every stage of a demo run folder and the random-init baseline the same way (one
+    batch of one sample per clip caption, `chunks` chunks at `size`, seeds seed + i), write
+    `out/grids/<stage>.png` and `out/fidelity.json`; return what fidelity.json holds. With a
+    video.mp4 (the DMD LoRA on the QAT model), also its per-shot figures against the same shots
+    from the random-init baseline, sampled with `video_settings` (the sample stage's flags)."""
+    out = Path(out)
+    clips = read_clips(out / "video_shards")
+    prompts = prompts_of(clips)
+    vae = load_vae(str(vae_path), 16, "cpu", torch.float32)  # the debug family: 16 latent channels
+    figures: dict[str, dict] = {}
+
+    def record(stage: str, gen: dict[str, np.ndarray]) -> None:
+        figures[stage] = fidelity(gen, clips)
+        figures[stage]["grid"] = f"grids/{stage}.png"
+        plot_grid(gen, clips, out / "grids" / f"{stage}.png", STAGE_TITLES[stage])
+
+    tf_cfg = None
+    for stage, (run, lora) in STAGES.items():
+        ckpt, lora_dir = out / run, (out / lora if lora else None)
+        if not ckpt.exists() or (lora_dir is not None and not lora_dir.exists()):
+            continue
+        cfg = SamplerConfig.from_run(ckpt, lora_dir)
+        tf_cfg = tf_cfg or cfg
+        model = load_model(ckpt, str(lora_dir) if lora_dir else None)
+        te = load_text_encoder(str(text_encoder_path), model.cfg.text_dim, "cpu", cfg.text_len)
+        record(stage, generate(model, cfg, vae, te, prompts, chunks, size, seed))
+        figures[stage]["sampler"] = {"timesteps": list(cfg.timesteps), "kv_cache": cfg.kv_cache}
+    cfg = tf_cfg or SamplerConfig()
+    rand_model, rand_vae = random_init(seed)
+    te = load_text_encoder(str(text_encoder_path), rand_model.cfg.text_dim, "cpu", cfg.text_len)
+    record("random", generate(rand_model, cfg, rand_vae, te, prompts, chunks, size, seed))
+    recon = reconstruct(vae, clips)
+    first = {p: next(f for c, f in recon if c == p) for p in prompts}
+    record("vae", first)
+    video_cfg = cfg
+    if (out / "qat").exists() and (out / "dmd" / "lora").exists():
+        video_cfg = SamplerConfig.from_run(out / "qat", out / "dmd" / "lora", video_settings or {})
+    te = load_text_encoder(str(text_encoder_path), rand_model.cfg.text_dim, "cpu", video_cfg.text_len)
+    video = video_figures(out, clips, video_cfg, (rand_model, rand_vae), te, seed)
+    result = {
+        "metric": "mean thumbnail (8x8 RGB, [0,1]) RMSE of each generated frame to its nearest clip frame",
+        "chunks": chunks,
+        "size": list(size),
+        "seed": seed,
+        "prompts": prompts,
+        "stages": figures,
+    }
+    if video is not None:
+        result["video"] = video
+    (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ---------------------------------------------------------------- the report
 
 
 def plot_kv_bytes(metrics_json: Path, out_png: Path) -> Path | None:
@@ -38,12 +330,76 @@ def _last_metrics(run: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def _rel(out: Path, path: Path) -> str:
+    return Path(os.path.relpath(path, out)).as_posix()
+
+
 def _img(out: Path, path: Path, title: str) -> str:
-    return f"### {title}\n\n![{title}]({path.relative_to(out)})\n" if path.exists() else ""
+    return f"### {title}\n\n![{title}]({_rel(out, path)})\n" if path.exists() else ""
+
+
+CAN_AND_CANNOT = """\
+What the tiny model can and cannot do: the debug DiT (0.15 M parameters) and the debug VAE were
+trained on these few clips only (`vidtrain/assets/demo/README.md`). Prompted with a clip's
+caption, the first chunk has that clip's colours and coarse layout, nearest its own clips (the
+two `carphone` captions, one scene, are each other's nearest). They memorise, they do not
+generalise: frames are blurry (the VAE's 8x8 latent grid), faces and fine detail are gone, other
+prompts give a blend of the clips; from the second chunk on (generated from its own blurry history,
+not the ground truth it trained on) the content drifts into texture, and after a scene cut the new
+shot inherits the previous shot's history, so later shots of the video are far weaker than the
+first."""
+
+
+def _learned(out: Path) -> list[str]:
+    path = out / "fidelity.json"
+    if not path.exists():
+        return []
+    fid = json.loads(path.read_text())
+    stages = fid["stages"]
+    order = [s for s in ("random", "tf", "qat", "dmd", "vae") if s in stages]
+    lines = [
+        "## What the model learned",
+        "",
+        f"Each stage's checkpoint samples {fid['chunks']} chunks at {fid['size'][0]}x{fid['size'][1]}, one "
+        f"sample per clip caption ({', '.join(f'`{p}`' for p in fid['prompts'])}; seed {fid['seed']} + i); "
+        "the random-init baseline samples the same way from the debug DiT and VAE as seeded random "
+        "initialisations (the demo's weights before `vidtrain/assets/demo/`).",
+        "",
+        "Fidelity (lower is closer): a frame's distance to a set of clip frames is the RMSE between "
+        "its 8x8 RGB thumbnail (values in [0, 1]) and the nearest one of theirs, averaged over the "
+        "generated frames. `prompted`: against the clips of the prompt's video; `other`: the mean "
+        "against each other video's clips (`carphone_distorted` and `carphone_pristine` are one scene, a "
+        "degraded and a clean copy: each is the other's twin). `motion`: mean thumbnail RMSE between "
+        "consecutive frames (data: "
+        f"{stages[order[0]]['motion_data']:.3f}). The VAE row is the clips themselves through the VAE.",
+        "",
+        "| stage | prompted | other | motion |",
+        "|---|---:|---:|---:|",
+    ]
+    for s in order:
+        f = stages[s]
+        other = f"{f['other']:.3f}" if "other" in f else ""
+        lines.append(f"| {STAGE_TITLES[s]} | {f['prompted']:.3f} | {other} | {f['motion']:.3f} |")
+    if "video" in fid:
+        v = fid["video"]
+        lines += ["", "[video.mp4](video.mp4), per shot (the same figure against the prompt's clips; random init: the "
+                  "same shots streamed from the random-init weights):", "", "| shot | chunks | video.mp4 | random init |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        for r in v["shots"]:
+            lines.append(f"| `{r['prompt']}` | {r['chunks']} | {r['distance']:.3f} | {r['random']:.3f} |")
+        lines.append(f"| mean | | {v['distance']:.3f} | {v['random']:.3f} |")
+    lines += ["", CAN_AND_CANNOT, ""]
+    for s in order:
+        lines.append(
+            _img(out, out / stages[s]["grid"], f"{STAGE_TITLES[s]}: data (top) and generated (below)")
+        )
+    return lines
 
 
 def write_report(out: Path, seconds: dict[str, float]) -> Path:
-    """`out/report.md` with the stage table, the figures, and links to every artefact."""
+    """`out/report.md` with the stage table, what the model learned (when `stage_figures` wrote
+    fidelity.json), the figures, and links to every artefact; every path relative to `out`."""
+    out = Path(out)
     lines = ["# vidtrain pipeline report", "", "| stage | seconds | last metrics |", "|---|---:|---|"]
     run_of = {"train": "tf", "qat": "qat", "dmd": "dmd"}
     for stage, secs in seconds.items():
@@ -56,12 +412,14 @@ def write_report(out: Path, seconds: dict[str, float]) -> Path:
     metrics = out / "video.metrics.json"
     lines += ["", "## Video", ""]
     if video.exists():
-        lines.append("[video.mp4](video.mp4) — metrics in [video.metrics.json](video.metrics.json)")
+        where = " — metrics in [video.metrics.json](video.metrics.json)" if metrics.exists() else ""
+        lines.append("[video.mp4](video.mp4)" + where)
     if metrics.exists():
         m = json.loads(metrics.read_text())
         for key in ("fps_end_to_end", "first_chunk_latency_s", "peak_memory_bytes", "kv_cache_bytes"):
             if key in m:
                 lines.append(f"- `{key}`: {m[key]:.4g}")
+    lines += ["", *_learned(out)]
     kv_png = plot_kv_bytes(metrics, out / "kv_bytes.png")
     lines += ["", "## Figures", ""]
     for run in ("tf", "qat", "dmd"):
@@ -74,10 +432,10 @@ def write_report(out: Path, seconds: dict[str, float]) -> Path:
     for name, rel in (
         ("video shards", "video_shards/manifest.json"), ("latent shards", "latent_shards/manifest.json"),
         ("teacher forcing run", "tf"), ("QAT run", "qat"), ("DMD run", "dmd"), ("DMD LoRA", "dmd/lora"),
-        ("logs", "logs"),
+        ("fidelity figures", "fidelity.json"), ("logs", "logs"),
     ):  # fmt: skip
         if (out / rel).exists():
-            lines.append(f"- {name}: `{out / rel}`")
+            lines.append(f"- {name}: [{rel}]({rel})")
     path = out / "report.md"
     path.write_text("\n".join(ln for ln in lines if ln is not None) + "\n")
     return path
