@@ -113,6 +113,16 @@ def read_video_samples(shard: Path) -> Iterator[dict[str, Any]]:
     )
 
 
+def vae_pass_size(latents_per_pass: int | None) -> int | str | None:
+    """--latents-per-pass as `CausalVideoVAE.encode` takes it: None -> "auto" (the caches carried
+    between passes, so every choice gives the same latents), 0 -> the whole clip in one pass."""
+    if latents_per_pass is None:
+        return "auto"
+    if latents_per_pass < 0:
+        raise ToolError(f"--latents-per-pass must be >= 0, got {latents_per_pass}")
+    return latents_per_pass or None
+
+
 class Encoder:
     """Batches clips of one shape through the VAE and their captions through the text encoder."""
 
@@ -132,7 +142,7 @@ class Encoder:
         x = torch.from_numpy(clips_BTHWC).to(self.device).permute(0, 4, 1, 2, 3)  # -> [B, 3, T, H, W]
         x = x.to(next(self.vae.parameters()).dtype) / 127.5 - 1.0
         with torch.no_grad():
-            z_BCFHW = self.vae.encode(x, latents_per_pass=self.args.latents_per_pass or None)
+            z_BCFHW = self.vae.encode(x, latents_per_pass=vae_pass_size(self.args.latents_per_pass))
             emb_BLD, mask_BL = self.text.encode(captions)
         lens = mask_BL.sum(1).tolist()
         texts = [emb_BLD[b, :n].to(torch.float16).cpu().numpy() for b, n in enumerate(lens)]
@@ -218,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError("give --text-encoder PATH (a local umT5/T5 folder) or --tiny-text-encoder")
     if args.batch_size < 1:
         raise ToolError(f"--batch-size must be >= 1, got {args.batch_size}")
+    vae_pass_size(args.latents_per_pass)  # a negative --latents-per-pass fails before any work
     if args.max_text_len < 1:
         raise ToolError(f"--max-text-len must be >= 1, got {args.max_text_len}")
     try:
@@ -318,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4, help="clips encoded together")
     p.add_argument(
-        "--latents-per-pass", type=int, default=1, help="VAE latent frames per pass (0 = whole clip)"
-    )
+        "--latents-per-pass", type=int, default=None,
+        help="VAE latent frames per pass (default: as many as fit in half the free memory; 0 = whole clip)",
+    )  # fmt: skip
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="VAE compute dtype")
     p.add_argument("--rank", type=int, default=None, help="default: env RANK or 0")

@@ -3,7 +3,9 @@
 Every rank encodes its range of `schedule.vae_encode_plan` (equal pixel frames read, halo
 included; rank 0 has no halo, so it encodes more frames of its own), then one all-to-all hands
 each latent frame to the ranks whose layout holds it. The latents equal the one-pass encode
-whenever the halo is the VAE's receptive field, as each rank's own span encode would be.
+whenever the halo is the VAE's receptive field, as each rank's own span encode would be. A rank's
+range is one `CausalVideoVAE.encode_range` call: as many latent frames per network pass as fit in
+memory (its "auto" default, caches carried between passes), not Wan's one latent frame per pass.
 
 Legend: B batch, C channels, F latent frames, h/w latent size, P SP ranks.
 """

@@ -5,6 +5,11 @@ chunk's latents and goes on with the next chunk. On CUDA the worker runs on a si
 first waits on an event recorded after the chunk's latents were produced. The decoder sees the
 same latents in the same order either way, so async frames equal sync frames (tested).
 
+Each chunk is one decoder call, run as one pass over all its latent frames with the causal caches
+carried from the previous chunk (split only where memory is short: `latents_per_pass="auto"`);
+this equals Wan's one-latent-frame-at-a-time schedule (tests/test_vae_chunkwise.py) and is several
+times faster on CPU.
+
 Legend: B batch, C channels, T pixel frames, F latent frames, H/W height/width.
 """
 
@@ -54,14 +59,21 @@ class ChunkDecoder:
     """Feeds latent chunks to a streaming VAE decoder, in this thread (sync) or a worker (async).
 
     `sink(frames_BCTHW)` receives each chunk's pixel frames in order; `times[i]` holds the
-    decode start/end (perf_counter seconds) of chunk i.
+    decode start/end (perf_counter seconds) of chunk i. `latents_per_pass`: see
+    `CausalVideoVAE.stream_decoder` ("auto": the whole chunk in one pass when it fits in memory).
     """
 
-    def __init__(self, vae, mode: str, sink: Callable[[torch.Tensor], None]) -> None:
+    def __init__(
+        self,
+        vae,
+        mode: str,
+        sink: Callable[[torch.Tensor], None],
+        latents_per_pass: int | str | None = "auto",
+    ) -> None:
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {mode!r}; known: {', '.join(DECODE_MODES)}")
         self.vae, self.mode, self.sink = vae, mode, sink
-        self.decoder = vae.stream_decoder()
+        self.decoder = vae.stream_decoder(latents_per_pass)
         self.times: dict[int, tuple[float, float]] = {}
         self.device = next(vae.parameters()).device
         self._error: BaseException | None = None

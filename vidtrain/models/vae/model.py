@@ -16,6 +16,13 @@ Wan2.2 (`VAEConfig.residual`, `patch_size` 2) folds 2x2 pixels into channels bef
 after a clip's lone first frame, the same grouping as the temporal down/upsampling.
 Norms are per position and attention is per frame, so one pass over a whole clip, Wan's schedule
 (first frame, then 4 frames per pass) and any split of the frames into passes give the same result.
+Chunk-wise use: `stream_encoder(None)` / `stream_decoder(None)` run each `feed` (any number of
+latent frames; the first encode feed has 1 + 4k pixel frames, later ones 4k) in one pass with the
+caches carried, equal to Wan's one-latent-frame-at-a-time schedule (tests/test_vae_chunkwise.py);
+`latents_per_pass="auto"` caps a pass at what fits in memory (`CausalVideoVAE.max_latents_per_pass`).
+CPU float32 convolutions go straight to oneDNN (`_onednn`; channels-last for narrow ones):
+PyTorch's own dispatch sends convs with few channels or frames to its slow im2col kernel (~10x
+slower), which made short passes (Wan's schedule, one sampler chunk) far slower than whole-clip ones.
 Nothing is recurrent: each output depends on a bounded window of inputs, which
 `CausalVideoVAE.temporal_receptive_field` computes from the modules (`lookback` methods).
 """
@@ -24,9 +31,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +128,114 @@ def flavor_config(name: str) -> VAEConfig:
     return ALL_VAE_FLAVORS[name]
 
 
+PassSize = int | None | Literal["auto"]
+"""Latent frames per network pass: n, None (each call in one pass) or "auto" (what fits in memory)."""
+
+# Live activations of the largest level's size during one pass (block input, norm output, conv
+# input with its cached frames, conv output, shortcut): the peak RSS growth of one-pass encodes and
+# decodes on CPU (fp32; debug, wan2.1, wan2.2-debug flavors at 64-256 px, 3-8 latent frames) was
+# 1.7-5.3 times the level's size; 8 leaves room for allocator slack and cuDNN workspaces.
+_LIVE_TENSORS = 8
+_MEMORY_FRACTION = 0.5  # of the free device memory, the default budget of an "auto" pass
+
+
+# Convs with at most this many input channels run channels-last on the oneDNN path (`_onednn`).
+# Measured per conv (3x3x3, fp32, 1 thread): channels-last is 10-30% faster, and as accurate as
+# NCDHW up to 16 channels; from 24 channels its error against float64 grows (5e-6 at 24, 1e-5 at
+# 64-96 against 2-4e-6 for NCDHW) and at 384 channels on 4x4 frames its rounding depends on the
+# number of frames of the call (2e-5), which chunk-wise calls must not see. NCDHW gave the same
+# bits for any number of frames in every shape tried.
+_CHANNELS_LAST_MAX = 16
+
+
+def _onednn(x: torch.Tensor) -> bool:
+    """True where convs call oneDNN directly (`torch.mkldnn_convolution`): CPU float32.
+
+    PyTorch's CPU dispatch picks its im2col `slow_conv3d` when N*C*T*H <= 20480 (few channels or
+    frames: the debug VAE, the low-resolution levels, one latent frame per pass), ~10x slower than
+    oneDNN at the same shapes. Other devices and dtypes keep PyTorch's choice.
+    """
+    cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
+    return cpu32 and torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled)
+
+
+def _in_layout(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """x dense in `fmt`, with the canonical strides of that layout (a view when it already is).
+
+    `is_contiguous` ignores the strides of size-1 dims (a one-frame batch sliced from a larger
+    one keeps its odd batch stride), and oneDNN then picks other kernels: 1-ulp differences
+    between one-frame and chunk-wise calls of the same frames."""
+    x = x.contiguous(memory_format=fmt)
+    order = list(range(x.dim()))  # dims from outermost to innermost in memory
+    if fmt != torch.contiguous_format:
+        order = [0, *range(2, x.dim()), 1]
+    want, step = [0] * x.dim(), 1
+    for d in reversed(order):
+        want[d], step = step, step * x.shape[d]
+    return x if list(x.stride()) == want else x.as_strided(x.shape, want)
+
+
+def _check_pass(latents_per_pass: PassSize) -> PassSize:
+    """ValueError unless `latents_per_pass` is an int >= 1, None or "auto"; returns it."""
+    if latents_per_pass is None or latents_per_pass == "auto":
+        return latents_per_pass
+    if isinstance(latents_per_pass, bool) or not isinstance(latents_per_pass, int) or latents_per_pass < 1:
+        raise ValueError(f"latents_per_pass must be >= 1, None or 'auto', got {latents_per_pass!r}")
+    return latents_per_pass
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh tensor (a norm's output): in place when no gradient is recorded."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b for a fresh `a` (a conv's output): in place (keeps a's layout) when no gradient is recorded."""
+    return a + b if torch.is_grad_enabled() else a.add_(b)
+
+
+class _OneDNNConv:
+    """Mixin for nn.Conv2d / nn.Conv3d: the CPU float32 forward calls oneDNN directly (`_onednn`),
+    in channels-last layout for narrow convs and NCDHW/NCHW otherwise (`layout`); the output keeps
+    that layout. Parameters and state-dict names are unchanged.
+
+    A channels-last weight copy is kept between calls without gradients while the weight is
+    unchanged (narrow convs only: small weights)."""
+
+    _weight_cl: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (source, its version, copy)
+
+    def layout(self, x: torch.Tensor) -> torch.memory_format:
+        """The memory format this conv runs in for input x (contiguous off the oneDNN path)."""
+        if not _onednn(x) or self.in_channels > _CHANNELS_LAST_MAX:
+            return torch.contiguous_format
+        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+
+    def _onednn_weight(self, weight: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        if fmt == torch.contiguous_format or (torch.is_grad_enabled() and weight.requires_grad):
+            return _in_layout(weight, fmt)
+        c = self._weight_cl  # the source view keeps its storage alive: a new weight has a new data_ptr
+        fresh = c is not None and c[0].data_ptr() == weight.data_ptr() and c[0]._version == c[1]
+        if not (fresh and c[0].dtype == weight.dtype and c[0].shape == weight.shape):
+            src = weight.detach()  # shares the weight's version counter: an in-place update shows
+            c = self._weight_cl = (src, src._version, _in_layout(src, fmt))
+        return c[2]
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros" or not _onednn(x):
+            return super()._conv_forward(x, weight, bias)
+        fmt = self.layout(x)
+        x, w = _in_layout(x, fmt), self._onednn_weight(weight, fmt)
+        return torch.mkldnn_convolution(x, w, bias, self.padding, self.stride, self.dilation, self.groups)
+
+
+class Conv2d(_OneDNNConv, nn.Conv2d):
+    pass
+
+
+class Conv3d(_OneDNNConv, nn.Conv3d):
+    pass
+
+
 class StreamState:
     """Temporal caches of one video stream, one slot per module.
 
@@ -145,7 +262,7 @@ def _per_frame(fn: nn.Module, x_BCTHW: torch.Tensor) -> torch.Tensor:
     return y_NCHW.unflatten(0, (B, T)).transpose(1, 2)  # [B, C', T, H', W']
 
 
-class CausalConv3d(nn.Conv3d):
+class CausalConv3d(Conv3d):
     """3D conv, zero-padded symmetrically in space and causally in time through the stream cache."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int, int], **kw: object) -> None:
@@ -157,12 +274,37 @@ class CausalConv3d(nn.Conv3d):
         if self.time_pad == 0:
             return super().forward(x_BCTHW)
         prev = state.get(self) if state is not None else None
+        onednn = _onednn(x_BCTHW)
+        if onednn:  # cached frames, zeros and input in the conv's layout: cat keeps it
+            x_BCTHW = _in_layout(x_BCTHW, self.layout(x_BCTHW))
         if prev is None:
             prev = x_BCTHW.new_zeros(*x_BCTHW.shape[:2], self.time_pad, *x_BCTHW.shape[3:])
-        x_BCTHW = torch.cat([prev, x_BCTHW], dim=2)
-        if state is not None:  # clone: a view would keep the whole concatenated tensor alive
-            state.set(self, x_BCTHW[:, :, -self.time_pad :].clone())
-        return super().forward(x_BCTHW)
+            prev = _in_layout(prev, self.layout(x_BCTHW)) if onednn else prev
+        return self._padded_forward(torch.cat([prev, x_BCTHW], dim=2), state)
+
+    def _padded_forward(self, xp_BCTHW: torch.Tensor, state: StreamState | None) -> torch.Tensor:
+        """The conv of input already padded in time (cached frames first); caches its last frames."""
+        if state is not None:  # clone: a view would keep the whole padded input alive
+            state.set(self, xp_BCTHW[:, :, -self.time_pad :].clone())
+        return super().forward(xp_BCTHW)
+
+    def norm_silu_forward(self, norm: RMSNorm, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
+        """`self(silu(norm(x)), state)`, the same numbers; without gradients on the oneDNN path the
+        norm writes straight into the conv's time-padded input, which saves the cat's copy."""
+        if torch.is_grad_enabled() or self.time_pad == 0 or not _onednn(x_BCTHW):
+            return self(_silu(norm(x_BCTHW)), state)
+        B, C, T, H, W = x_BCTHW.shape
+        xp = torch.empty(
+            (B, C, self.time_pad + T, H, W), dtype=x_BCTHW.dtype, device=x_BCTHW.device,
+            memory_format=self.layout(x_BCTHW),
+        )  # fmt: skip
+        prev = state.get(self)
+        if prev is None:
+            xp[:, :, : self.time_pad].zero_()
+        else:
+            xp[:, :, : self.time_pad].copy_(prev)
+        F.silu(norm(x_BCTHW, out=xp[:, :, self.time_pad :]), inplace=True)
+        return self._padded_forward(xp, state)
 
     def lookback(self, frames: int) -> int:
         return frames + self.time_pad
@@ -176,10 +318,16 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
         self.scale = dim**0.5
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = x.dtype in (torch.float16, torch.bfloat16)
-        x_n = F.normalize(x.float() if low else x, dim=1).to(x.dtype)
-        return x_n * self.scale * self.gamma
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out`: a tensor of x's shape to write into (float32/float64 without gradients only)."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
+        # F.normalize(x) * scale * gamma in two passes over x instead of four: x * (1 / |x|) * (scale * gamma)
+        gain = self.gamma * self.scale
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        if torch.is_grad_enabled():
+            return x * norm.clamp_min(1e-12).reciprocal() * gain
+        return torch.mul(x, norm.clamp_min_(1e-12).reciprocal_(), out=out).mul_(gain)
 
 
 class ResBlock(nn.Module):
@@ -194,9 +342,9 @@ class ResBlock(nn.Module):
         self.shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BCTHW)), state)
-        h = self.conv2(F.silu(self.norm2(h)), state)
-        return h + self.shortcut(x_BCTHW)
+        h = self.conv1.norm_silu_forward(self.norm1, x_BCTHW, state)
+        h = self.conv2.norm_silu_forward(self.norm2, h, state)
+        return _add(h, self.shortcut(x_BCTHW))
 
     def lookback(self, frames: int) -> int:
         return self.conv1.lookback(self.conv2.lookback(frames))
@@ -208,8 +356,8 @@ class FrameAttention(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = RMSNorm(dim, 2)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.to_qkv = Conv2d(dim, dim * 3, 1)
+        self.proj = Conv2d(dim, dim, 1)
 
     def _attend(self, x_NCHW: torch.Tensor) -> torch.Tensor:
         N, C, H, W = x_NCHW.shape
@@ -236,11 +384,11 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode.startswith("down"):
-            self.spatial = nn.Conv2d(dim, dim, 3, stride=2)
+            self.spatial = Conv2d(dim, dim, 3, stride=2)
         else:
-            self.spatial = nn.Conv2d(dim, dim // 2 if c_out is None else c_out, 3, padding=1)
+            self.spatial = Conv2d(dim, dim // 2 if c_out is None else c_out, 3, padding=1)
         if mode == "down3d":
-            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+            self.time_conv = Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
         elif mode == "up3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
 
@@ -274,7 +422,12 @@ class Resample(nn.Module):
             return head
         B, C, T, H, W = x_BCTHW.shape
         y_B2CTHW = self.time_conv(x_BCTHW, state).view(B, 2, C, T, H, W)
-        y_BCTHW = y_B2CTHW.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)  # interleave pairs
+        y_BCT2HW = y_B2CTHW.permute(0, 2, 3, 1, 4, 5)  # interleave pairs, in the conv output's layout
+        fmt = self.time_conv.layout(x_BCTHW)
+        y_BCTHW = torch.empty(
+            (B, C, 2 * T, H, W), dtype=y_BCT2HW.dtype, device=y_BCT2HW.device, memory_format=fmt
+        )
+        y_BCTHW.unflatten(2, (T, 2)).copy_(y_BCT2HW)
         return torch.cat([head, y_BCTHW], dim=2)
 
     def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
@@ -367,7 +520,7 @@ class ResidualLevel(nn.Module):
 
     def forward(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
         y = _run(self.blocks, x_BCTHW, state)
-        return y if self.shortcut is None else y + self.shortcut(x_BCTHW, state)
+        return y if self.shortcut is None else _add(y, self.shortcut(x_BCTHW, state))
 
     def lookback(self, frames: int) -> int:
         main = _lookback(self.blocks, frames)
@@ -442,7 +595,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x_BCTHW, state)
         x = _run(self.down, x, state)  # [B, C, F, H/8, W/8]
         x = _run(self.mid, x, state)
-        return self.conv_out(F.silu(self.norm_out(x)), state)
+        return self.conv_out.norm_silu_forward(self.norm_out, x, state)
 
     def lookback(self, frames: int) -> int:
         frames = self.conv_out.lookback(frames)
@@ -485,7 +638,7 @@ class Decoder(nn.Module):
         x = self.conv_in(z_BCFHW, state)
         x = _run(self.mid, x, state)
         x = _run(self.up, x, state)  # [B, C, T, H, W]
-        return self.conv_out(F.silu(self.norm_out(x)), state)
+        return self.conv_out.norm_silu_forward(self.norm_out, x, state)
 
 
 class CausalVideoVAE(nn.Module):
@@ -557,35 +710,94 @@ class CausalVideoVAE(nn.Module):
     # ---- one pass of the networks -------------------------------------------------------------
     def _encode_pass(self, x_BCTHW: torch.Tensor, state: StreamState) -> torch.Tensor:
         h_BCFHW = self.quant_conv(self.encoder(patchify(x_BCTHW, self.config.patch_size), state))
-        return self.normalize_latents(h_BCFHW[:, : self.z_dim])
+        return self.normalize_latents(h_BCFHW[:, : self.z_dim]).contiguous()  # out of channels-last
 
     def _decode_pass(self, z_BCFHW: torch.Tensor, state: StreamState) -> torch.Tensor:
         x_BCTHW = self.decoder(self.post_quant_conv(self.denormalize_latents(z_BCFHW)), state)
-        return unpatchify(x_BCTHW, self.config.patch_size).clamp(-1.0, 1.0)
+        return unpatchify(x_BCTHW, self.config.patch_size).clamp(-1.0, 1.0).contiguous()
+
+    # ---- how many latent frames one pass may hold -------------------------------------------------
+    def _level_sizes(self) -> list[tuple[int, float, int]]:
+        """(channels, frames per latent frame, spatial divisor vs the pixel frame) of every
+        resolution level of the encoder and the decoder: where the activations of a pass live."""
+        cfg, tc, p = self.config, self.temporal_compression, self.config.patch_size
+        enc_dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        sizes = [(enc_dims[0], float(tc), p)]
+        for i, c in enumerate(enc_dims[1:]):
+            sizes.append((c, tc / 2 ** sum(cfg.temporal_downsample[:i]), p * 2**i))
+        mult, levels = cfg.dim_mult, len(cfg.dim_mult)
+        dec_dims = [cfg.decoder_dim * m for m in (mult[-1], *mult[::-1])]
+        up = cfg.temporal_downsample[::-1]
+        for i, c in enumerate(dec_dims[1:]):
+            c_in = dec_dims[i] if (cfg.residual or i == 0) else dec_dims[i] // 2
+            sizes.append((max(c, c_in), 2.0 ** sum(up[:i]), p * 2 ** (levels - 1 - i)))
+        return sizes
+
+    def pass_memory_bytes(
+        self, latent_frames: int, height: int, width: int, batch: int = 1, dtype: torch.dtype | None = None
+    ) -> int:
+        """Estimated peak activation bytes of one encode or decode pass of `latent_frames` latent
+        frames at pixel size height x width (weights not included): `_LIVE_TENSORS` live tensors of
+        the largest level, each with its 2 cached frames."""
+        elem = torch.finfo(dtype or next(self.parameters()).dtype).bits // 8
+        level = max(
+            c * (f * latent_frames + 2) * (height // s) * (width // s) for c, f, s in self._level_sizes()
+        )
+        return int(_LIVE_TENSORS * batch * elem * level)
+
+    def max_latents_per_pass(
+        self, height: int, width: int, batch: int = 1, memory_bytes: int | None = None,
+        device: torch.device | None = None,
+    ) -> int:  # fmt: skip
+        """The most latent frames one pass may hold within `memory_bytes` (default: half of the free
+        memory of `device`, the VAE's device by default); at least 1."""
+        param = next(self.parameters())
+        if memory_bytes is None:
+            memory_bytes = int(_MEMORY_FRACTION * free_memory_bytes(device or param.device))
+        per_frame = self.pass_memory_bytes(2, height, width, batch) - self.pass_memory_bytes(
+            1, height, width, batch
+        )
+        fixed = self.pass_memory_bytes(1, height, width, batch) - per_frame
+        return max(1, (memory_bytes - fixed) // max(1, per_frame))
+
+    def _resolve_pass(
+        self, latents_per_pass: PassSize, shape_BCTHW: Sequence[int], pixels: bool
+    ) -> int | None:
+        """`latents_per_pass` as StreamEncoder/StreamDecoder take it ("auto" made a number or None)."""
+        if _check_pass(latents_per_pass) != "auto":
+            return latents_per_pass
+        B, _, T, H, W = shape_BCTHW
+        s = 1 if pixels else self.spatial_compression
+        frames = self.num_latent_frames(T) if pixels else T
+        n = self.max_latents_per_pass(H * s, W * s, B)
+        return None if n >= frames else n
 
     # ---- public encode / decode ---------------------------------------------------------------
-    def encode(self, video_BCTHW: torch.Tensor, latents_per_pass: int | None = 1) -> torch.Tensor:
+    def encode(self, video_BCTHW: torch.Tensor, latents_per_pass: PassSize = 1) -> torch.Tensor:
         """Pixels in [-1, 1], [B,3,1+4k,H,W] -> normalised latent mean [B, z_dim, 1+k, H/s, W/s]
         (s = `spatial_compression`: 8 for Wan2.1, 16 for Wan2.2).
 
         `latents_per_pass` latent frames are computed per network pass (1 = Wan's schedule: the
-        first frame, then 4 frames per pass; None = the whole clip in one pass). All agree.
+        first frame, then 4 frames per pass; None = the whole clip in one pass; "auto" = as many
+        as fit in half the free memory, `max_latents_per_pass`). All agree.
         """
         self.check_video(video_BCTHW)
-        enc = self.stream_encoder(latents_per_pass)
+        enc = self.stream_encoder(self._resolve_pass(latents_per_pass, video_BCTHW.shape, pixels=True))
         z = enc.feed(video_BCTHW)
         enc.flush()
         return z
 
-    def decode(self, z_BCFHW: torch.Tensor, latents_per_pass: int | None = 1) -> torch.Tensor:
+    def decode(self, z_BCFHW: torch.Tensor, latents_per_pass: PassSize = 1) -> torch.Tensor:
         """Normalised latents [B, z_dim, F, h, w] -> pixels in [-1, 1], [B, 3, 1+4(F-1), s*h, s*w]."""
         dec = self.stream_decoder(latents_per_pass)
         return dec.feed(z_BCFHW)
 
-    def stream_encoder(self, latents_per_pass: int | None = 1) -> StreamEncoder:
+    def stream_encoder(self, latents_per_pass: PassSize = 1) -> StreamEncoder:
+        """A chunk-wise encoder (caches carried between `feed` calls); None: one pass per feed."""
         return StreamEncoder(self, latents_per_pass)
 
-    def stream_decoder(self, latents_per_pass: int | None = 1) -> StreamDecoder:
+    def stream_decoder(self, latents_per_pass: PassSize = 1) -> StreamDecoder:
+        """A chunk-wise decoder (caches carried between `feed` calls); None: one pass per feed."""
         return StreamDecoder(self, latents_per_pass)
 
     # ---- chunk-halo encode --------------------------------------------------------------------
@@ -606,18 +818,20 @@ class CausalVideoVAE(nn.Module):
         return (0 if first == 0 else tc * first - (tc - 1)), tc * (end - 1) + 1
 
     def encode_range(
-        self, video_BCTHW: torch.Tensor, start: int, end: int, halo: int, latents_per_pass: int | None = 1
+        self, video_BCTHW: torch.Tensor, start: int, end: int, halo: int, latents_per_pass: PassSize = "auto"
     ) -> torch.Tensor:
         """Latent frames [start, end) of `encode(video)`, computed from pixel frames of that range
         plus `halo` latent frames of left context (dropped). Exact when `halo >=
         temporal_receptive_field()` or the halo reaches the clip's first frame; approximate below.
+        Passes hold as many latent frames as fit in memory ("auto"; see `encode`).
         """
         self.check_video(video_BCTHW)
         n_lat = self.num_latent_frames(video_BCTHW.shape[2])
         if not 0 <= start < end <= n_lat or halo < 0:
             raise ValueError(f"need 0 <= start < end <= {n_lat} and halo >= 0, got {start}, {end}, {halo}")
         p0, p1 = self.pixel_range(start, end, halo)
-        enc = StreamEncoder(self, latents_per_pass, mid_clip=p0 > 0)
+        per_pass = self._resolve_pass(latents_per_pass, video_BCTHW[:, :, p0:p1].shape, pixels=True)
+        enc = StreamEncoder(self, per_pass, mid_clip=p0 > 0)
         z = enc.feed(video_BCTHW[:, :, p0:p1])
         enc.flush()
         return z[:, :, start - max(0, start - halo) :]
@@ -631,9 +845,8 @@ class StreamEncoder:
     the one-shot `encode`.
     """
 
-    def __init__(self, vae: CausalVideoVAE, latents_per_pass: int | None = 1, mid_clip: bool = False) -> None:
-        if latents_per_pass is not None and latents_per_pass < 1:
-            raise ValueError(f"latents_per_pass must be >= 1 or None, got {latents_per_pass}")
+    def __init__(self, vae: CausalVideoVAE, latents_per_pass: PassSize = 1, mid_clip: bool = False) -> None:
+        _check_pass(latents_per_pass)
         self.vae = vae
         self.latents_per_pass = latents_per_pass
         self.state = StreamState(mid_clip=mid_clip)
@@ -653,8 +866,9 @@ class StreamEncoder:
             return 0
         lead = 0 if self.started else 1  # a clip's first frame is a latent frame of its own
         groups = (n - lead) // tc
-        if self.latents_per_pass is not None:
-            groups = min(groups, self.latents_per_pass - lead)
+        per_pass = self.vae._resolve_pass(self.latents_per_pass, self.pending.shape, pixels=True)
+        if per_pass is not None:
+            groups = min(groups, per_pass - lead)
         return lead + tc * groups
 
     def feed(self, frames_BCTHW: torch.Tensor) -> torch.Tensor:
@@ -686,9 +900,8 @@ class StreamEncoder:
 class StreamDecoder:
     """Decodes latents fed chunk by chunk (the first chunk starts at latent frame 0)."""
 
-    def __init__(self, vae: CausalVideoVAE, latents_per_pass: int | None = 1) -> None:
-        if latents_per_pass is not None and latents_per_pass < 1:
-            raise ValueError(f"latents_per_pass must be >= 1 or None, got {latents_per_pass}")
+    def __init__(self, vae: CausalVideoVAE, latents_per_pass: PassSize = 1) -> None:
+        _check_pass(latents_per_pass)
         self.vae = vae
         self.latents_per_pass = latents_per_pass
         self.state = StreamState()
@@ -701,5 +914,22 @@ class StreamDecoder:
             B, _, _, h, w = z_BCFHW.shape
             sc = self.vae.spatial_compression
             return z_BCFHW.new_zeros(B, 3, 0, h * sc, w * sc)
-        step = self.latents_per_pass or z_BCFHW.shape[2]
+        step = self.vae._resolve_pass(self.latents_per_pass, z_BCFHW.shape, pixels=False) or z_BCFHW.shape[2]
         return torch.cat([self.vae._decode_pass(z, self.state) for z in z_BCFHW.split(step, dim=2)], dim=2)
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Memory a new allocation may take on `device`: CUDA free + torch's cached-but-unused bytes;
+    CPU: the kernel's MemAvailable (Linux), else the free physical pages."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
