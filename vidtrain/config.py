@@ -138,10 +138,39 @@ class DMDConfig:
 
 
 @dataclass
+class ErrorRecyclingConfig:
+    """Error recycling in teacher forcing (Stable-Video-Infinity, LongLive 2.0): a bank of the
+    model's own per-frame prediction errors, bucketed by timestep and refreshed from every step,
+    of which a sampled error is added to the clean history (and optionally the noisy input) so
+    that training sees the imperfect history inference produces (vidtrain/forcing/error_bank.py)."""
+
+    enabled: bool = False
+    # timestep buckets over [0, NUM_TRAIN_TIMESTEPS) and entries per bucket (ring replacement);
+    # one entry is one latent frame's error [C, H, W] in `dtype`, kept on the CPU of every rank:
+    # at most buckets x bank_size x C x H x W elements (LongLive 2.0: 50 x 500)
+    buckets: int = 50
+    bank_size: int = 500
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # per sample: the chance that its clean history gets an error (one bucket drawn for the sample
+    # among the filled ones, one entry per frame), and the factor on the error
+    probability: float = 0.5
+    scale: float = 1.0
+    # per sample: the chance that its noisy input gets an error too (per frame, from the bucket
+    # of the frame's own timestep); targets stay those of the clean latents
+    noisy_probability: float = 0.0
+    # what a frame's error is: x0 (x0_pred - x0 = -sigma * (v_pred - v_target)) or velocity
+    # (v_pred - v_target)
+    error: Literal["x0", "velocity"] = "x0"
+    # no injection before this many optimizer steps (the bank fills from step 0 on)
+    warmup_steps: int = 0
+
+
+@dataclass
 class MethodConfig:
     name: str = "teacher_forcing"  # teacher_forcing | qat | dmd
     forcing: ForcingConfig = field(default_factory=ForcingConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    error_recycling: ErrorRecyclingConfig = field(default_factory=ErrorRecyclingConfig)
 
 
 @dataclass
@@ -434,6 +463,7 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"method.dmd.ema_decay must be in [0, 1) (0: off), got {r.method.dmd.ema_decay}")
     if r.method.name == "dmd":
         _validate_dmd(r)
+    _validate_error_recycling(r)
 
 
 def check_timesteps(timesteps: Sequence[float], name: str = "timesteps") -> None:
@@ -471,6 +501,29 @@ def _validate_schedules(r: Recipe) -> None:
             )
         check_shift(sec.timestep_shift, f"{name}.timestep_shift")
     check_timesteps(r.method.dmd.denoising_steps, "method.dmd.denoising_steps")
+
+
+def _validate_error_recycling(r: Recipe) -> None:
+    """method.error_recycling: sizes, probabilities, and a method that teacher-forces."""
+    e, name = r.method.error_recycling, "method.error_recycling"
+    for key in ("buckets", "bank_size"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"{name}.{key} must be >= 1, got {getattr(e, key)}")
+    if e.buckets > NUM_TRAIN_TIMESTEPS:
+        raise ConfigError(
+            f"{name}.buckets must be <= {NUM_TRAIN_TIMESTEPS} (one timestep per bucket at most), got {e.buckets}"
+        )
+    for key in ("probability", "noisy_probability"):
+        if not 0.0 <= getattr(e, key) <= 1.0:
+            raise ConfigError(f"{name}.{key} must be in [0, 1], got {getattr(e, key)}")
+    if not (math.isfinite(e.scale) and e.scale >= 0):
+        raise ConfigError(f"{name}.scale must be a finite number >= 0, got {e.scale}")
+    if e.warmup_steps < 0:
+        raise ConfigError(f"{name}.warmup_steps must be >= 0, got {e.warmup_steps}")
+    if e.enabled and r.method.name not in ("teacher_forcing", "qat"):
+        raise ConfigError(
+            f"{name}.enabled=true needs a teacher-forcing method (teacher_forcing or qat), got method.name={r.method.name}"
+        )
 
 
 def _validate_dmd(r: Recipe) -> None:

@@ -53,11 +53,17 @@ def build_tf_sequence(
     *,
     frame_offset: int = 0,
     shot_F: torch.Tensor | None = None,
+    history_BCFHW: torch.Tensor | None = None,
+    noisy_delta_BCFHW: torch.Tensor | None = None,
 ) -> TFSequence:
     """[clean tokens | noisy tokens] of the given frames (frame indices start at `frame_offset`).
 
     The whole video gives the single-process sequence; a rank's frame range gives that rank's
     part of the balanced layout (its clean history and its own noisy targets, side by side).
+
+    Error recycling (vidtrain/forcing/error_bank.py): `history_BCFHW` replaces x0 in the clean
+    tokens only (None: x0), `noisy_delta_BCFHW` is added to the noised input x_t; the velocity
+    targets are always those of x0 and the noise.
     """
     b, _, f, h, w = x0_BCFHW.shape
     if sigma_BF.shape != (b, f):
@@ -69,10 +75,15 @@ def build_tf_sequence(
     clean = grid_meta(f, hp, wp, frames_per_chunk, noisy=False, **kw)
     noisy = grid_meta(f, hp, wp, frames_per_chunk, noisy=True, **kw)
     x_t = noise_latents(x0_BCFHW, noise_BCFHW, sigma_BF)
+    if noisy_delta_BCFHW is not None:
+        x_t = x_t + noisy_delta_BCFHW.to(x_t.device, x_t.dtype)
+    hist = x0_BCFHW if history_BCFHW is None else history_BCFHW.to(x0_BCFHW.device, x0_BCFHW.dtype)
+    if hist.shape != x0_BCFHW.shape:
+        raise ValueError(f"history {list(hist.shape)} must have the shape of x0 {list(x0_BCFHW.shape)}")
     t_noisy_BL = (sigma_BF * NUM_TRAIN_TIMESTEPS).repeat_interleave(hp * wp, dim=1)
     target = _patchify(velocity_target(x0_BCFHW, noise_BCFHW), channels_last=True)
     return TFSequence(
-        x_BLP=torch.cat([_patchify(x0_BCFHW), _patchify(x_t)], dim=1),
+        x_BLP=torch.cat([_patchify(hist), _patchify(x_t)], dim=1),
         t_BL=torch.cat([torch.zeros_like(t_noisy_BL), t_noisy_BL], dim=1),
         target_BLP=torch.cat([torch.zeros_like(target), target], dim=1),
         meta=TokenMeta.cat([clean, noisy]),

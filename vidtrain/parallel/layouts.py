@@ -67,13 +67,26 @@ class Layout:
         return [self.frame_span(frames, r, sp_size) for r in range(sp_size)]
 
     def local_sequence(
-        self, x0_BCFHW, noise_BCFHW, sigma_BF, frames_per_chunk: int, sp_rank: int, sp_size: int, group=None
+        self,
+        x0_BCFHW,
+        noise_BCFHW,
+        sigma_BF,
+        frames_per_chunk: int,
+        sp_rank: int,
+        sp_size: int,
+        group=None,
+        *,
+        history_delta_BCFHW: torch.Tensor | None = None,
+        noisy_delta_BCFHW: torch.Tensor | None = None,
     ) -> tuple[TFSequence, TokenMeta]:
         """This rank's part of the teacher-forcing sequence and the global metadata.
 
         `x0_BCFHW` is a latent tensor or a lazy source (`take_frames`): only the rank's frame span
         is read. A lazy source with the SP `group` given is encoded by the group's balanced plan
         (`vae_plan.gather_planned_latents`); without a group each rank encodes its own span.
+        The deltas (error recycling, whole-video tensors like the noise, equal on every rank of
+        the group) are cut to the span: `history_delta` enters the clean tokens only, as
+        x0 + delta, `noisy_delta` the noised input (`build_tf_sequence`).
         """
         _, _, f, h, w = x0_BCFHW.shape
         self.check(f, frames_per_chunk, sp_size)
@@ -89,26 +102,50 @@ class Layout:
             sigma_BF[:, f0:f1],
             frames_per_chunk,
             frame_offset=f0,
+            **_recycled(x0_local, f0, f1, history_delta_BCFHW, noisy_delta_BCFHW),
         )
         return self.cut(seq, f, sp_rank, sp_size), TokenMeta.cat(metas)
 
     def tf_sequence(
-        self, x0_BCFHW, noise_BCFHW: torch.Tensor, sigma_BF: torch.Tensor, frames_per_chunk: int, mesh: Mesh
+        self,
+        x0_BCFHW,
+        noise_BCFHW: torch.Tensor,
+        sigma_BF: torch.Tensor,
+        frames_per_chunk: int,
+        mesh: Mesh,
+        *,
+        history_delta_BCFHW: torch.Tensor | None = None,
+        noisy_delta_BCFHW: torch.Tensor | None = None,
     ) -> tuple[TFSequence, TokenMeta]:
         """The seam a method calls: this rank's part of the sequence on `mesh`, and the global
         token metadata (one process, or an SP group of one: the whole sequence).
 
         `x0_BCFHW` is a latent tensor [B, C, F, H, W] or a lazy source of latent frames (videos
-        encoded on demand, `take_frames`): a rank reads only the frames its part holds.
+        encoded on demand, `take_frames`): a rank reads only the frames its part holds. The
+        optional deltas are error recycling's (see `local_sequence`); None leaves the sequence
+        exactly as without them.
         """
         if mesh.sp_size == 1:
-            seq = build_tf_sequence(
-                take_frames(x0_BCFHW, 0, x0_BCFHW.shape[2]), noise_BCFHW, sigma_BF, frames_per_chunk
-            )
+            f = x0_BCFHW.shape[2]
+            x0 = take_frames(x0_BCFHW, 0, f)
+            extra = _recycled(x0, 0, f, history_delta_BCFHW, noisy_delta_BCFHW)
+            seq = build_tf_sequence(x0, noise_BCFHW, sigma_BF, frames_per_chunk, **extra)
             return seq, seq.meta
         return self.local_sequence(
-            x0_BCFHW, noise_BCFHW, sigma_BF, frames_per_chunk, mesh.sp_rank, mesh.sp_size, mesh.sp_group
-        )
+            x0_BCFHW, noise_BCFHW, sigma_BF, frames_per_chunk, mesh.sp_rank, mesh.sp_size, mesh.sp_group,
+            history_delta_BCFHW=history_delta_BCFHW, noisy_delta_BCFHW=noisy_delta_BCFHW,
+        )  # fmt: skip
+
+
+def _recycled(x0_local: torch.Tensor, f0: int, f1: int, history=None, noisy=None) -> dict:
+    """`build_tf_sequence`'s error-recycling arguments for frames [f0, f1): the clean history
+    x0 + delta and the noisy input's delta (none given: no arguments, the plain sequence)."""
+    out = {}
+    if history is not None:
+        out["history_BCFHW"] = x0_local + history[:, :, f0:f1].to(x0_local.device, x0_local.dtype)
+    if noisy is not None:
+        out["noisy_delta_BCFHW"] = noisy[:, :, f0:f1]
+    return out
 
 
 def rank_frames(frames: int, sp_rank: int, sp_size: int) -> tuple[int, int]:
@@ -207,10 +244,11 @@ def local_tf_sequence(
     sp_rank: int,
     sp_size: int,
     group=None,
+    **deltas,
 ) -> tuple[TFSequence, TokenMeta]:
-    """`Layout.local_sequence` of the layout named `layout`."""
+    """`Layout.local_sequence` of the layout named `layout` (`deltas`: its error-recycling keywords)."""
     return LAYOUTS.get(layout).local_sequence(
-        x0_BCFHW, noise_BCFHW, sigma_BF, frames_per_chunk, sp_rank, sp_size, group
+        x0_BCFHW, noise_BCFHW, sigma_BF, frames_per_chunk, sp_rank, sp_size, group, **deltas
     )
 
 

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vidtrain.forcing.flow import condition_first_frame, frames_sigma, sample_chunk_sigmas
+from vidtrain.forcing.error_bank import BANK_DTYPES, ErrorBank, noisy_frame_errors
+from vidtrain.forcing.flow import (
+    NUM_TRAIN_TIMESTEPS,
+    condition_first_frame,
+    frames_sigma,
+    sample_chunk_sigmas,
+)
 from vidtrain.forcing.teacher import tf_loss_terms
 from vidtrain.models.text import text_context
 from vidtrain.models.wan.attention import AttentionContext
@@ -86,9 +92,24 @@ class Method:
 
 @METHODS.register("teacher_forcing")
 class TeacherForcing(Method):
-    """Clean history + noisy targets in one sequence; flow-matching loss on noisy tokens."""
+    """Clean history + noisy targets in one sequence; flow-matching loss on noisy tokens.
+
+    With `method.error_recycling.enabled` the method keeps an `ErrorBank` of its own per-frame
+    errors (vidtrain/forcing/error_bank.py): each micro-batch draws, per sample and keyed like
+    `conditioned` (equal on every rank of an SP group, after a resume, however the batch is
+    split), whether its clean history (and its noisy input) gets a banked error; after the
+    optimizer step every rank's noisy-frame errors are gathered over the world and written in
+    (micro-batch, global sample, frame) order, so every rank, and a one-process run, holds the
+    same bank. The bank is part of the method state (checkpoint, exact resume).
+    """
 
     name = "teacher_forcing"
+
+    def __init__(self, recipe) -> None:
+        super().__init__(recipe)
+        er = recipe.method.error_recycling
+        self.error_bank = ErrorBank(er.buckets, er.bank_size, BANK_DTYPES[er.dtype]) if er.enabled else None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def mask_rule(self) -> MaskRule:
         return MaskRule.of("teacher_forcing", self.recipe.model)
@@ -135,12 +156,98 @@ class TeacherForcing(Method):
         ]  # fmt: skip
         return torch.tensor(u) < self.recipe.data.i2v_fraction
 
+    # ---- error recycling ---------------------------------------------------------------------
+    def recycled_errors(self, trainer, shape, sigma_BF: torch.Tensor, micro: int) -> tuple[dict, dict]:
+        """The micro-batch's error-recycling deltas for `Layout.tf_sequence` (whole-video tensors,
+        none when nothing is injected: the plain sequence) and their log figures."""
+        er = self.recipe.method.error_recycling
+        b, c, f, h, w = shape
+        if self.error_bank.empty or trainer.step < er.warmup_steps:
+            return {}, {"err_inject": 0.0, "err_inject_noisy": 0.0}
+        bank_shape = self.error_bank.entry_shape
+        if bank_shape != (c, h, w):
+            raise ValueError(
+                f"error recycling banks one latent size: the bank holds {list(bank_shape)} [C, H, W], "
+                f"this batch is {[c, h, w]} (train on one resolution, or turn method.error_recycling off)"
+            )
+        hist, noisy = torch.zeros(b, f, c, h, w), torch.zeros(b, f, c, h, w)
+        n_hist = n_noisy = 0
+        live_BF = sigma_BF > 0  # an image-to-video conditioning frame stays exact, as at inference
+        first = trainer.strategy.dp_rank * b
+        for i in range(b):
+            g = keyed_generator(
+                self.recipe.seed, (trainer.step, STEP_RADIX), (micro, 131), (first + i, 65_536), (2, 8)
+            )
+            u = torch.rand(2, generator=g, dtype=torch.float64)
+            if u[0] < er.probability and (e := self.error_bank.sample_history(f, g)) is not None:
+                hist[i], n_hist = e * live_BF[i, :, None, None, None], n_hist + 1
+            drawn = (
+                self.error_bank.sample_at(sigma_BF[i] * NUM_TRAIN_TIMESTEPS, g)
+                if u[1] < er.noisy_probability
+                else None
+            )
+            if drawn is not None:
+                noisy[i], n_noisy = drawn[0] * (drawn[1] & live_BF[i])[:, None, None, None], n_noisy + 1
+        deltas = {}
+        if n_hist:
+            deltas["history_delta_BCFHW"] = (hist * er.scale).transpose(1, 2)
+        if n_noisy:
+            deltas["noisy_delta_BCFHW"] = (noisy * er.scale).transpose(1, 2)
+        return deltas, {"err_inject": n_hist / b, "err_inject_noisy": n_noisy / b}
+
+    def keep_errors(self, trainer, pred_BLP, seq, sigma_BF: torch.Tensor, h: int, w: int, micro: int) -> None:
+        """Hold this rank's noisy-frame errors of the micro-batch until the step commits them."""
+        frames, err = noisy_frame_errors(
+            pred_BLP, seq, sigma_BF, self.recipe.method.error_recycling.error, h, w
+        )
+        b, n = err.shape[:2]
+        first = trainer.strategy.dp_rank * b
+        sample = torch.arange(first, first + b).repeat_interleave(n)
+        frame = frames.repeat(b)
+        t = sigma_BF.cpu()[:, frames].reshape(-1).double() * NUM_TRAIN_TIMESTEPS
+        keep = t > 0  # no error of an I2V conditioning frame (no loss, no prediction asked)
+        key = torch.stack([torch.full_like(sample, micro), sample, frame], 1)[keep]
+        self._pending.append(
+            (key, t[keep], err.reshape(b * n, *err.shape[2:])[keep].to(self.error_bank.dtype))
+        )
+
+    def commit_errors(self, strategy) -> dict[str, float]:
+        """Every rank's held errors, gathered over the world, written to the bank in (micro-batch,
+        global sample, frame) order on every rank (non-finite entries dropped); bank figures."""
+        mine, self._pending = self._pending, []
+        parts = [p for rank in strategy.all_gather_object(mine) for p in rank]
+        if parts:
+            key = torch.cat([p[0] for p in parts])
+            t, err = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+            order = torch.argsort((key[:, 0] << 40) + (key[:, 1] << 20) + key[:, 2], stable=True)
+            ok = torch.isfinite(err[order].float()).flatten(1).all(1)
+            self.error_bank.add(err[order][ok], t[order][ok])
+        return {"err_bank_mib": self.error_bank.nbytes / 2**20, "err_bank_fill": self.error_bank.fill}
+
+    def train_step(self, trainer: StepContext, step: int) -> dict[str, float]:
+        logs = super().train_step(trainer, step)
+        if self.error_bank is not None:
+            logs.update(self.commit_errors(trainer.strategy))
+        return logs
+
+    def state_dict(self) -> dict:
+        return {} if self.error_bank is None else {"error_bank": self.error_bank.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        # a checkpoint written without error recycling (a change accepted by train.resume_changes=
+        # allow) leaves the bank empty
+        if self.error_bank is not None and "error_bank" in state:
+            self.error_bank.load_state_dict(state["error_bank"])
+
     def loss(self, trainer, batch: dict, micro: int):
         x0 = batch["latents"]
         noise, sigma_BF = self.noise(trainer, batch, micro)
         dev = trainer.device
+        deltas, er_logs = (
+            ({}, {}) if self.error_bank is None else self.recycled_errors(trainer, x0.shape, sigma_BF, micro)
+        )
         seq, global_meta = self.layout().tf_sequence(
-            x0, noise, sigma_BF, self.recipe.model.frames_per_chunk, trainer.strategy.mesh
+            x0, noise, sigma_BF, self.recipe.model.frames_per_chunk, trainer.strategy.mesh, **deltas
         )
         attn = AttentionContext(
             rule=self.mask_rule(), meta=global_meta.to(dev), kv_hook=self.kv_hook(trainer)
@@ -155,6 +262,9 @@ class TeacherForcing(Method):
         logs = {"loss": float(trainer.strategy.sp_sum(loss.detach()))}
         if self.recipe.data.task != "t2v":  # a conditioned sample's frame 0 is at sigma 0 (min_timestep > 0)
             logs["i2v_fraction"] = float((sigma_BF[:, 0] == 0).float().mean())
+        if self.error_bank is not None:
+            self.keep_errors(trainer, pred, seq, sigma_BF, x0.shape[3], x0.shape[4], micro)
+            logs.update(er_logs)
         return loss, logs
 
 

@@ -4,7 +4,8 @@ A resume continues a run exactly. Settings that only steer the loop from outside
 runs, how often it logs and checkpoints, what it verifies, where it logs) may change and are
 applied with a line each; anything else (model shape, flavor, data, method, seed, parallel
 layout, optimizer and schedule shape, precision) cannot be honoured exactly, so it is refused
-with a one-line diff unless `train.resume_changes=allow`.
+with a one-line diff unless `train.resume_changes=allow`. A few (`FIXED`: the error bank's
+buckets and entries per bucket, whose sizes the checkpoint's state has) are refused even then.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# dotted keys that a resume can never change, not even with train.resume_changes=allow: the
+# checkpoint's state has their shape (the error bank's buckets x entries)
+FIXED = {
+    "method.error_recycling.buckets": "the error bank's timestep buckets",
+    "method.error_recycling.bank_size": "the error bank's entries per bucket",
+}
+
+
 def is_safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE)
 
@@ -69,9 +78,23 @@ def recipe_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
     return safe, unsafe
 
 
+def _bank_kept(stored: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Both recipes recycle errors (a bank is in the checkpoint and one is asked for)."""
+    key = "method.error_recycling.enabled"
+    return bool(flatten(stored).get(key)) and bool(flatten(new).get(key))
+
+
 def check_resume(stored: dict[str, Any], new: dict[str, Any], where: str) -> list[str]:
     """Lines to print for the applied changes; ConfigError for changes that cannot be honoured."""
     safe, unsafe = recipe_changes(stored, new)
+    fixed = [c for c in unsafe if c.split(":", 1)[0] in FIXED]
+    if fixed and _bank_kept(stored, new):
+        what = ", ".join(FIXED[c.split(":", 1)[0]] for c in fixed)
+        raise ConfigError(
+            f"resuming {where} with {'; '.join(fixed)}: the checkpoint holds {what} at the old size and "
+            "cannot be resized (not even with train.resume_changes=allow); keep the old value, or start "
+            "over with run.resume=false or a new run.dir"
+        )
     allow = flatten(new).get("train.resume_changes") == "allow"
     if unsafe and not allow:
         raise ConfigError(
