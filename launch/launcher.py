@@ -3,6 +3,11 @@
   vidtrain-launch --launcher deepspeed --nproc 2 recipes/tf_debug_sp2.yaml
   vidtrain-launch --launcher torchrun --nproc 8 --nnodes 2 --node-rank 0 --master-addr node0 RECIPE
   vidtrain-launch --launcher slurm --nnodes 4 --nproc 8 --gpus-per-node 8 --partition gpu RECIPE --dry-run
+  vidtrain-launch sample --nproc 2 -- --checkpoint runs/debug --shots shots.yaml --out video.mp4
+
+The `sample` entry starts `python -m vidtrain.cli sample ARGS` on N torchrun ranks of one node
+(the ranks read N from WORLD_SIZE) (what `vidtrain sample --nproc N` runs: Ulysses over heads, the KV cache by heads, rank 0
+decodes and writes).
 
 Every launcher ends in the same entry, `python -m vidtrain.cli train RECIPE k=v ...`, with
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment (what the
@@ -69,7 +74,8 @@ def deepspeed_command(a: argparse.Namespace) -> list[str]:
     return [*cmd, "vidtrain.cli", "train", *train_args(a)]
 
 
-def torchrun_command(a: argparse.Namespace) -> list[str]:
+def torchrun_command(a: argparse.Namespace, entry: list[str] | None = None) -> list[str]:
+    """torchrun over `entry` (module and arguments; default: `vidtrain.cli train RECIPE k=v ...`)."""
     cmd = [
         sys.executable,
         "-m",
@@ -84,7 +90,8 @@ def torchrun_command(a: argparse.Namespace) -> list[str]:
             raise ValueError("multi-node torchrun needs --master-addr (the address of node rank 0)")
         cmd += ["--node_rank", str(a.node_rank)]
     cmd += ["--master_addr", a.master_addr or "127.0.0.1", "--master_port", str(a.master_port or free_port())]
-    return [*cmd, "--module", "vidtrain.cli", "train", *train_args(a)]
+    entry = entry if entry is not None else ["vidtrain.cli", "train", *train_args(a)]
+    return [*cmd, "--module", *entry]
 
 
 def sbatch_script(a: argparse.Namespace) -> str:
@@ -172,8 +179,67 @@ def check_recipe(a: argparse.Namespace) -> None:
         )
 
 
+SAMPLE_ENTRY = ["vidtrain.cli", "sample"]
+
+
+def parse_sample(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """`vidtrain-launch sample [--nproc N ...] -- SAMPLE ARGS`: the launcher's options, then
+    `vidtrain sample`'s arguments (which that command checks itself)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        own, rest = argv[:cut], argv[cut + 1 :]
+    else:
+        own, rest = argv, []
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="vidtrain-launch sample",
+        description="start `vidtrain sample` on N torchrun ranks of this node (multi-GPU sampling)",
+    )
+    p.add_argument("--nproc", type=int, default=2, help="ranks (GPUs or CPU processes)")
+    p.add_argument("--master-port", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    p.add_argument("--verbose", action="store_true", help="everything the ranks print")
+    a = p.parse_args(own)
+    if a.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {a.nproc}")
+    if not rest:
+        raise ValueError("vidtrain-launch sample needs `-- ARGS` (vidtrain sample's arguments)")
+    a.launcher, a.nnodes, a.node_rank, a.master_addr = "torchrun", 1, 0, None
+    return a, without_nproc(rest)
+
+
+def without_nproc(args: list[str]) -> list[str]:
+    """`vidtrain sample`'s arguments minus `--nproc N`: inside the ranks the count is WORLD_SIZE
+    (and torchrun's argument parser would call `--nproc` an ambiguous `--nproc-per-node`)."""
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            out.append(x)
+    return out
+
+
+def _sample(argv: list[str]) -> int:
+    try:
+        a, rest = parse_sample(argv)
+        cmd = torchrun_command(a, [*SAMPLE_ENTRY, *rest])
+    except ValueError as e:
+        print(f"vidtrain-launch: error: {e}", file=sys.stderr)
+        return 2
+    if a.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    return run_ranks(cmd, a)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet.install()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sample"]:
+        return _sample(argv[1:])
     try:
         a = parse(argv)
         if a.launcher == "slurm":

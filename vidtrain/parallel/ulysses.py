@@ -55,15 +55,25 @@ class UlyssesAttention(WrappedCore):
         return _seq_to_heads(self.inner(q, k, v, ctx), p, self.group)
 
 
-def apply_ulysses(model: nn.Module, group, sp_size: int) -> int:
-    """Replace every declared self-attention core with a Ulysses wrapper (from outside the model)."""
+def check_heads(num_heads: int, sp_size: int, flag: str = "parallel.sp_size") -> None:
+    """Ulysses splits the heads over the SP ranks: a count that does not divide is one clear line
+    naming both numbers (`flag`: the setting that chose the rank count)."""
+    if num_heads % sp_size:
+        name = "sp_size" if flag == "parallel.sp_size" else flag
+        raise ValueError(
+            f"Ulysses sequence parallelism needs heads divisible by {flag}: "
+            f"{num_heads} heads, {name}={sp_size}"
+        )
+
+
+def apply_ulysses(model: nn.Module, group, sp_size: int, flag: str = "parallel.sp_size") -> int:
+    """Replace every declared self-attention core with a Ulysses wrapper (from outside the model).
+    Training and the multi-rank sampler (vidtrain/sample/parallel_sample.py, `flag` "--nproc")
+    wrap the same way: the core inside, and so any `AttentionContext.kv_hook`, sees this rank's
+    H/P heads over all tokens."""
 
     def wrap(module: nn.Module, core: nn.Module) -> UlyssesAttention:
-        if module.num_heads % sp_size:
-            raise ValueError(
-                f"Ulysses sequence parallelism needs heads divisible by parallel.sp_size: "
-                f"{module.num_heads} heads, sp_size={sp_size}"
-            )
+        check_heads(module.num_heads, sp_size, flag)
         return UlyssesAttention(core, group, sp_size)
 
     return wrap_attention_cores(model, wrap)

@@ -16,6 +16,12 @@ Image-to-video (`--image first.png`, a Wan2.2 TI2V base: the image, encoded as o
 is latent frame 0, held clean) and continuation (`--video prefix.mp4`: its first 1 + 4k pixel
 frames encoded, whole chunks kept as clean history of shot 0; `--include-prefix` writes them
 too, as the VAE decodes them).
+
+Multi-GPU (`--nproc N`): the checks above run first, then N ranks start through the launcher
+(`vidtrain-launch sample`, torchrun): Ulysses sequence parallelism over the attention heads with
+the KV cache sharded by heads (vidtrain/sample/parallel_sample.py); rank 0 decodes (async, on
+`--decode-device` when given) and alone writes the outputs. `--decode-device` (e.g. cuda:1, cpu)
+puts the VAE on another device than the DiT, one process or many.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 import os
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,8 +50,10 @@ from vidtrain.models.wan.state_dict import (
     detect_layout,
     resolve_model_folder,
 )
+from vidtrain.parallel.mesh import build_mesh
 from vidtrain.quant.qat import apply_quant_record
 from vidtrain.sample.decode import DECODE_MODES, VideoWriter, plot_timeline, stream_video, write_metrics
+from vidtrain.sample.parallel_sample import UlyssesSampler, check_ranks, generate_only
 from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
 from vidtrain.sample.shots import Shot, load_shots
 
@@ -561,6 +570,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4 (and of shot times)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument(
+        "--decode-device",
+        default=None,
+        help="device of the VAE decode, e.g. cuda:1 or cpu (default: the generation device; with "
+        "--nproc: rank 0 decodes there while the ranks generate)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks (GPUs) generating together: Ulysses over the attention heads, the KV cache "
+        "sharded by heads; started through vidtrain-launch (torchrun). Default: 1, or the "
+        "launcher's WORLD_SIZE inside a launched rank",
+    )
+    p.add_argument("--master-port", type=int, default=None, help="--nproc: the ranks' rendezvous port")
+    p.add_argument(
         "--max-memory-gib",
         type=float,
         default=None,
@@ -570,9 +594,98 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+CHECKED_ENV = "VIDTRAIN_SAMPLE_CHECKED"  # set for ranks started by `vidtrain sample --nproc`
+RANK_TIMEOUT_S = 600.0  # --nproc: a collective that waits longer fails the run instead of hanging it
+
+
+def launched_rank() -> bool:
+    """Inside a rank that a launcher started (torchrun / vidtrain-launch set RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_nproc(args) -> int:
+    """--nproc, else the launcher's WORLD_SIZE inside a launched rank, else 1."""
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if launched_rank() and int(os.environ["WORLD_SIZE"]) not in (1, args.nproc):
+            raise ValueError(
+                f"--nproc {args.nproc} but the launcher started {os.environ['WORLD_SIZE']} ranks"
+            )
+        return args.nproc
+    return int(os.environ["WORLD_SIZE"]) if launched_rank() else 1
+
+
+def parse_device(spec: str, flag: str) -> torch.device:
+    """A torch device of a flag, checked to exist here (one line otherwise)."""
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{flag}: not a torch device: {spec!r} (e.g. cuda, cuda:1, cpu)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if (dev.index is not None and dev.index >= n) or n == 0:
+            raise ValueError(f"{flag} {spec}: this machine has {n} CUDA device(s)")
+    return dev
+
+
+def launch_ranks(nproc: int, argv: list[str], master_port: int | None) -> int:
+    """Start `nproc` ranks of this same command through the launcher (`vidtrain-launch sample`:
+    torchrun, the ranks' output passed through). A subprocess, not an import: the launcher sits
+    above vidtrain.sample in the rooms' layers."""
+    cmd = [sys.executable, "-m", "vidtrain.launch.launcher", "sample", "--nproc", str(nproc)]
+    if master_port:
+        cmd += ["--master-port", str(master_port)]
+    # the ranks check again (cheap) but need not print what this process already said
+    return subprocess.call([*cmd, "--", *argv], env={**os.environ, CHECKED_ENV: "1"})
+
+
+def _from_main(mesh, *objs):
+    """Rank 0's objects (CPU tensors, numbers) on every rank of the group."""
+    import torch.distributed as dist  # lazy: only a multi-rank run broadcasts
+
+    box = [None if o is None else (o.cpu() if isinstance(o, torch.Tensor) else o) for o in objs]
+    dist.broadcast_object_list(box, src=0)
+    return box
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    # 1. everything that can be wrong, before compute
+    nproc = resolve_nproc(args)
+    ranks = nproc > 1 and launched_rank()  # this process is one of the ranks
+    if ranks and os.environ["RANK"] != "0":  # the ranks other than 0 say nothing and write nothing
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return _main(args, argv, nproc, ranks)
+    return _main(args, argv, nproc, ranks)
+
+
+def _main(args, argv: list[str], nproc: int, ranks: bool) -> int:
+    # 1. everything that can be wrong, before compute (and before any rank starts)
+    quiet_checks = ranks and os.environ.get(CHECKED_ENV) == "1"
+    with (
+        open(os.devnull, "w") as devnull,
+        contextlib.redirect_stdout(devnull if quiet_checks else sys.stdout),
+    ):
+        checked = _check(args, argv, nproc)
+    if nproc > 1 and not ranks:
+        print(
+            f"[vidtrain] starting {nproc} ranks through vidtrain-launch (torchrun); rank 0 decodes and writes"
+        )
+        return launch_ranks(nproc, argv, args.master_port)
+    mesh = build_mesh(nproc, RANK_TIMEOUT_S) if ranks else None
+    try:
+        return _generate(args, *checked, mesh)
+    finally:
+        if mesh is not None and mesh.owns_process_group:
+            import torch.distributed as dist  # lazy: only a multi-rank run made a process group
+
+            dist.destroy_process_group()
+
+
+def _check(args, argv: list[str], nproc: int) -> tuple:
+    """Every check before compute; (cfg, shots, latent_hw, image, prefix chunks, device,
+    decode device, out)."""
     out = Path(args.out)
     check_output(out)
     check_numbers(args)
@@ -582,61 +695,97 @@ def main(argv: list[str] | None = None) -> int:
     check_conditioning_args(args, wan)
     spatial = vae_spatial(args.vae, wan.in_channels)
     latent_hw = latent_size(args.height, args.width, spatial, rope_positions=rope_positions)
-    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+    check_ranks(
+        wan.num_heads, cfg.frames_per_chunk * (latent_hw[0] // PATCH) * (latent_hw[1] // PATCH), nproc
+    )
+    given = {a.split("=")[0] for a in argv}
     size_from = "flags" if {"--height", "--width"} & given else "default (--height/--width)"
+    where = args.device if nproc == 1 else f"{nproc} ranks (Ulysses over {wan.num_heads} heads)"
     print(
         f"[vidtrain] size {args.height}x{args.width} px from {size_from}: {latent_hw[0]}x{latent_hw[1]} latents, "
-        f"{sum(s.chunks for s in shots)} chunks of {cfg.frames_per_chunk} latent frames on {args.device}"
+        f"{sum(s.chunks for s in shots)} chunks of {cfg.frames_per_chunk} latent frames on {where}"
     )
     image = read_image(args.image, args.height, args.width) if args.image else None
     k = prefix_chunks(video_frames(args.video), cfg.frames_per_chunk) if args.video else 0
     if k:  # the prefix is shot 0's first chunks: its prompt continues it
         shots = [Shot(shots[0].prompt, shots[0].chunks + k), *shots[1:]]
     check_positions(shots, cfg, rope_positions)
-    device = torch.device(args.device)
+    device = parse_device(args.device, "--device")
+    decode_device = parse_device(args.decode_device, "--decode-device") if args.decode_device else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     frames = sum(s.chunks for s in shots) * cfg.frames_per_chunk
     parts = memory_estimate(
         wan, cfg, latent_hw, frames, args.vae, torch.finfo(dtype).bits // 8, spatial=spatial
     )
+    if nproc > 1:  # each rank holds H/N heads of the cache
+        parts["KV cache"] /= nproc
+    if decode_device is not None and decode_device != device:
+        parts.pop("VAE decode", None)  # on its own device
     need = check_memory(parts, args.max_memory_gib, device)
-    print(f"[vidtrain] memory estimate {need / 2**30:.2f} GiB (" + ", ".join(
+    print(f"[vidtrain] memory estimate {need / 2**30:.2f} GiB" + (" per rank" if nproc > 1 else "") + " (" + ", ".join(
         f"{k} {v / 2**30:.2f}" for k, v in parts.items()) + ")")  # fmt: skip
+    return cfg, shots, latent_hw, image, k, device, decode_device, out
+
+
+def _generate(args, cfg, shots, latent_hw, image, k, device, decode_device, out, mesh) -> int:
+    """Load, generate, decode and write (rank 0; the other ranks of a multi-rank run generate only)."""
+    if mesh is not None:  # each rank on its own GPU (cuda:LOCAL_RANK), or the CPU
+        device = mesh.device if device.type == "cuda" else torch.device("cpu")
+    decode_device = decode_device or device
+    main_rank = mesh is None or mesh.is_main
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(args.checkpoint, args.lora)
     model = model.to(device, dtype).eval().requires_grad_(False)
-    vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)  # checked by vae_spatial
+    vae = None
+    if main_rank:  # checked by vae_spatial
+        vae_dtype = torch.bfloat16 if decode_device.type == "cuda" else torch.float32
+        vae = load_vae(args.vae, model.cfg.in_channels, decode_device, vae_dtype)
     text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_dim, device, cfg.text_len)
+    conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim, cfg)
+    image_latent = prefix = skip = None
+    if main_rank and image is not None:
+        image_latent = encode_frames(vae, image)[:, :, 0]
+    if main_rank and k:
+        pixels = read_prefix(
+            args.video, k, cfg.frames_per_chunk, args.height, args.width, vae.temporal_compression
+        )
+        prefix = encode_frames(vae, pixels)
+        skip = 0 if args.include_prefix else pixels.shape[2]
+    if mesh is not None:  # rank 0 encoded them: every rank conditions on the same latents
+        image_latent, prefix, skip = _from_main(mesh, image_latent, prefix, skip)
+    if image_latent is not None:
+        conds[0] = Conditioning(conds[0].context_BST, conds[0].mask_BS, image_latent)
+    chunks = [s.chunks for s in shots]
+    if mesh is None:
+        sampler = PrefixSampler(model, cfg, prefix)
+    else:
+        sampler = UlyssesSampler(model, cfg, mesh, prefix)
+        if not mesh.is_main:
+            generate_only(sampler, conds, chunks, latent_hw, [args.seed])
+            return 0
     # 2. generate + decode into temp files beside the outputs; renamed over them once all are complete
     for stale in remove_stale_temps(out):
         print(f"[vidtrain] removed {stale.name}, left by a killed run")
     finals = [out, out.with_suffix(".metrics.json"), out.with_suffix(".timeline.png")]
     temps = [_tmp_beside(p) for p in finals]
     try:
-        conds = shot_conditionings([[s.prompt] for s in shots], text_encoder, model.cfg.text_dim, cfg)
-        prefix = skip = None
-        if image is not None:
-            conds[0] = Conditioning(
-                conds[0].context_BST, conds[0].mask_BS, encode_frames(vae, image)[:, :, 0]
-            )
-        if k:
-            pixels = read_prefix(
-                args.video, k, cfg.frames_per_chunk, args.height, args.width, vae.temporal_compression
-            )
-            prefix = encode_frames(vae, pixels)
-            skip = 0 if args.include_prefix else pixels.shape[2]
         writer = VideoWriter(temps[0], args.fps)
         try:
             metrics = stream_video(
-                PrefixSampler(model, cfg, prefix), conds, [s.chunks for s in shots], latent_hw, [args.seed], vae,
-                args.decode, writer if not skip else SkipFrames(writer, skip),
+                sampler, conds, chunks, latent_hw, [args.seed], vae, args.decode,
+                writer if not skip else SkipFrames(writer, skip),
             )  # fmt: skip
         finally:
             writer.close()
         # 3. metrics and timeline beside the video
+        nproc = 1 if mesh is None else mesh.sp_size
+        if nproc > 1:  # the cache is sharded by heads, H/N per rank (equal shards)
+            metrics["kv_cache_bytes_per_rank"] = metrics["kv_cache_bytes"]
+            metrics["kv_cache_bytes"] = metrics["kv_cache_bytes"] * nproc
         metrics.update(fps=args.fps, shots=[{"prompt": s.prompt, "chunks": s.chunks} for s in shots],
                        frames_written=writer.frames, height=args.height, width=args.width,
                        image=args.image, prefix_video=args.video, prefix_chunks=k,
-                       include_prefix=bool(args.include_prefix))  # fmt: skip
+                       include_prefix=bool(args.include_prefix), nproc=nproc)  # fmt: skip
         write_metrics(metrics, temps[1])
         plot_timeline(metrics["timeline"], temps[2], f"{out.name}: {args.decode} decode")
         for tmp, final in zip(temps, finals):
@@ -649,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         f"[vidtrain] wrote {out} ({writer.frames} frames at {args.fps:g} fps), "
         f"{metrics['fps_end_to_end']:.2f} frames/s end to end, first chunk {metrics['first_chunk_latency_s']:.2f} s, "
         f"KV cache {metrics['kv_cache_bytes'] / 2**20:.2f} MiB"
+        + (f" ({nproc} ranks, decode on {metrics['decode_device']})" if nproc > 1 else "")
     )
     return 0
 

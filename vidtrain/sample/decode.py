@@ -10,6 +10,10 @@ carried from the previous chunk (split only where memory is short: `latents_per_
 this equals Wan's one-latent-frame-at-a-time schedule (tests/test_vae_chunkwise.py) and is several
 times faster on CPU.
 
+The VAE may sit on another device than the DiT (`vidtrain sample --decode-device`: a second GPU,
+or the CPU): each chunk's latents move to it when submitted, and the decoder works there, beside
+generation; on a multi-rank run rank 0 decodes while all ranks generate.
+
 Legend: B batch, C channels, T pixel frames, F latent frames, H/W height/width.
 """
 
@@ -114,6 +118,11 @@ class ChunkDecoder:
             return
         if self._error is not None:
             raise self._error
+        if z.device != self.device:
+            # --decode-device: the VAE on another device (a second GPU, the CPU) than the
+            # generation; the chunk's latents (small) cross here, in the generating thread, so the
+            # worker only ever sees tensors of its own device
+            z = z.to(self.device)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -145,9 +154,10 @@ def stream_video(
     unless `keep_latents` (tests, benches) asks for them (then under "_latents").
     """
     device = sampler.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     dec = ChunkDecoder(vae, decode, sink)
+    for d in {device, dec.device}:
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
     t0 = time.perf_counter()
     rows, latents, latent_frames = [], [], 0
     try:
@@ -177,8 +187,11 @@ def stream_video(
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "kv_cache_bytes": max(r["kv_bytes"] for r in rows),
+        "decode_device": str(dec.device),
         "timeline": rows,
     }
+    if dec.device != device:  # --decode-device: the decoder's own peak
+        metrics["decode_peak_memory_bytes"] = peak_memory_bytes(dec.device)
     if keep_latents:
         metrics["_latents"] = torch.cat(latents, dim=2)
     return metrics

@@ -18,7 +18,9 @@ Storage is per layer and per chunk block (K and V of one chunk, [B, H, Lc, D]):
              on CUDA, the torch reference elsewhere; every backend gives the same bytes), all
              blocks of a layer dequantized in one call (`dequantize_kv_blocks`).
 Keys arrive already rotated (RoPE applied inside the attention), so cached keys keep the
-positions they were written with.
+positions they were written with. Under multi-rank sampling (parallel_sample.py) the hook runs
+inside the Ulysses wrapper, so each rank's cache sees, stores and reads only its H/N heads: every
+format's blocks of a head are then the one-process cache's bytes of that head.
 
 Memory layout. With a window (`rule.restricted`) the number of chunks a query can ever see is
 bounded (`history_slots`: the window's chunks, the sink chunks, the shot sink, plus the chunk

@@ -234,11 +234,21 @@ class StreamingSampler:
         attn = AttentionContext(rule=MaskRule("full"), meta=meta, kv_hook=cache.hook)
         ctx_BSD, cross_kv = self._text(shot, cond)
         mask = None if cond.mask_BS is None else cond.mask_BS.to(x_BCFHW.device)
-        out_BLP = model(
-            model.patchify(x_BCFHW), t_BL, None, meta=meta, attn=attn,
-            context_BSD=ctx_BSD, context_mask_BS=mask, cross_kv=cross_kv,
-        )  # fmt: skip
+        out_BLP = self._run_model(
+            model.patchify(x_BCFHW),
+            t_BL,
+            meta,
+            attn,
+            context_BSD=ctx_BSD,
+            context_mask_BS=mask,
+            cross_kv=cross_kv,
+        )
         return model.unpatchify(out_BLP, f, h, w).float()
+
+    def _run_model(self, x_BLP, t_BL, meta: TokenMeta, attn: AttentionContext, **kw) -> torch.Tensor:
+        """The model on one chunk's tokens [B, L, P] -> [B, L, P]: here all of them in one process;
+        the multi-rank sampler (parallel_sample.UlyssesSampler) runs this rank's share and gathers."""
+        return self.model(x_BLP, t_BL, None, meta=meta, attn=attn, **kw)
 
     # ---- one chunk -----------------------------------------------------------------------------
     @staticmethod
