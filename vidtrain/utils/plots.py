@@ -6,6 +6,7 @@ ticks for counts (steps, ranks, chunks), every line labelled, no empty panels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 DECADES_FOR_LOG = 2.0  # a log axis only when max/min >= 10^2 (positive values)
@@ -45,3 +46,8 @@ def integer_axis(ax, axis: str = "x") -> None:
 def nonempty(figures: dict[str, Sequence[float]]) -> dict[str, list[float]]:
     """The panels worth drawing: at least one value and not all zero."""
     return {k: list(v) for k, v in figures.items() if len(v) and any(float(x) != 0 for x in v)}
+
+
+def finite_values(values: Sequence[float | None]) -> list[float]:
+    """The values that can be drawn and scaled: not None, not NaN, not infinite."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
