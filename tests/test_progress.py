@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from vidtrain.train.logging import StepProgress
+from vidtrain.utils.progress import StepProgress
 
 
 def test_progress_prints_about_ten_lines_with_both_dmd_losses():
@@ -28,3 +28,13 @@ def test_progress_is_silent_when_off_or_done():
         p.update({"loss": 1.0})
         p.close()
     assert out.getvalue() == ""
+
+
+def test_progress_counts_any_unit_with_its_own_figures():
+    out = io.StringIO()
+    p = StepProgress(4, 0, "sample", stream=out, unit="chunk", keys=("generate_s",))
+    for i in range(4):
+        p.update({"generate_s": 0.5 + i, "loss": 9.0})  # only the asked-for figures are shown
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("[vidtrain] sample chunk 4/4 generate_s 3.5000 (")
+    assert "loss" not in lines[-1] and "s/chunk, eta 0 s)" in lines[-1]

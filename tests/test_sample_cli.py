@@ -86,6 +86,9 @@ def test_cli_writes_mp4_metrics_timeline(ckpt, tmp_path, capsys):
     assert (
         "warning: --vae debug is a randomly initialised VAE" in said and "warning: no --text-encoder" in said
     )
+    chunk_lines = [line for line in said.splitlines() if line.startswith("[vidtrain] sample chunk ")]
+    assert [line.split()[3] for line in chunk_lines] == ["1/3", "2/3", "3/3"]  # per chunk, with times
+    assert "generate_s" in chunk_lines[-1] and "s/chunk, eta 0 s)" in chunk_lines[-1]
     metrics = json.loads((tmp_path / "video.metrics.json").read_text())
     for k in ("fps_end_to_end", "first_chunk_latency_s", "peak_memory_bytes", "kv_cache_bytes", "timeline"):
         assert k in metrics

@@ -584,6 +584,7 @@ def parser() -> argparse.ArgumentParser:
         "launcher's WORLD_SIZE inside a launched rank",
     )
     p.add_argument("--master-port", type=int, default=None, help="--nproc: the ranks' rendezvous port")
+    p.add_argument("--no-progress", action="store_true", help="no per-chunk progress lines")
     p.add_argument(
         "--max-memory-gib",
         type=float,
@@ -773,7 +774,7 @@ def _generate(args, cfg, shots, latent_hw, image, k, device, decode_device, out,
         try:
             metrics = stream_video(
                 sampler, conds, chunks, latent_hw, [args.seed], vae, args.decode,
-                writer if not skip else SkipFrames(writer, skip),
+                writer if not skip else SkipFrames(writer, skip), progress=not args.no_progress,
             )  # fmt: skip
         finally:
             writer.close()

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from vidtrain.utils.progress import StepProgress
+
 DECODE_MODES = ("sync", "async")
 
 
@@ -146,12 +148,15 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def stream_video(
-    sampler, conds, chunks_per_shot, latent_hw, seeds, vae, decode: str, sink, keep_latents: bool = False
-) -> dict:
+    sampler, conds, chunks_per_shot, latent_hw, seeds, vae, decode: str, sink, keep_latents: bool = False,
+    progress: bool = False,
+) -> dict:  # fmt: skip
     """Generate chunk by chunk, decoding each chunk (sync or async); return metrics + timeline.
 
     Memory stays constant in video length: decoded chunks go to `sink`, latents are dropped
-    unless `keep_latents` (tests, benches) asks for them (then under "_latents").
+    unless `keep_latents` (tests, benches) asks for them (then under "_latents"). `progress`:
+    one line per ~10% of the chunks generated (a bar on a terminal), with the chunk's generate
+    time and the last decode time.
     """
     device = sampler.device
     dec = ChunkDecoder(vae, decode, sink)
@@ -160,6 +165,9 @@ def stream_video(
             torch.cuda.reset_peak_memory_stats(d)
     t0 = time.perf_counter()
     rows, latents, latent_frames = [], [], 0
+    bar = StepProgress(
+        sum(chunks_per_shot), 0, "sample", progress, unit="chunk", keys=("generate_s", "decode_s")
+    )
     try:
         for ch in sampler.stream(conds, chunks_per_shot, latent_hw, seeds):
             dec.submit(ch.index, ch.x0_BCFHW)
@@ -168,8 +176,14 @@ def stream_video(
                 latents.append(ch.x0_BCFHW)
             rows.append({"chunk": ch.index, "shot": ch.shot, "gen_start": ch.gen_start, "gen_end": ch.gen_end,
                          "kv_bytes": ch.kv_bytes})  # fmt: skip
+            done = list(dec.times.values())  # decodes finished so far (async: may lag)
+            figures = {"generate_s": ch.gen_end - ch.gen_start}
+            if done:
+                figures["decode_s"] = done[-1][1] - done[-1][0]
+            bar.update(figures)
     finally:
         dec.close()
+        bar.close()
     t_end = time.perf_counter()
     for r in rows:
         r["dec_start"], r["dec_end"] = dec.times[r["chunk"]]

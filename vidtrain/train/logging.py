@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -25,58 +23,6 @@ class StepCallback(Protocol):
 
     def on_finish(self) -> None:
         """At the end of a run (plots)."""
-
-
-# the losses shown beside the step count, in this order (DMD: both roles)
-PROGRESS_KEYS = ("loss", "generator_loss", "critic_loss")
-
-
-class StepProgress:
-    """Rank 0's progress of a run: a tqdm bar on a terminal; one plain line every ~10% of the
-    steps (and the last) when the output is a file or a pipe (a launcher, `make demo`, Slurm),
-    so a long stage is never silent. Losses of the step beside the count."""
-
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, stream=None) -> None:
-        self.total, self.step, self.desc = total, initial, desc
-        self.stream = stream or sys.stdout
-        self.enabled = enabled and initial < total
-        self.every = max(1, (total - initial) // 10)
-        self.start = time.perf_counter()
-        self.first = initial
-        self._bar = None
-        self.shown: dict[str, float] = {}  # the latest of each loss (DMD's generator: every k-th step)
-        if self.enabled and self.stream.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream)
-
-    def update(self, logs: dict[str, float]) -> None:
-        self.step += 1
-        if not self.enabled:
-            return
-        self.shown.update({k: float(logs[k]) for k in PROGRESS_KEYS if k in logs})
-        shown = dict(self.shown)
-        if "critic_loss" in shown:  # DMD's `loss` is its critic loss
-            shown.pop("loss", None)
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
-            return
-        if (self.step - self.first) % self.every and self.step != self.total:
-            return
-        per_step = (time.perf_counter() - self.start) / (self.step - self.first)
-        losses = " ".join(f"{k.replace('_loss', '')} {v:.4f}" for k, v in shown.items())
-        eta = per_step * (self.total - self.step)
-        print(
-            f"[vidtrain] {self.desc} step {self.step}/{self.total} {losses} "
-            f"({per_step:.2f} s/step, eta {eta:.0f} s)",
-            file=self.stream,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 class MetricsLogger:

@@ -28,12 +28,13 @@ from vidtrain.train.checkpoint import (
 )
 from vidtrain.train.context import RoleOptimizer
 from vidtrain.train.ema import EMA
-from vidtrain.train.logging import MetricsLogger, StepCallback, StepProgress, plot_loss
+from vidtrain.train.logging import MetricsLogger, StepCallback, plot_loss
 from vidtrain.train.methods import make_method
 from vidtrain.train.resume_policy import check_resume
 from vidtrain.train.run_lock import RunLock, RunLockError
 from vidtrain.utils import rng
 from vidtrain.utils.io import atomic_write_text
+from vidtrain.utils.progress import StepProgress
 
 
 def build_model(recipe: Recipe) -> CausalWanDiT:
