@@ -175,8 +175,10 @@ def test_write_report_grids_and_relative_paths(tmp_path):
     (out / "tf" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
     (out / "video.mp4").write_bytes(b"")
     (out / "video.metrics.json").write_text(json.dumps({"fps_end_to_end": 10.0, "timeline": []}))
-    report = write_report(out, {"train": 1.0, "figures": 2.0})
+    report = write_report(out, {"train": 1.0, "figures": 2.0}, {"train": (3.25, 2.0, 1.0), "figures": None})
     text = report.read_text()
+    assert "| train | 1.0 | 3.2 |" in text and "| figures | 2.0 |  |" in text  # the load beside the time
+    assert "1-minute load average" in text
     assert "## What the model learned" in text and "| teacher forcing |" in text and "cannot" in text
     links = assert_relative_links(out)
     for stage in ("random", "tf", "qat", "dmd", "vae"):

@@ -30,7 +30,7 @@ import torch
 from vidtrain.assets_paths import sample_video_dir
 from vidtrain.models.text import make_tiny_text_encoder
 from vidtrain.models.vae import CausalVideoVAE
-from vidtrain.report import stage_figures, write_report
+from vidtrain.report import machine_load, stage_figures, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     shots = DEMO_ASSETS / "shots.yaml"
     videos, latents = out / "video_shards", out / "latent_shards"
     times: dict[str, float] = {}
+    loads: dict[str, tuple[float, float, float] | None] = {}  # the machine's load as each stage ended
     # train, distil and sample with the attention the sampler's KV cache keeps: a window of
     # 6 latent frames, a 3-frame global sink and the shot sink (memory constant in length)
     attn = ["model.window_frames=6", "model.sink_frames=3", "model.shot_sink=true"]
@@ -139,20 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     for name, cmd in steps:
         times[name] = sh(cmd, logs / f"{name}.log", env)
+        loads[name] = machine_load()
     if not args.no_figures:
         # each stage's checkpoint sampled beside the data, and the random-init baseline
         print("\n== per-stage samples and fidelity (report.md) ==", flush=True)
         t = time.perf_counter()
         fid = stage_figures(out, vae, te, video_settings=VIDEO_SETTINGS)
         times["figures"] = time.perf_counter() - t
+        loads["figures"] = machine_load()
         for stage, f in fid["stages"].items():
             print(f"  {stage:7s} prompted {f['prompted']:.3f}  other {f.get('other', float('nan')):.3f}")
 
-    report = write_report(out, times)
+    report = write_report(out, times, loads)
     print("\n== vidtrain demo finished ==")
     for name, secs in times.items():
         log = logs / f"{name}.log"
-        print(f"  {name:7s} {secs:7.1f} s" + (f"   log: {log}" if log.exists() else ""))
+        load = f"   load {loads[name][0]:.1f}" if loads.get(name) else ""
+        print(f"  {name:7s} {secs:7.1f} s{load}" + (f"   log: {log}" if log.exists() else ""))
     print(f"  video:   {out / 'video.mp4'} (+ video.metrics.json, video.timeline.png)")
     print(f"  report:  {report} (per-stage grids in {out / 'grids'}, figures in fidelity.json)")
     (out / "demo_summary.json").write_text(json.dumps({"seconds": times, "report": str(report)}, indent=2))

@@ -396,18 +396,40 @@ def _learned(out: Path) -> list[str]:
     return lines
 
 
-def write_report(out: Path, seconds: dict[str, float]) -> Path:
+def machine_load() -> tuple[float, float, float] | None:
+    """The load averages (1, 5, 15 minutes), None where the OS has none: printed beside timings,
+    which on a shared machine swing with what else runs."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+
+
+def write_report(
+    out: Path, seconds: dict[str, float], loads: dict[str, tuple[float, float, float] | None] | None = None
+) -> Path:
     """`out/report.md` with the stage table, what the model learned (when `stage_figures` wrote
-    fidelity.json), the figures, and links to every artefact; every path relative to `out`."""
+    fidelity.json), the figures, and links to every artefact; every path relative to `out`.
+    `loads`: the machine's load averages at the end of each stage (`machine_load`), shown beside
+    its time."""
     out = Path(out)
-    lines = ["# vidtrain pipeline report", "", "| stage | seconds | last metrics |", "|---|---:|---|"]
+    loads = loads or {}
+    cpus = os.cpu_count() or 0
+    lines = [
+        "# vidtrain pipeline report", "",
+        f"Times are wall seconds on this machine ({cpus} CPUs); the load column is the 1-minute load "
+        "average when the stage ended: above the CPU count, other work was sharing the machine and "
+        "the time is longer than the stage needs.", "",
+        "| stage | seconds | load | last metrics |", "|---|---:|---:|---|",
+    ]  # fmt: skip
     run_of = {"train": "tf", "qat": "qat", "dmd": "dmd"}
     for stage, secs in seconds.items():
         m = _last_metrics(out / run_of[stage]) if stage in run_of else {}
         shown = ", ".join(
             f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float) and k in ("loss", "samples_per_s")
         )
-        lines.append(f"| {stage} | {secs:.1f} | {shown} |")
+        load = loads.get(stage)
+        lines.append(f"| {stage} | {secs:.1f} | {'' if load is None else f'{load[0]:.1f}'} | {shown} |")
     video = out / "video.mp4"
     metrics = out / "video.metrics.json"
     lines += ["", "## Video", ""]
@@ -419,6 +441,10 @@ def write_report(out: Path, seconds: dict[str, float]) -> Path:
         for key in ("fps_end_to_end", "first_chunk_latency_s", "peak_memory_bytes", "kv_cache_bytes"):
             if key in m:
                 lines.append(f"- `{key}`: {m[key]:.4g}")
+        if loads.get("sample") is not None:
+            lines.append(
+                f"- machine load when sampling ended (1 min): {loads['sample'][0]:.1f} on {cpus} CPUs"
+            )
     lines += ["", *_learned(out)]
     kv_png = plot_kv_bytes(metrics, out / "kv_bytes.png")
     lines += ["", "## Figures", ""]
