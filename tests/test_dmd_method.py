@@ -84,6 +84,31 @@ def test_only_adapter_params_get_grads(teacher, tmp_path):
     assert with_grad and all(lora.is_adapter_param(n, "critic") for n in with_grad)
 
 
+@pytest.mark.parametrize("quant", [[], ["quant.enabled=true"]], ids=["bf16_kv", "nvfp4_base_and_kv"])
+def test_self_forcing_rollout_with_activation_checkpointing_equals_without(teacher, tmp_path, quant):
+    """The grad passes of a self-forcing rollout recompute in the backward after later chunks
+    wrote the cache: they must read the history the forward read (the same adapter weights)."""
+    from vidtrain.train.trainer import Trainer
+
+    weights = {}
+    for ac in (False, True):
+        tr = Trainer(
+            recipe(teacher, tmp_path / f"ac{ac}", "method.dmd.rollout=self_forcing", "data.frames=9",
+                   "model.window_frames=3", "model.sink_frames=3", f"model.activation_checkpointing={ac}",
+                   "train.max_steps=2", *quant)
+        )  # fmt: skip
+        try:
+            tr.fit()
+            model = tr.strategy.unwrap(tr.model)
+            weights[ac] = {n: p.detach().clone() for n, p in lora.adapter_params(model, "dmd").items()}
+        finally:
+            tr.close()
+    assert weights[True].keys() == weights[False].keys()
+    assert any(p.abs().sum() > 0 for n, p in weights[True].items() if "lora_B" in n)
+    for n in weights[True]:
+        torch.testing.assert_close(weights[True][n], weights[False][n], rtol=0, atol=1e-6, msg=n)
+
+
 def test_resume_restores_both_optimizers(teacher, tmp_path):
     from vidtrain.train.trainer import Trainer
 

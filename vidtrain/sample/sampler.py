@@ -231,7 +231,10 @@ class StreamingSampler:
             t_BL = t.to(x_BCFHW.device, torch.float32).repeat_interleave(len(meta) // f, dim=1)
         else:
             t_BL = torch.full((b, len(meta)), float(t), device=x_BCFHW.device)
-        attn = AttentionContext(rule=MaskRule("full"), meta=meta, kv_hook=cache.hook)
+        # a pass with gradients (DMD's rollouts) may be recomputed in the backward (activation
+        # checkpointing) after later chunks changed the cache: it reads the history it first read
+        hook = _HistoryAsRead(cache.hook) if torch.is_grad_enabled() else cache.hook
+        attn = AttentionContext(rule=MaskRule("full"), meta=meta, kv_hook=hook)
         ctx_BSD, cross_kv = self._text(shot, cond)
         mask = None if cond.mask_BS is None else cond.mask_BS.to(x_BCFHW.device)
         out_BLP = self._run_model(
@@ -442,6 +445,31 @@ class StreamingSampler:
             chunks_per_shot = [chunks_per_shot]
         chunks = list(self.stream(conds, chunks_per_shot, latent_hw, seeds, **kw))
         return SampleResult(torch.cat([ch.x0_BCFHW for ch in chunks], dim=2), chunks)
+
+
+class _HistoryAsRead:
+    """A KV hook for one pass with gradients: the first call per layer goes to the cache, and
+    keeps (a copy of) the history it returned; a second call for that layer (activation
+    checkpointing recomputing the layer in the backward, when later chunks have grown or
+    overwritten the cache in place) gets that same history before its own K/V, and writes
+    nothing. The history carries no gradient (the cache stores detached K/V), so the backward is
+    the one of the forward that ran."""
+
+    def __init__(self, hook) -> None:
+        self.hook = hook
+        self.history: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}
+
+    def __call__(self, layer_idx: int, q_BHLD, k_BHLD, v_BHLD, ctx) -> tuple:
+        kept = self.history.get(layer_idx)
+        if kept is not None:
+            hk, hv, mask = kept
+            return torch.cat([hk, k_BHLD], dim=2), torch.cat([hv, v_BHLD], dim=2), mask
+        k_out, v_out, mask = self.hook(layer_idx, q_BHLD, k_BHLD, v_BHLD, ctx)
+        n = k_out.shape[2] - k_BHLD.shape[2]  # [history | this chunk's] along L
+        self.history[layer_idx] = (
+            k_out[:, :, :n].detach().clone(), v_out[:, :, :n].detach().clone(), mask
+        )  # fmt: skip
+        return k_out, v_out, mask
 
 
 def _pin_first(x_BCFHW: torch.Tensor, first_BC1HW: torch.Tensor) -> torch.Tensor:
