@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -253,10 +254,14 @@ def stage_figures(
     vae = load_vae(str(vae_path), 16, "cpu", torch.float32)  # the debug family: 16 latent channels
     figures: dict[str, dict] = {}
 
+    t0 = time.perf_counter()
+
     def record(stage: str, gen: dict[str, np.ndarray]) -> None:
         figures[stage] = fidelity(gen, clips)
         figures[stage]["grid"] = f"grids/{stage}.png"
         plot_grid(gen, clips, out / "grids" / f"{stage}.png", STAGE_TITLES[stage])
+        # one line per stage sampled: this part of the demo runs ~10 s and must not be silent
+        print(f"[vidtrain] report: {stage} sampled ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     tf_cfg = None
     for stage, (run, lora) in STAGES.items():
