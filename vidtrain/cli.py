@@ -1,4 +1,4 @@
-"""`vidtrain train|sample|convert|balance|merge|eval ...` — one console script, subcommands.
+"""`vidtrain train|sample|convert|balance|merge|eval|plan ...` — one console script, subcommands.
 
 User errors (bad recipe, missing file, shapes that do not fit) print one clear line and exit 2;
 a traceback is shown only with VIDTRAIN_DEBUG=1.
@@ -19,6 +19,7 @@ DELEGATED = {
     "eval": ("vidtrain.sample.evaluate", "sample a prompt list with several checkpoints, write a table"),
     "balance": ("vidtrain.parallel.balance", "per-rank balance report of a sequence-parallel layout"),
     "merge": ("vidtrain.lora.files", "fold a DMD LoRA into its base model"),
+    "plan": ("vidtrain.plan", "a recipe's memory and step time per rank on fake tensors (no GPU)"),
 }
 
 
