@@ -1,4 +1,4 @@
-"""Streaming sampler benchmark: KV cache bf16 vs nvfp4, VAE decode sync vs async.
+"""Streaming sampler benchmark: KV cache bf16 vs nvfp4 (fp8 on request), VAE decode sync vs async.
 
     python bench/sample_bench.py --out bench_sample.json            # debug flavor (CPU or GPU)
     python bench/sample_bench.py --flavor 1.3B --height 480 --width 832 --vae wan2.1   # GPU
@@ -25,6 +25,8 @@ import torch
 from bench_common import child_timeout, write_json
 
 # run order: the plain bf16 cache first (the headline, comparable to published sampler FPS)
+# (the FP8 cache, e4m3 with a per-head scale per block, is a row on request: --configs ...,fp8/async;
+# the GPU suite's stage budget and tests/test_gpu_suite_smoke.py fix the default rows)
 CONFIGS = [("bf16", "sync"), ("nvfp4", "sync"), ("bf16", "async"), ("nvfp4", "async")]
 
 
@@ -69,6 +71,9 @@ def _summary(args, rows: list[dict], lat: dict) -> dict:
     if ("bf16", "sync") in lat and ("nvfp4", "sync") in lat:
         a, b = lat[("bf16", "sync")], lat[("nvfp4", "sync")]
         rel_l2 = float((a - b).norm() / a.norm())
+    fp8_ratio = None
+    if ("fp8", "async") in by and ("bf16", "async") in by:
+        fp8_ratio = by[("fp8", "async")]["kv_cache_bytes"] / by[("bf16", "async")]["kv_cache_bytes"]
     if ("bf16", "sync") in lat and ("bf16", "async") in lat:
         equal = bool(torch.equal(lat[("bf16", "sync")], lat[("bf16", "async")]))
     return {
@@ -78,6 +83,7 @@ def _summary(args, rows: list[dict], lat: dict) -> dict:
         "window_frames": args.window_frames, "sink_frames": args.sink_frames,
         "kv_bytes_ratio_nvfp4_over_bf16": kv_ratio,
         "latent_rel_l2_nvfp4_vs_bf16": rel_l2,
+        "kv_bytes_ratio_fp8_over_bf16": fp8_ratio,
         "async_sync_frames_equal_latents": equal,
         "failed_configs": [f"{r['kv_cache']}/{r['decode']}" for r in rows if r.get("error")],
     }  # fmt: skip

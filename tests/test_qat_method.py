@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from vidtrain.config import load_recipe
+from vidtrain.config import ConfigError, load_recipe
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.state_dict import load_model_state
 from vidtrain.quant.convert import convert_for_recipe
@@ -83,13 +83,17 @@ def test_kv_hook_follows_quant_kv_fake_quant():
     [
         ("quant.backend=triton", "CUDA"),
         ("quant.backend=te", "nvfp4_te"),
-        ("quant.format=mxfp4", "quant.format"),
     ],
 )
 def test_bad_quant_settings_are_clear_errors(override, match):
     quant = load_recipe(None, [override]).quant
     with pytest.raises(ValueError, match=match):
         convert_for_recipe(CausalWanDiT.from_flavor("debug"), quant, CPU)
+
+
+def test_unknown_quant_format_is_refused_when_the_recipe_loads():
+    with pytest.raises(ConfigError, match=r"quant\.format.*'mxfp4'.*nvfp4.*fp8"):
+        load_recipe(None, ["quant.format=mxfp4"])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("qat_*.yaml")), ids=lambda p: p.name)

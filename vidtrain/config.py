@@ -185,21 +185,28 @@ class ParallelConfig:
 
 @dataclass
 class QuantConfig:
-    """NVFP4: what the run's model trains as (read through `Recipe.quantized`)."""
+    """NVFP4 or FP8: what the run's model trains as (read through `Recipe.quantized`)."""
 
     # the model trains as NVFP4 fake-quant (W4A4 linears, see `exclude`): implied by
     # method.name=qat (QAT is training that model); with dmd, a high-precision teacher's base is
     # converted (a QAT teacher's base is NVFP4 anyway); refused with teacher_forcing
     enabled: bool = False
-    format: str = "nvfp4"
-    # where the NVFP4 arithmetic runs: emulate (torch, any device) | triton (CUDA) | te
-    # (Transformer Engine, Blackwell); vidtrain/quant/convert.py maps it to the implementations
-    backend: Literal["emulate", "triton", "te"] = "emulate"
+    # nvfp4 (W4A4, Blackwell's FP4 tensor cores; memory only on Hopper) | fp8 (torchao's float8
+    # training recipes: Hopper / Ada FP8 tensor cores; vidtrain/quant/fp8.py)
+    format: Literal["nvfp4", "fp8"] = "nvfp4"
+    # fp8 only, torchao's Float8LinearRecipeName: tensorwise (one scale per tensor, dY in e5m2) |
+    # rowwise (per-row scales along each GEMM's reduction dim, powers of two, all e4m3)
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    # where the arithmetic runs: emulate (torch, any device) | triton (NVFP4, CUDA) | te (NVFP4,
+    # Transformer Engine, Blackwell) | torchao (FP8: torchao's Float8Linear, torch._scaled_mm);
+    # vidtrain/quant/convert.py maps it to the implementations
+    backend: Literal["emulate", "triton", "te", "torchao"] = "emulate"
     # linears kept in high precision (fnmatch on qualified names); null: the model family's
     # declared `_quant_exclude` (Wan's is this default)
     exclude: list[str] | None = field(default_factory=lambda: list(QAT_EXCLUDE))
-    # history K/V as the NVFP4 KV cache stores them: fake-quantized in QAT's teacher forcing, the
-    # NVFP4 cache in DMD's rollouts and the sampler's default for the run's checkpoints
+    # history K/V as the KV cache of the format stores them (nvfp4; fp8: e4m3, a per-head scale
+    # per chunk block): fake-quantized in QAT's teacher forcing, that cache in DMD's rollouts and
+    # the sampler's default for the run's checkpoints
     kv_fake_quant: bool = True
     stochastic_rounding: bool = False
     hadamard: bool = False

@@ -18,7 +18,9 @@ The generator LoRA keeps its own EMA (`method.dmd.ema_decay`, vidtrain/train/ema
 (RUN/lora/, whenever the trainer checkpoints: `on_checkpoint`) writes the EMA weights.
 The rollouts' sampler settings are resolved once, from the recipe, by `SamplerConfig.from_run`
 (the settings `vidtrain sample` takes from the run): on an NVFP4 (QAT) base the self-forcing
-rollouts use the NVFP4 KV cache, as deployed; on a high-precision base fp32 K/V. The caption
+rollouts use the NVFP4 KV cache, as deployed (on an FP8 base, `quant.format: fp8` or an FP8
+teacher's quant.json, the FP8 cache); on a high-precision base fp32 K/V. On a quantized base
+(NVFP4 or FP8 linears) the peft LoRA adapters run beside the quantized linear in high precision. The caption
 context follows `model.text_padding` everywhere (`Method.caption_context`): rollouts, the
 teacher's and critic's scores and the critic loss see the same context, and the LoRA record
 carries the setting so `vidtrain sample --lora` pads as the distillation did.
@@ -41,7 +43,7 @@ from vidtrain.lora import roles as lora
 from vidtrain.lora.files import export_lora
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.state_dict import resolve_model_folder
-from vidtrain.quant.convert import convert_for_recipe
+from vidtrain.quant.convert import FP8_QUANTIZERS, convert_for_recipe
 from vidtrain.quant.qat import apply_quant_record
 from vidtrain.sample import SamplerConfig, StreamingSampler
 from vidtrain.tokens import MaskRule
@@ -135,7 +137,12 @@ class DMD(Method):
             model.load_state_dict(teacher.state_dict())
             del teacher
         # a QAT teacher is distilled as it will be deployed: on its NVFP4 fake-quant base
-        if not apply_quant_record(model, resolve_model_folder(self.teacher_path)) and self.recipe.quantized:
+        quant = self.recipe.quant  # an FP8 record's linears on the recipe's FP8 backend
+        fp8_backend = (
+            quant.backend if quant.format == "fp8" and quant.backend in FP8_QUANTIZERS else "emulate"
+        )
+        teacher_folder = resolve_model_folder(self.teacher_path)
+        if not apply_quant_record(model, teacher_folder, fp8_backend=fp8_backend) and self.recipe.quantized:
             convert_for_recipe(model, self.recipe.quant, trainer.device)
         d = self.cfg
         peft_model = lora.add_roles(model, d.lora_rank, d.lora_alpha, d.lora_targets)

@@ -15,6 +15,10 @@ Chunks are grouped by token metadata, never by position, so any layout (a permut
 same numbers. The amax runs over tokens and head_dim only, per head: under Ulysses sequence
 parallelism (all tokens, a shard of heads) it is unchanged by the head split.
 
+The same hook serves the FP8 KV cache (`kv_format="fp8"`): e4m3 with one fp32 scale per
+(batch, head, chunk) from the same grouped amax (`vidtrain.formats.fp8`, torch arithmetic on
+every device), as `vidtrain.sample.kv_cache` stores kv_dtype "fp8".
+
 Legend: B batch, H heads, L tokens, Lc clean tokens, D head dim, N chunks.
 """
 
@@ -24,15 +28,20 @@ from dataclasses import dataclass
 
 import torch
 
-from vidtrain.formats import nvfp4
+from vidtrain.formats import fp8, nvfp4
 
 # `vidtrain.kernels` backends, resolved (a recipe's quant.backend maps to one of them in
 # vidtrain.quant.convert.BACKENDS; "interpret" runs the Triton kernels on CPU, for tests)
 KERNEL_BACKENDS = ("torch", "triton", "interpret")
+KV_FORMATS = ("nvfp4", "fp8")
 
 
 def fake_quantize_kv_grouped(
-    x_BHLD: torch.Tensor, group_L: torch.Tensor, n_groups: int, backend: str = "torch"
+    x_BHLD: torch.Tensor,
+    group_L: torch.Tensor,
+    n_groups: int,
+    backend: str = "torch",
+    kv_format: str = "nvfp4",
 ) -> torch.Tensor:
     """Fake-quantize K or V with one amax per (batch, head, group) (no gradient; see STE below).
 
@@ -45,6 +54,9 @@ def fake_quantize_kv_grouped(
     g_BHL = group_L.to(x_BHLD.device).expand(b, h, length)
     amax_BHN = a_BHL.new_zeros(b, h, n_groups).scatter_reduce(2, g_BHL, a_BHL, "amax", include_self=False)
     amax_BHL1 = amax_BHN.gather(2, g_BHL).unsqueeze(-1)  # broadcasts against [B, H, L, D/16]
+    if kv_format == "fp8":  # e4m3, one scale per (batch, head, group): the FP8 cache's bytes
+        scale_BHL1 = fp8.scale_from_amax(amax_BHL1)
+        return fp8.dequantize(fp8.cast(x_BHLD, scale_BHL1), scale_BHL1, x_BHLD.dtype)
     if backend == "torch":
         return nvfp4.dequantize(nvfp4.quantize_with_amax(x_BHLD, amax_BHL1), x_BHLD.dtype)
     from vidtrain import kernels  # lazy: the compiled (Triton) kernels only off the torch path
@@ -55,12 +67,12 @@ def fake_quantize_kv_grouped(
 
 class _GroupedKVSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group_L, n_groups, backend):
-        return fake_quantize_kv_grouped(x, group_L, n_groups, backend)
+    def forward(ctx, x, group_L, n_groups, backend, kv_format):
+        return fake_quantize_kv_grouped(x, group_L, n_groups, backend, kv_format)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 @dataclass
@@ -91,15 +103,18 @@ class KVFakeQuantHook:
     """`AttentionContext.kv_hook` for teacher forcing (and the chunk-causal rule) with NVFP4 history.
 
     One instance per forward pass (the plan is built from the first layer's context and reused).
-    `backend`: "torch" (emulation, any device), "triton" (CUDA) or "interpret" (Triton on CPU).
+    `backend`: "torch" (emulation, any device), "triton" (CUDA) or "interpret" (Triton on CPU);
+    `kv_format`: "nvfp4" or "fp8" (the FP8 cache's e4m3 casts, torch arithmetic whatever `backend`).
     """
 
-    def __init__(self, backend: str = "torch") -> None:
+    def __init__(self, backend: str = "torch", kv_format: str = "nvfp4") -> None:
         if backend not in KERNEL_BACKENDS:
             raise ValueError(
                 f"unknown KV fake-quant backend {backend!r}; known: {', '.join(KERNEL_BACKENDS)}"
             )
-        self.backend = backend
+        if kv_format not in KV_FORMATS:
+            raise ValueError(f"unknown KV fake-quant format {kv_format!r}; known: {', '.join(KV_FORMATS)}")
+        self.backend, self.kv_format = backend, kv_format
         self._ctx = None
         self._plan: _Plan | None = None
 
@@ -116,7 +131,7 @@ class KVFakeQuantHook:
 
         def history(x_BHLD: torch.Tensor) -> torch.Tensor:
             x_BHLcD = x_BHLD.index_select(2, idx)
-            return _GroupedKVSTE.apply(x_BHLcD, p.group, p.n_groups, self.backend)
+            return _GroupedKVSTE.apply(x_BHLcD, p.group, p.n_groups, self.backend, self.kv_format)
 
         k = torch.cat([history(k_BHLD), k_BHLD], dim=2)  # [B, H, Lc + L, D]
         v = torch.cat([history(v_BHLD), v_BHLD], dim=2)

@@ -17,10 +17,12 @@ dW is unchanged. The bias gradient is the unquantized sum of dY. The forward (an
 sampler) is the same with or without these flags. Either flag turns the gradient path on;
 with both off the gradients are straight-through in high precision, exactly as before.
 
-Quantizers are registered by name (`QUANTIZERS`): "nvfp4" (torch emulation, any device) and
-"nvfp4_te" (Transformer Engine's NVFP4BlockScaling recipe; needs TE and a Blackwell GPU). A
-recipe names neither: its `quant.backend` (emulate | triton | te) maps to one of them and to a
-`vidtrain.kernels` backend in one table, `vidtrain.quant.convert.BACKENDS`.
+Quantizers are registered by name (`QUANTIZERS`): "nvfp4" (torch emulation, any device),
+"nvfp4_te" (Transformer Engine's NVFP4BlockScaling recipe; needs TE and a Blackwell GPU), and
+FP8's "torch_fp8" (emulated scaled casts) and "torchao_fp8" (torchao's Float8Linear), both
+taking `fp8_recipe` (vidtrain/quant/fp8.py). A recipe names none of them: its `quant.format` and
+`quant.backend` (emulate | triton | te | torchao) map to one and to a `vidtrain.kernels` backend
+in the tables of `vidtrain.quant.convert` (`BACKENDS`, `FP8_QUANTIZERS`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidtrain.config import QAT_EXCLUDE
+from vidtrain.formats import fp8 as fp8_format
 from vidtrain.formats import nvfp4
 from vidtrain.models.seams import quant_exclude
+from vidtrain.quant import fp8 as fp8_linear
 from vidtrain.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -353,10 +357,33 @@ def te_available_or_raise() -> None:
         raise ValueError("quantizer 'nvfp4_te' needs a Blackwell GPU (sm_100+); use 'nvfp4' elsewhere")
 
 
-def convert(model: nn.Module, quantizer: str = "nvfp4", exclude: Sequence[str] | None = None) -> nn.Module:
+@QUANTIZERS.register("torch_fp8")
+def convert_fp8(
+    model: nn.Module, exclude: Sequence[str] | None = None, fp8_recipe: str = "tensorwise"
+) -> nn.Module:
+    """Emulated FP8 training linears (`fp8.FP8Linear`) for every nn.Linear not excluded whose
+    dims are multiples of 16, in place."""
+    fp8_linear.convert_fp8(model, resolve_exclude(model, exclude), fp8_recipe, "emulate")
+    return model
+
+
+@QUANTIZERS.register("torchao_fp8")
+def convert_fp8_torchao(
+    model: nn.Module, exclude: Sequence[str] | None = None, fp8_recipe: str = "tensorwise"
+) -> nn.Module:
+    """torchao's Float8Linear (`convert_to_float8_training`, `Float8LinearConfig.from_recipe_name`)
+    for the same linears `convert_fp8` takes."""
+    fp8_linear.convert_fp8(model, resolve_exclude(model, exclude), fp8_recipe, "torchao")
+    return model
+
+
+def convert(
+    model: nn.Module, quantizer: str = "nvfp4", exclude: Sequence[str] | None = None, **options
+) -> nn.Module:
     """QAT convert step, by registered quantizer name (in place; returns the model); `exclude`
-    None takes the model's declared `_quant_exclude`."""
-    return QUANTIZERS.get(quantizer)(model, exclude=resolve_exclude(model, exclude))
+    None takes the model's declared `_quant_exclude`; `options` go to the quantizer (FP8's
+    `fp8_recipe`)."""
+    return QUANTIZERS.get(quantizer)(model, exclude=resolve_exclude(model, exclude), **options)
 
 
 def export_weights(model: nn.Module) -> dict[str, nvfp4.NVFP4Tensor]:
@@ -378,24 +405,57 @@ def export_weights(model: nn.Module) -> dict[str, nvfp4.NVFP4Tensor]:
 QUANT_RECORD = "quant.json"
 
 
-def write_quant_record(model: nn.Module, folder: str | Path) -> Path | None:
-    """Write `folder/quant.json` listing the NVFP4 linears of `model` (nothing if there are none)."""
+def quant_record(model: nn.Module) -> dict | None:
+    """What `quant.json` says of `model`: its NVFP4 linears, or its FP8 linears and their recipe
+    ({"format": "fp8", "recipe": ..., "linears": [...]}); None for a high-precision model."""
     names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
-    if not names:
+    if names:
+        return {"format": "nvfp4", "linears": names}
+    fp8_mods = {n: m for n, m in model.named_modules() if fp8_linear.is_fp8_linear(m)}
+    if not fp8_mods:
+        return None
+    recipes = sorted({fp8_linear.fp8_recipe_of(m) for m in fp8_mods.values()})
+    if len(recipes) != 1:
+        raise ValueError(f"FP8 linears of more than one recipe ({', '.join(recipes)}): no single record")
+    return {"format": "fp8", "recipe": recipes[0], "linears": list(fp8_mods)}
+
+
+def write_quant_record(model: nn.Module, folder: str | Path) -> Path | None:
+    """Write `folder/quant.json` listing the NVFP4 (or FP8) linears of `model` (nothing if there
+    are none)."""
+    record = quant_record(model)
+    if record is None:
         return None
     path = Path(folder) / QUANT_RECORD
-    path.write_text(json.dumps({"format": "nvfp4", "linears": names}, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 
-def apply_quant_record(model: nn.Module, folder: str | Path, backend: str = "torch") -> bool:
-    """Convert exactly the linears a checkpoint folder's `quant.json` lists; False if it has none."""
+def read_quant_record(folder: str | Path) -> dict | None:
+    """A checkpoint folder's `quant.json` (None without one), its format checked."""
     path = Path(folder) / QUANT_RECORD
     if not path.exists():
-        return False
+        return None
     record = json.loads(path.read_text())
-    if record.get("format") != "nvfp4":
+    if record.get("format") not in ("nvfp4", "fp8"):
         raise ValueError(f"{path}: unknown quantization format {record.get('format')!r}")
+    if record["format"] == "fp8" and record.get("recipe") not in fp8_format.RECIPES:
+        raise ValueError(f"{path}: unknown FP8 recipe {record.get('recipe')!r}")
+    return record
+
+
+def apply_quant_record(
+    model: nn.Module, folder: str | Path, backend: str = "torch", fp8_backend: str = "emulate"
+) -> bool:
+    """Convert exactly the linears a checkpoint folder's `quant.json` lists; False if it has none.
+    NVFP4 linears run on the kernels `backend`; FP8 ones on `fp8_backend` (emulate | torchao)."""
+    record = read_quant_record(folder)
+    if record is None:
+        return False
+    if record["format"] == "fp8":
+        todo = [n for n in record["linears"] if not fp8_linear.is_fp8_linear(model.get_submodule(n))]
+        fp8_linear.convert_fp8(model, (), record["recipe"], fp8_backend, names=todo)
+        return True
     for name in record["linears"]:
         mod = model.get_submodule(name)
         if not isinstance(mod, NVFP4Linear):
@@ -403,3 +463,26 @@ def apply_quant_record(model: nn.Module, folder: str | Path, backend: str = "tor
             new.backend = backend
             _set_submodule(model, name, new)
     return True
+
+
+def ptq_fp8(
+    model: nn.Module, folder: str | Path, recipe: str | None = None, backend: str = "emulate"
+) -> tuple[str, int, int]:
+    """FP8 post-training quantization for sampling: the linears (a checkpoint's FP8 record's, else
+    every one FP8 takes under the model's `_quant_exclude`) as `fp8.FP8StoredLinear` (e4m3 weights
+    + scales), in place. Call it after moving the model to its device and dtype (a float8 buffer
+    would be cast by `.to(dtype)`). `recipe` None: the record's, else tensorwise. Returns (recipe,
+    linears, bytes of the stored weights). An NVFP4 checkpoint is refused."""
+    record = read_quant_record(folder)
+    if record is not None and record["format"] != "fp8":
+        raise ValueError(
+            f"{folder} is an {record['format'].upper()} checkpoint: it samples as recorded; drop --quant fp8"
+        )
+    if record is not None:
+        if recipe is not None and recipe != record["recipe"]:
+            raise ValueError(f"{folder} trained FP8 {record['recipe']}; --fp8-recipe {recipe} differs")
+        recipe, names = record["recipe"], list(record["linears"])
+    else:
+        recipe = recipe or "tensorwise"
+        names = fp8_linear.candidates(model, resolve_exclude(model, None))
+    return recipe, len(names), fp8_linear.store_fp8(model, names, recipe, backend)

@@ -51,7 +51,7 @@ from vidtrain.models.wan.state_dict import (
     resolve_model_folder,
 )
 from vidtrain.parallel.mesh import build_mesh
-from vidtrain.quant.qat import apply_quant_record
+from vidtrain.quant.qat import apply_quant_record, ptq_fp8
 from vidtrain.sample.decode import DECODE_MODES, VideoWriter, plot_timeline, stream_video, write_metrics
 from vidtrain.sample.parallel_sample import UlyssesSampler, check_ranks, generate_only
 from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
@@ -202,8 +202,9 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache",
         default=None,
-        choices=["bf16", "fp16", "fp32", "nvfp4"],
-        help=f"KV cache format (default: as trained: nvfp4 for an NVFP4 (QAT) run, else {d.kv_cache})",
+        choices=["bf16", "fp16", "fp32", "nvfp4", "fp8"],
+        help="KV cache format; fp8: e4m3 with a per-head scale per chunk block (default: as trained: "
+        f"nvfp4 / fp8 for an NVFP4 / FP8 (QAT) run, else {d.kv_cache})",
     )
     p.add_argument(
         "--steps",
@@ -325,7 +326,8 @@ def check_positions(shots: list[Shot], cfg: SamplerConfig, rope_positions: int) 
     return last
 
 
-KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nvfp4": 0.5625}  # per element (NVFP4 with scales)
+# per element (NVFP4 with scales; FP8: the codes, plus 4 bytes per (batch, head) of a block)
+KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nvfp4": 0.5625, "fp8": 1.0}
 
 
 def memory_estimate(
@@ -586,6 +588,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, default=None, help="--nproc: the ranks' rendezvous port")
     p.add_argument("--no-progress", action="store_true", help="no per-chunk progress lines")
     p.add_argument(
+        "--quant",
+        default=None,
+        choices=["fp8"],
+        help="post-training quantization of the linears for generation: fp8 stores the weights as "
+        "float8_e4m3fn with scales (an FP8-trained checkpoint: its recorded linears and recipe)",
+    )
+    p.add_argument(
+        "--fp8-recipe",
+        default=None,
+        choices=["tensorwise", "rowwise"],
+        help="--quant fp8: scales per tensor or per row (default: the checkpoint's record, else tensorwise)",
+    )
+    p.add_argument(
         "--max-memory-gib",
         type=float,
         default=None,
@@ -737,6 +752,16 @@ def _generate(args, cfg, shots, latent_hw, image, k, device, decode_device, out,
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(args.checkpoint, args.lora)
     model = model.to(device, dtype).eval().requires_grad_(False)
+    if getattr(args, "quant", None) == "fp8":  # after .to(dtype): the e4m3 weights stay e4m3
+        if not isinstance(model, CausalWanDiT):  # a LoRA kept beside a quantized base
+            raise ValueError("--quant fp8 with --lora on a quantized checkpoint: it samples as recorded")
+        recipe, n, nbytes = ptq_fp8(
+            model, resolve_model_folder(args.checkpoint), args.fp8_recipe,
+            "scaled_mm" if device.type == "cuda" else "emulate",
+        )  # fmt: skip
+        print(
+            f"[vidtrain] --quant fp8: {n} linears stored as float8_e4m3fn ({recipe}), {nbytes / 2**20:.2f} MiB"
+        )
     vae = None
     if main_rank:  # checked by vae_spatial
         vae_dtype = torch.bfloat16 if decode_device.type == "cuda" else torch.float32

@@ -1,4 +1,4 @@
-"""The streaming sampler's KV cache: sinks + rolling window, stored dense or as NVFP4.
+"""The streaming sampler's KV cache: sinks + rolling window, stored dense, as NVFP4 or as FP8.
 
 The set of history frames a query chunk may see is the training mask's
 (`vidtrain.tokens.MaskRule`): for query chunk c with C frames per chunk,
@@ -16,7 +16,11 @@ Storage is per layer and per chunk block (K and V of one chunk, [B, H, Lc, D]):
              head-sharded sequence parallelism quantizes identically). Written and read through
              the `vidtrain.kernels` dispatcher (backend `NVFP4_BACKEND`, "auto": the Triton kernels
              on CUDA, the torch reference elsewhere; every backend gives the same bytes), all
-             blocks of a layer dequantized in one call (`dequantize_kv_blocks`).
+             blocks of a layer dequantized in one call (`dequantize_kv_blocks`);
+    "fp8":   float8_e4m3fn codes with one fp32 scale per (batch, head, chunk block)
+             (`vidtrain.formats.fp8`: scale = 448 / amax of the block's tokens and head_dim),
+             1 byte per element plus 4 bytes per (batch, head) of a block; per head as NVFP4, so
+             head-sharded sampling stores the same bytes. Torch arithmetic on every device.
 Keys arrive already rotated (RoPE applied inside the attention), so cached keys keep the
 positions they were written with. Under multi-rank sampling (parallel_sample.py) the hook runs
 inside the Ulysses wrapper, so each rank's cache sees, stores and reads only its H/N heads: every
@@ -40,10 +44,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from vidtrain.formats import nvfp4
+from vidtrain.formats import fp8, nvfp4
 from vidtrain.tokens import MaskRule
 
 try:  # installed from kernels/ by setup.py; a bare source tree has no vidtrain.kernels
@@ -51,7 +56,24 @@ try:  # installed from kernels/ by setup.py; a bare source tree has no vidtrain.
 except ImportError:  # pragma: no cover
     kernels = None
 
-KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None}
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None, "fp8": None}
+
+
+class FP8Block(NamedTuple):
+    """One FP8 K or V block: e4m3 codes [..., B, H, Lc, D] and fp32 scales [..., B, H, 1, 1]."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+def fp8_quantize_block(t_BHLD: torch.Tensor) -> FP8Block:
+    """A [B, H, Lc, D] block as the FP8 cache stores it: one scale per (batch, head)."""
+    q, s = fp8.quantize(t_BHLD, dims=(2, 3))
+    return FP8Block(q, s)
+
+
+def fp8_dequantize(block: FP8Block, dtype: torch.dtype) -> torch.Tensor:
+    return fp8.dequantize(block.data, block.scale, dtype)
 
 
 def visible_frames(rule: MaskRule, chunk: int, shot_start_chunk: int, frames: torch.Tensor) -> torch.Tensor:
@@ -109,6 +131,8 @@ class _Slots:
         parts = [b[slot] for b in self.bufs[which]]
         if not self.meta:
             return parts[0]
+        if self.meta[which] == "fp8":
+            return FP8Block(parts[0].view(fp8.E4M3), parts[1])
         shape, dtype, tile_2d = self.meta[which]
         return nvfp4.NVFP4Tensor(
             parts[0], parts[1].view(torch.float8_e4m3fn), parts[2], shape, dtype, tile_2d
@@ -127,6 +151,8 @@ class _Slots:
     def _parts(t) -> list[torch.Tensor]:
         if isinstance(t, nvfp4.NVFP4Tensor):
             return [t.data, t.scales.view(torch.uint8), t.amax.float()]
+        if isinstance(t, FP8Block):
+            return [t.data.view(torch.uint8), t.scale.float()]
         return [t]
 
     def _grow(self, like: list[list[torch.Tensor]], n: int) -> None:
@@ -144,6 +170,8 @@ class _Slots:
         parts = [self._parts(k), self._parts(v)]
         if not self.meta and isinstance(k, nvfp4.NVFP4Tensor):
             self.meta = [(t.shape, t.dtype, t.tile_2d) for t in (k, v)]
+        elif not self.meta and isinstance(k, FP8Block):
+            self.meta = ["fp8", "fp8"]
         if not self.free:
             if self.bufs is not None and self.capacity is not None:
                 raise RuntimeError(f"KV cache: all {self.capacity} slots in use (a bookkeeping bug)")
@@ -162,6 +190,8 @@ class _Slots:
         parts = [b.index_select(0, idx) for b in self.bufs[which]]
         if not self.meta:
             return parts[0]
+        if self.meta[which] == "fp8":
+            return FP8Block(parts[0].view(fp8.E4M3), parts[1])
         shape, dtype, tile_2d = self.meta[which]
         return nvfp4.NVFP4Tensor(
             parts[0],
@@ -173,7 +203,8 @@ class _Slots:
         )
 
     def nbytes(self) -> int:
-        """Bytes of the stored chunks (NVFP4: codes + e4m3 scales + fp32 amax)."""
+        """Bytes of the stored chunks (NVFP4: codes + e4m3 scales + fp32 amax; FP8: e4m3 codes +
+        fp32 scales)."""
         if self.bufs is None:
             return 0
         per_slot = sum(b[0].numel() * b.element_size() for bufs in self.bufs for b in bufs)
@@ -261,13 +292,16 @@ class KVCache:
         self._token_idx = {}
 
     def nbytes(self) -> int:
-        """Bytes held by all layers' K/V (NVFP4: codes + e4m3 scales + fp32 amax)."""
+        """Bytes held by all layers' K/V (NVFP4: codes + e4m3 scales + fp32 amax; FP8: e4m3
+        codes + one fp32 scale per (batch, head) of a block)."""
         return sum(layer.nbytes() for layer in self.layers)
 
     # ---- storage -------------------------------------------------------------------------------
     def _store(self, t_BHLD: torch.Tensor):
         if self.kv_dtype == "nvfp4":
             return self._quant(t_BHLD.detach())
+        if self.kv_dtype == "fp8":
+            return fp8_quantize_block(t_BHLD.detach())
         return t_BHLD.detach().to(KV_DTYPES[self.kv_dtype])
 
     def _read(
@@ -275,6 +309,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V blocks of `chunks`, stacked [n, B, H, Lc, D] in `dtype` (NVFP4: all the
         layer's blocks in one dequantize call)."""
+        if self.kv_dtype == "fp8":
+            return fp8_dequantize(layer.read(chunks, 0), dtype), fp8_dequantize(layer.read(chunks, 1), dtype)
         if self.kv_dtype != "nvfp4":
             return layer.read(chunks, 0).to(dtype), layer.read(chunks, 1).to(dtype)
         k, v = layer.read(chunks, 0), layer.read(chunks, 1)

@@ -11,7 +11,8 @@ For every `SamplerConfig` field, the first of:
      before `model.text_padding` existed trained "masked"), and for a dmd run its
      `method.dmd.denoising_steps` and `timestep_shift`; and the KV cache format: an NVFP4 model (the checkpoint's quant.json, a
      qat recipe, `quant.enabled`; for a DMD recipe its teacher's quant.json) trained with NVFP4
-     history K/V (`quant.kv_fake_quant`) samples with the "nvfp4" cache;
+     history K/V (`quant.kv_fake_quant`) samples with the "nvfp4" cache, an FP8 one (the record's
+     or the recipe's `quant.format: fp8`) with the "fp8" cache;
   4. `defaults` (the caller's own fallbacks: DMD's rollouts keep fp32 K/V on a high-precision
      base), then the rule for a model without a record (a shot sink when windowed), then the
      dataclass's default.
@@ -28,7 +29,7 @@ from typing import Any, NamedTuple
 from vidtrain.config import SAMPLE_SINK_FRAMES, SAMPLE_WINDOW_FRAMES, Recipe, load_recipe
 from vidtrain.lora.files import read_base_info
 from vidtrain.models.wan.state_dict import resolve_model_folder
-from vidtrain.quant.qat import QUANT_RECORD
+from vidtrain.quant.qat import QUANT_RECORD, read_quant_record
 from vidtrain.utils.io import read_yaml
 
 # the recipe's `model` section keys that are SamplerConfig fields of the same name
@@ -71,13 +72,15 @@ def recipe_settings(recipe: Recipe, where: str) -> dict[str, Setting]:
 
 
 def _kv_setting(recipe: Recipe | None, where: str, record: Path | None) -> dict[str, Setting]:
-    """The "nvfp4" cache for a model trained as NVFP4 on NVFP4 history K/V."""
+    """The "nvfp4" (or "fp8") cache for a model trained as NVFP4 (FP8) on such history K/V."""
     if recipe is not None and not recipe.quant.kv_fake_quant:
         return {}  # trained on high-precision K/V: sample with them too
     if record is not None:
-        return {"kv_cache": Setting("nvfp4", f"quant record {record} (the model trained on NVFP4 K/V)")}
+        fmt = read_quant_record(record.parent)["format"]
+        return {"kv_cache": Setting(fmt, f"quant record {record} (the model trained on {fmt.upper()} K/V)")}
     if recipe is not None and recipe.quantized:
-        return {"kv_cache": Setting("nvfp4", f"{where} (an NVFP4 run: quant.kv_fake_quant)")}
+        fmt = recipe.quant.format
+        return {"kv_cache": Setting(fmt, f"{where} (an {fmt.upper()} run: quant.kv_fake_quant)")}
     return {}
 
 

@@ -17,6 +17,10 @@ Teacher forcing on a converted model (DESIGN section 7):
 implied; vidtrain/config.py). The conversion itself (formats, `quant.backend`) is
 `vidtrain.quant.convert`; its checkpoints carry `model/quant.json`, so `vidtrain sample` rebuilds
 the NVFP4 model and, with `quant.kv_fake_quant`, samples with the NVFP4 KV cache by default.
+
+`quant.format: fp8` (Hopper / Ada) is the same method on FP8 linears (torchao's float8 recipes,
+`quant.fp8_recipe`; emulated or torchao's own, `vidtrain.quant.fp8`) with the history K/V
+fake-quantized as the FP8 KV cache stores them; the NVFP4 gradient-path flags do not apply.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ if TYPE_CHECKING:
 
 @METHODS.register("qat")
 class QAT(TeacherForcing):
-    """Teacher forcing on an NVFP4 fake-quant model, history K/V as the NVFP4 cache stores them."""
+    """Teacher forcing on an NVFP4 fake-quant (or FP8) model, history K/V as that format's cache
+    stores them."""
 
     name = "qat"
 
@@ -58,4 +63,5 @@ class QAT(TeacherForcing):
         return super().train_step(trainer, step)
 
     def kv_hook(self, trainer) -> KVFakeQuantHook | None:
-        return KVFakeQuantHook(self.backend) if self.recipe.quant.kv_fake_quant else None
+        quant = self.recipe.quant
+        return KVFakeQuantHook(self.backend, kv_format=quant.format) if quant.kv_fake_quant else None
