@@ -90,7 +90,9 @@ class _FP8LinearFn(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def _share(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
+def share_linear(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
+    """An instance of the nn.Linear subclass `cls` that shares (not copies) `lin`'s parameters
+    (the NVFP4 and FP8 conversions both swap linears this way)."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     new.in_features, new.out_features = lin.in_features, lin.out_features
@@ -108,7 +110,7 @@ class FP8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, recipe: str = "tensorwise") -> FP8Linear:
-        new = _share(cls, lin)
+        new = share_linear(cls, lin)
         new.recipe = fp8.check_recipe(recipe)
         return new
 

@@ -100,15 +100,7 @@ def fake_quantize_ste(
     return _FakeQuantSTE.apply(x, tile_2d, backend, per_row)
 
 
-def _share_linear(cls: type[nn.Linear], lin: nn.Linear) -> nn.Linear:
-    """An instance of the nn.Linear subclass `cls` that shares (not copies) `lin`'s parameters."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    new.in_features, new.out_features = lin.in_features, lin.out_features
-    new.register_parameter("weight", lin.weight)
-    new.register_parameter("bias", lin.bias)
-    new.train(lin.training)
-    return new
+_share_linear = fp8_linear.share_linear  # one way to swap a linear, for NVFP4 and FP8
 
 
 # ---- gradient path -----------------------------------------------------------------------------
