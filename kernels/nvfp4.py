@@ -75,18 +75,44 @@ def _flat_amax(amax: torch.Tensor, scale_shape: torch.Size) -> tuple[torch.Tenso
 
 
 def quantize_with_amax(
-    x: torch.Tensor, amax: torch.Tensor, tile_2d: bool = False, backend: str = "auto"
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    tile_2d: bool = False,
+    backend: str = "auto",
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> NVFP4Tensor:
-    """NVFP4 with a given amax (broadcastable to the scale shape [..., K/16])."""
+    """NVFP4 with a given amax (broadcastable to the scale shape [..., K/16]).
+
+    `out`: preallocated (packed codes uint8 [..., K/2], E4M3 scales as uint8 [..., K/16]) to
+    write into, e.g. a KV cache slot: the Triton kernel writes there and allocates no output;
+    the torch reference computes its chain and copies the result in (the same bytes either
+    way). The returned tensor views `out`."""
     be = resolve_backend(backend, x.device)
-    if be == "torch":
-        return ref.quantize_with_amax(x, amax, tile_2d)
-    ref._check_last_dim(x)
-    xc = x.detach().contiguous()
+    ref.check_last_dim(x)
     scale_shape = (*x.shape[:-1], x.shape[-1] // ref.BLOCK)
+    if out is not None:
+        data, scales = out
+        want = [((*x.shape[:-1], x.shape[-1] // 2), data), (scale_shape, scales)]
+        for shape, t in want:
+            if tuple(t.shape) != tuple(shape) or t.dtype != torch.uint8 or t.device != x.device:
+                raise ValueError(
+                    f"quantize_with_amax out: need uint8 {tuple(shape)} on {x.device}, "
+                    f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+            if not t.is_contiguous():
+                raise ValueError("quantize_with_amax out: the output tensors must be contiguous")
+    if be == "torch":
+        q = ref.quantize_with_amax(x, amax, tile_2d)
+        if out is None:
+            return q
+        data.copy_(q.data)
+        scales.copy_(q.scales.view(torch.uint8))
+        return NVFP4Tensor(data, scales.view(torch.float8_e4m3fn), q.amax, x.shape, x.dtype, tile_2d)
+    xc = x.detach().contiguous()
     n_rows = math.prod(scale_shape)
-    data = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
-    scales = torch.empty(scale_shape, dtype=torch.uint8, device=x.device)
+    if out is None:
+        data = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
+        scales = torch.empty(scale_shape, dtype=torch.uint8, device=x.device)
     flat, per = _flat_amax(amax, torch.Size(scale_shape))
     # 16x16 tiles: the tile amax (an exact max) comes from torch, the rest from the kernel
     bamax = ref.tile_amax_2d(xc.float()).contiguous() if tile_2d else flat
@@ -121,13 +147,13 @@ def abs_amax(x: torch.Tensor, group_dims: Sequence[int] | None = None) -> torch.
 
 def quantize(x: torch.Tensor, tile_2d: bool = False, backend: str = "auto") -> NVFP4Tensor:
     """Per-tensor amax NVFP4 (see `vidtrain.formats.nvfp4.quantize`)."""
-    ref._check_last_dim(x)
+    ref.check_last_dim(x)
     return quantize_with_amax(x, abs_amax(x), tile_2d, backend)
 
 
 def quantize_blocks(x: torch.Tensor, group_dims: Sequence[int] = (0,), backend: str = "auto") -> NVFP4Tensor:
     """Per-group amax NVFP4 for KV blocks (see `vidtrain.formats.nvfp4.quantize_blocks`)."""
-    ref._check_last_dim(x)
+    ref.check_last_dim(x)
     if x.ndim - 1 in {d % x.ndim for d in group_dims}:
         raise ValueError("group_dims may not include the last (blocked) dim")
     return quantize_with_amax(x, abs_amax(x, group_dims), False, backend)

@@ -193,7 +193,7 @@ def unpack_codes(data: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_last_dim(x: torch.Tensor) -> None:
+def check_last_dim(x: torch.Tensor) -> None:
     if x.ndim == 0 or x.shape[-1] % BLOCK != 0:
         raise ValueError(
             f"NVFP4 needs the last dim to be a multiple of {BLOCK}, got shape {tuple(x.shape)}; "
@@ -236,7 +236,7 @@ def quantize_with_amax(
     `uniform` (fp32 in [0, 1), x's shape) switches the E2M1 step from round-to-nearest-even to
     stochastic rounding (`e2m1_encode_stochastic`); the scale chain is the same.
     """
-    _check_last_dim(x)
+    check_last_dim(x)
     x32 = x.float()
     amax = amax.float()
     s_enc = encode_scale(amax)
@@ -256,7 +256,7 @@ def quantize(x: torch.Tensor, block_size: int = BLOCK, tile_2d: bool = False) ->
     """NVFP4 with one fp32 amax for the whole tensor; 1x16 blocks, or 16x16 tiles if `tile_2d`."""
     if block_size != BLOCK:
         raise ValueError(f"NVFP4 block_size must be {BLOCK}, got {block_size}")
-    _check_last_dim(x)
+    check_last_dim(x)
     return quantize_with_amax(x, x.detach().abs().amax().float(), tile_2d)
 
 
@@ -296,7 +296,7 @@ def quantize_blocks(
     reduced dims); its last dim is 1, so it broadcasts against `scales`. `uniform`: stochastic
     rounding, as in `quantize_with_amax`.
     """
-    _check_last_dim(x)
+    check_last_dim(x)
     if x.ndim - 1 in {d % x.ndim for d in group_dims}:
         raise ValueError("group_dims may not include the last (blocked) dim")
     return quantize_with_amax(x, group_amax(x, group_dims), uniform=uniform)

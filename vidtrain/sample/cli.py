@@ -180,7 +180,8 @@ _DEFAULTS = SamplerConfig()
 # takes it from the LoRA record, the run or SamplerConfig's default (vidtrain/sample/settings.py)
 FLAGS = {"steps": "timesteps", "shift": "shift", "update": "update", "frames_per_chunk": "frames_per_chunk",
          "window_frames": "window_frames", "sink_frames": "sink_frames", "shot_sink": "shot_sink",
-         "kv_cache": "kv_cache", "shot_rope_offset": "shot_rope_offset", "recache_on_cut": "recache_on_cut"}  # fmt: skip
+         "kv_cache": "kv_cache", "shot_rope_offset": "shot_rope_offset", "recache_on_cut": "recache_on_cut",
+         "compile": "compile"}  # fmt: skip
 NO_WINDOW = "none"
 
 
@@ -244,6 +245,13 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--recache-on-cut", action="store_true", default=None, help="LongLive: re-cache K/V at each cut"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model's forward (CUDA graphs on CUDA; on CPU it needs a C++ compiler); "
+        "with a window the KV history is padded to one length per chunk shape",
     )
     p.add_argument("--height", type=int, default=480, help="pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="pixels (multiple of 16)")

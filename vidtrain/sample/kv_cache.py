@@ -37,6 +37,15 @@ pass. Without a window the history is unbounded and the slots grow as chunks arr
 way the values, their order and so the attention output are bit-identical to gathering the
 visible blocks and concatenating them.
 
+Writes are in place: a chunk's K/V are quantized straight into its slot's storage
+(`nvfp4_quantize_into`: the Triton kernel on the slot, or the torch reference's chain with its
+results landing there; `fp8_quantize_into`; dense: one casting copy), the same bytes as the
+quantizers. Static mode (`static=True`, with a window; `vidtrain sample --compile`): every pass
+without autograd gets K/V of one length, [visible history | padding | the chunk's tokens] with
+the history padded to the slots' capacity, and a bool key mask [1, Lk] that hides the padding,
+so a compiled (CUDA-graph) forward sees one shape per chunk shape from the first chunk on. The
+exact mode (the default) hands no mask and stays bit-identical to the gather-and-cat reference.
+
 Legend: B batch, H heads, L tokens, Lc tokens of one chunk, D head dim, F frames.
 """
 
@@ -74,6 +83,40 @@ def fp8_quantize_block(t_BHLD: torch.Tensor) -> FP8Block:
 
 def fp8_dequantize(block: FP8Block, dtype: torch.dtype) -> torch.Tensor:
     return fp8.dequantize(block.data, block.scale, dtype)
+
+
+def fp8_quantize_into(t_BHLD: torch.Tensor, data_u8: torch.Tensor, scale_BH11: torch.Tensor) -> None:
+    """`fp8_quantize_block(t)` written into preallocated storage: e4m3 codes (as bytes) into
+    `data_u8` [B, H, Lc, D], the fp32 scale into `scale_BH11`; the same bytes."""
+    scale_BH11.copy_(fp8.scale_from_amax(fp8.amax(t_BHLD, (2, 3))))
+    m = fp8.f8_max(fp8.E4M3)
+    data_u8.view(fp8.E4M3).copy_((t_BHLD.detach().float() * scale_BH11).clamp(-m, m))
+
+
+def nvfp4_quantize_into(
+    t_BHLD: torch.Tensor,
+    data: torch.Tensor,
+    scales_u8: torch.Tensor,
+    amax_BH11: torch.Tensor,
+    backend: str = "torch",
+) -> None:
+    """`quantize_blocks(t, group_dims=(0, 1))` written into preallocated storage: packed E2M1
+    codes into `data` [B, H, Lc, D/2], E4M3 scales (as bytes) into `scales_u8` [B, H, Lc, D/16],
+    the fp32 amax per (batch, head) into `amax_BH11`; the same bytes as the quantizer.
+
+    Through `vidtrain.kernels.quantize_with_amax(..., out=)`: a Triton backend's kernel writes
+    the slot's storage and allocates no output; the torch reference computes its chain and
+    copies the result in (torch has no fused form of the chain)."""
+    x = t_BHLD.detach()
+    nvfp4.check_last_dim(x)
+    if kernels is None:  # pragma: no cover - kernels are part of the installed package
+        amax_BH11.copy_(nvfp4.group_amax(x, (0, 1)))
+        q = nvfp4.quantize_with_amax(x, amax_BH11)
+        data.copy_(q.data)
+        scales_u8.copy_(q.scales.view(torch.uint8))
+        return
+    amax_BH11.copy_(kernels.abs_amax(x.contiguous(), (0, 1)))
+    kernels.quantize_with_amax(x, amax_BH11, backend=backend, out=(data, scales_u8))
 
 
 def visible_frames(rule: MaskRule, chunk: int, shot_start_chunk: int, frames: torch.Tensor) -> torch.Tensor:
@@ -155,9 +198,14 @@ class _Slots:
             return [t.data.view(torch.uint8), t.scale.float()]
         return [t]
 
-    def _grow(self, like: list[list[torch.Tensor]], n: int) -> None:
-        """Room for `n` more slots (all at once when the capacity is known)."""
-        new = [[torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for p in parts] for parts in like]
+    @staticmethod
+    def spec(t: torch.Tensor) -> tuple:
+        return (tuple(t.shape), t.dtype, t.device)
+
+    def _grow(self, like: list[list[tuple]], n: int) -> None:
+        """Room for `n` more slots (all at once when the capacity is known); `like`: (shape,
+        dtype, device) of each stored part of K and of V."""
+        new = [[torch.empty((n, *shape), dtype=dt, device=dev) for shape, dt, dev in parts] for parts in like]
         if self.bufs is None:
             self.bufs = new
         else:  # unbounded history: the buffers grow, the stored chunks' views follow
@@ -166,22 +214,34 @@ class _Slots:
         start = len(self.slot) + len(self.free)
         self.free += range(start, start + n)
 
-    def write(self, chunk: int, k, v) -> None:
-        parts = [self._parts(k), self._parts(v)]
-        if not self.meta and isinstance(k, nvfp4.NVFP4Tensor):
-            self.meta = [(t.shape, t.dtype, t.tile_2d) for t in (k, v)]
-        elif not self.meta and isinstance(k, FP8Block):
-            self.meta = ["fp8", "fp8"]
+    def take(self, chunk: int, like: list[list[tuple]], meta: list | None = None) -> list[list[torch.Tensor]]:
+        """The storage of a fresh slot for `chunk`: per K and V, one tensor per stored part with
+        `like`'s (shape, dtype, device) (NVFP4: codes, scales as bytes, fp32 amax; FP8: codes as
+        bytes, fp32 scale), to be filled in place. `meta` as `self.meta` (NVFP4 / FP8; None:
+        dense)."""
+        if not self.meta and meta:
+            self.meta = meta
         if not self.free:
             if self.bufs is not None and self.capacity is not None:
                 raise RuntimeError(f"KV cache: all {self.capacity} slots in use (a bookkeeping bug)")
-            self._grow(parts, self.capacity or max(1, len(self.slot)))  # unbounded: doubling
+            self._grow(like, self.capacity or max(1, len(self.slot)))  # unbounded: doubling
         slot = self.free.pop(0)
-        for bufs, ps in zip(self.bufs, parts):
-            for b, p in zip(bufs, ps):
-                b[slot].copy_(p)
         self.slot[chunk] = slot
         self.views[chunk] = (self._view(0, slot), self._view(1, slot))
+        return [[b[slot] for b in bufs] for bufs in self.bufs]
+
+    def write(self, chunk: int, k, v) -> None:
+        """Store finished blocks (dense, NVFP4Tensor or FP8Block) by copying them into a slot."""
+        parts = [self._parts(k), self._parts(v)]
+        meta = None
+        if isinstance(k, nvfp4.NVFP4Tensor):
+            meta = [(t.shape, t.dtype, t.tile_2d) for t in (k, v)]
+        elif isinstance(k, FP8Block):
+            meta = ["fp8", "fp8"]
+        like = [[self.spec(p) for p in ps] for ps in parts]
+        for dst, ps in zip(self.take(chunk, like, meta), parts):
+            for b, p in zip(dst, ps):
+                b.copy_(p)
 
     def read(self, chunks: list[int], which: int):
         """Stacked blocks of `chunks` (in that order) of K (`which` 0) or V (1): a dense
@@ -244,8 +304,11 @@ class KVCache:
         tokens_per_frame: int,
         kv_dtype: str = "bf16",
         nvfp4_backend: str | None = None,
+        static: bool = False,
     ) -> None:
-        """`nvfp4_backend`: a `vidtrain.kernels` backend for kv_dtype "nvfp4" (None: NVFP4_BACKEND)."""
+        """`nvfp4_backend`: a `vidtrain.kernels` backend for kv_dtype "nvfp4" (None: NVFP4_BACKEND).
+        `static`: with a window, every pass without autograd gets K/V of one fixed length, the
+        history padded to the slots' capacity, and a key mask (see `hook`)."""
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown KV cache dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
         self.rule, self.kv_dtype = rule, kv_dtype
@@ -258,6 +321,9 @@ class KVCache:
         self._history: list[int] = []
         self._token_idx: dict[int, torch.Tensor] = {}  # partly visible chunk -> its visible tokens
         self._workspace: dict[tuple, torch.Tensor] = {}  # (which, dtype, device) -> shared buffer
+        self.static = static and self.capacity is not None
+        self._history_tokens = 0  # visible history tokens of the current chunk
+        self._key_mask: dict[tuple, torch.Tensor] = {}  # (device, length) -> static key mask [1, Lk]
         self.nvfp4_backend = nvfp4_backend or NVFP4_BACKEND
         self._quant, self._dequant = _nvfp4_ops(self.nvfp4_backend)
 
@@ -279,6 +345,9 @@ class KVCache:
             vis = self._visible(j)
             if not vis.all():  # partly visible block (window edge or sink inside a chunk)
                 self._token_idx[j] = torch.nonzero(vis.repeat_interleave(self.tokens_per_frame)).squeeze(1)
+        self._history_tokens = sum(
+            len(self._token_idx[j]) if j in self._token_idx else self.chunk_tokens for j in self._history
+        )
 
     def _visible(self, j: int) -> torch.Tensor:
         c = self.rule.frames_per_chunk
@@ -297,12 +366,30 @@ class KVCache:
         return sum(layer.nbytes() for layer in self.layers)
 
     # ---- storage -------------------------------------------------------------------------------
-    def _store(self, t_BHLD: torch.Tensor):
+    def _write(self, layer: _Slots, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> None:
+        """Store this chunk's K and V into a fresh slot of `layer`, quantized straight into the
+        slot's storage (dense: one copy with the cast)."""
+        b, h, n, d = k_BHLD.shape
+        dev = k_BHLD.device
         if self.kv_dtype == "nvfp4":
-            return self._quant(t_BHLD.detach())
-        if self.kv_dtype == "fp8":
-            return fp8_quantize_block(t_BHLD.detach())
-        return t_BHLD.detach().to(KV_DTYPES[self.kv_dtype])
+            nvfp4.check_last_dim(k_BHLD)
+            if kernels is not None:  # an unknown backend fails before a slot is taken
+                kernels.resolve_backend(self.nvfp4_backend, dev)
+            spec = [((b, h, n, d // 2), torch.uint8, dev), ((b, h, n, d // nvfp4.BLOCK), torch.uint8, dev),
+                    ((b, h, 1, 1), torch.float32, dev)]  # fmt: skip
+            meta = [(t.shape, t.dtype, False) for t in (k_BHLD, v_BHLD)]
+        elif self.kv_dtype == "fp8":
+            spec = [((b, h, n, d), torch.uint8, dev), ((b, h, 1, 1), torch.float32, dev)]
+            meta = ["fp8", "fp8"]
+        else:
+            spec, meta = [((b, h, n, d), KV_DTYPES[self.kv_dtype], dev)], None
+        for t, parts in zip((k_BHLD, v_BHLD), layer.take(self.chunk, [spec, spec], meta)):
+            if self.kv_dtype == "nvfp4":
+                nvfp4_quantize_into(t, *parts, backend=self.nvfp4_backend)
+            elif self.kv_dtype == "fp8":
+                fp8_quantize_into(t, *parts)
+            else:
+                parts[0].copy_(t.detach())
 
     def _read(
         self, layer: _Slots, chunks: list[int], dtype: torch.dtype
@@ -346,15 +433,61 @@ class KVCache:
             off += p.shape[2]
         return ws[:, :, :n]
 
+    def _gather_static(self, which: int, blocks, chunks: list[int], cur: torch.Tensor) -> torch.Tensor:
+        """[visible history | padding | the current chunk's] along L in the shared workspace,
+        (capacity - 1) * chunk tokens + the chunk's long whatever the history holds. The padding
+        keeps what earlier passes left there (finite values; zeros at first), masked out."""
+        b, h, lq, d = cur.shape
+        n = (self.capacity - 1) * self.chunk_tokens + lq
+        key = (which, cur.dtype, cur.device)
+        ws = self._workspace.get(key)
+        if ws is None or tuple(ws.shape) != (b, h, n, d):
+            ws = self._workspace[key] = torch.zeros((b, h, n, d), dtype=cur.dtype, device=cur.device)
+        off = 0
+        for i, j in enumerate(chunks):
+            if j in self._token_idx:
+                idx = self._token_idx[j].to(blocks.device)
+                torch.index_select(blocks[i], 2, idx, out=ws[:, :, off : off + len(idx)])
+                off += len(idx)
+            else:
+                ws[:, :, off : off + blocks.shape[3]].copy_(blocks[i])
+                off += blocks.shape[3]
+        ws[:, :, n - lq :].copy_(cur)
+        return ws
+
+    def key_mask(self, lq: int, device: torch.device) -> torch.Tensor:
+        """Static mode's bool key mask [1, Lk] (True = attend): the visible history and the
+        current chunk's `lq` tokens; one buffer per (device, length), refilled in place."""
+        n = (self.capacity - 1) * self.chunk_tokens + lq
+        mask = self._key_mask.get((device, n))
+        if mask is None:
+            mask = self._key_mask[(device, n)] = torch.zeros((1, n), dtype=torch.bool, device=device)
+        mask.fill_(False)
+        mask[:, : self._history_tokens] = True
+        mask[:, n - lq :] = True
+        return mask
+
     def hook(self, layer_idx: int, q_BHLD, k_BHLD, v_BHLD, ctx) -> tuple:
-        """kv_hook: prepend the visible history to this chunk's K/V; store them on the clean pass."""
+        """kv_hook: prepend the visible history to this chunk's K/V; store them on the clean pass.
+
+        Static mode without autograd: K/V of fixed length (the history padded to the window's
+        capacity) and the key mask that hides the padding; otherwise exactly the visible tokens
+        and no mask."""
         layer = self.layers[layer_idx]
         chunks = self._history
-        if chunks:
+        mask = None
+        if self.static and not torch.is_grad_enabled():
+            hk = hv = None
+            if chunks:
+                hk, hv = self._read(layer, chunks, k_BHLD.dtype)
+            k_out = self._gather_static(0, hk, chunks, k_BHLD)
+            v_out = self._gather_static(1, hv, chunks, v_BHLD)
+            mask = self.key_mask(k_BHLD.shape[2], k_BHLD.device)
+        elif chunks:
             hk, hv = self._read(layer, chunks, k_BHLD.dtype)
             k_out, v_out = self._gather(0, hk, chunks, k_BHLD), self._gather(1, hv, chunks, v_BHLD)
         else:
             k_out, v_out = k_BHLD, v_BHLD
         if self.write:
-            layer.write(self.chunk, self._store(k_BHLD), self._store(v_BHLD))
-        return k_out, v_out, None
+            self._write(layer, k_BHLD, v_BHLD)
+        return k_out, v_out, mask

@@ -16,6 +16,11 @@ the prefix chunks are only written into the cache by clean passes (t=0) under th
 window/sink rule and yielded as they are (`ChunkOut.prefix`); generation continues at chunk k.
 History enters every pass through `AttentionContext.kv_hook` (kv_cache.KVCache), so the same
 model code serves teacher forcing and streaming.
+`SamplerConfig.compile` (`vidtrain sample --compile`): the model's forward runs under
+torch.compile ("reduce-overhead", i.e. CUDA graphs, on CUDA; "default" elsewhere), the KV hook
+eagerly between the graphs, over a static cache (history padded to the window's capacity with a
+key mask): one set of graphs for every chunk; latents equal the eager path's within float
+tolerance (the eager path without it is unchanged).
 
 The text of a shot enters as its embedded context and, per layer, its cross-attention K/V,
 computed once per shot and reused by every chunk and step (`cross_kv_cache`). A `Conditioning`
@@ -35,6 +40,8 @@ D model dim.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +95,9 @@ class SamplerConfig:
     # the caption context (`condition`): as the run trained (model.text_padding / text_len)
     text_padding: str = TEXT_PADDING  # wan (fixed text_len tokens, zero pad, no mask) | masked
     text_len: int = TEXT_LEN
+    # torch.compile the model's forward ("reduce-overhead": CUDA graphs on CUDA, "default"
+    # elsewhere); with a window the KV history is padded to a fixed length (one graph per shape)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_timesteps(self.timesteps)
@@ -195,6 +205,7 @@ class StreamingSampler:
         self.model = model
         self.config = config or SamplerConfig()
         self._text_cache: dict[int, tuple[torch.Tensor, list | None]] = {}
+        self._compiled: Callable | None = None  # the compiled model forward (config.compile)
 
     @property
     def device(self) -> torch.device:
@@ -202,7 +213,26 @@ class StreamingSampler:
 
     def new_cache(self, tokens_per_frame: int) -> KVCache:
         n = len(self.model.blocks)
-        return KVCache(n, self.config.rule(), tokens_per_frame, self.config.kv_cache)
+        return KVCache(
+            n, self.config.rule(), tokens_per_frame, self.config.kv_cache, static=self.config.compile
+        )
+
+    def compiled_forward(self) -> Callable:
+        """The model's forward under torch.compile (built once): mode "reduce-overhead" (CUDA
+        graphs) on CUDA, "default" elsewhere. The KV hook runs outside the graphs (it keeps the
+        cache's bookkeeping in Python), so each layer's attention input is a graph input, of one
+        shape per chunk shape once the cache pads its history (`KVCache(static=True)`)."""
+        if self._compiled is None:
+            if self.device.type == "cpu" and not any(
+                shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")
+            ):
+                raise RuntimeError(
+                    "--compile on CPU needs a C++ compiler (torch.compile's CPU backend builds C++); "
+                    "none found (g++, c++, clang++ or $CXX): install one or sample without --compile"
+                )
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._compiled = torch.compile(self.model.forward, mode=mode)
+        return self._compiled
 
     # ---- one model pass ------------------------------------------------------------------------
     def _text(self, shot: int, cond: Conditioning) -> tuple[torch.Tensor, list | None]:
@@ -234,6 +264,8 @@ class StreamingSampler:
         # a pass with gradients (DMD's rollouts) may be recomputed in the backward (activation
         # checkpointing) after later chunks changed the cache: it reads the history it first read
         hook = _HistoryAsRead(cache.hook) if torch.is_grad_enabled() else cache.hook
+        if self.config.compile:
+            hook = _EagerHook(hook)
         attn = AttentionContext(rule=MaskRule("full"), meta=meta, kv_hook=hook)
         ctx_BSD, cross_kv = self._text(shot, cond)
         mask = None if cond.mask_BS is None else cond.mask_BS.to(x_BCFHW.device)
@@ -251,7 +283,11 @@ class StreamingSampler:
     def _run_model(self, x_BLP, t_BL, meta: TokenMeta, attn: AttentionContext, **kw) -> torch.Tensor:
         """The model on one chunk's tokens [B, L, P] -> [B, L, P]: here all of them in one process;
         the multi-rank sampler (parallel_sample.UlyssesSampler) runs this rank's share and gathers."""
-        return self.model(x_BLP, t_BL, None, meta=meta, attn=attn, **kw)
+        if not self.config.compile:
+            return self.model(x_BLP, t_BL, None, meta=meta, attn=attn, **kw)
+        # each attention core's integer `layer_idx` is an input, not a constant to guard per layer
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return self.compiled_forward()(x_BLP, t_BL, None, meta=meta, attn=attn, **kw)
 
     # ---- one chunk -----------------------------------------------------------------------------
     @staticmethod
@@ -470,6 +506,19 @@ class _HistoryAsRead:
             k_out[:, :, :n].detach().clone(), v_out[:, :, :n].detach().clone(), mask
         )  # fmt: skip
         return k_out, v_out, mask
+
+
+class _EagerHook:
+    """A KV hook that torch.compile runs eagerly (a graph break at the call): the cache keeps its
+    bookkeeping in Python, and no argument (the layer index, the cache) is traced or guarded,
+    so neither another layer nor a new cache per video compiles anything again."""
+
+    def __init__(self, hook) -> None:
+        self.hook = hook
+
+    @torch.compiler.disable
+    def __call__(self, layer_idx: int, q_BHLD, k_BHLD, v_BHLD, ctx) -> tuple:
+        return self.hook(layer_idx, q_BHLD, k_BHLD, v_BHLD, ctx)
 
 
 def _pin_first(x_BCFHW: torch.Tensor, first_BC1HW: torch.Tensor) -> torch.Tensor:
