@@ -135,6 +135,21 @@ class DMDConfig:
     ema_decay: float = 0.99  # the generator LoRA's EMA (exported); 0 disables
     rollout: Literal["self_forcing", "teacher_forcing"] = "self_forcing"
     negative_prompt_zero: bool = True  # unconditional branch uses a zero text context
+    # long self-rollout tuning (LongLive 1, Self-Forcing++; vidtrain/distill/rollout.py): the
+    # generator rolls out `rollout_frames` latent frames through the sampler's chunk loop and
+    # rolling KV cache, and DMD (scores, generator and critic losses) sees `windows` windows of
+    # `window_frames` frames drawn from it; graph only inside the windows, nothing generated after
+    # the last one. None: the clip length (rollout_frames = window_frames = clip: today's rollouts).
+    rollout_frames: int | None = None
+    window_frames: int | None = None
+    windows: int = 1  # non-overlapping windows per rollout (each inside one shot)
+    # Self-Forcing++'s backward noise initialisation: each window's first chunk restarts from the
+    # rollout's own latents of that chunk re-noised to its exit step's sigma (rollout.py)
+    backward_noise_init: bool = False
+    # prompt switches inside a rollout: equal shots with the sampler's shot sink re-pinned at each
+    # cut; shot s of sample b is captioned by the batch's sample b ("same") or (b + s) mod B ("batch")
+    rollout_shots: int = 1
+    shot_captions: Literal["same", "batch"] = "same"
 
 
 @dataclass
@@ -557,6 +572,66 @@ def _validate_dmd(r: Recipe) -> None:
             f"one base serves all DMD roles: method.dmd.teacher={d.teacher} and model.checkpoint="
             f"{m.checkpoint} differ; set only one"
         )
+    _validate_dmd_long(r)
+
+
+def _validate_dmd_long(r: Recipe) -> None:
+    """method.dmd's long self-rollout keys: whole chunks, window(s) inside the rollout and its shots.
+    The clip length is checked here for synthetic data (data.frames) and by the method otherwise."""
+    d, fpc, name = r.method.dmd, r.model.frames_per_chunk, "method.dmd"
+    clip = r.data.frames if r.data.source == "synthetic" else None
+    for key in ("rollout_frames", "window_frames"):
+        v = getattr(d, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < fpc or v % fpc):
+            raise ConfigError(
+                f"{name}.{key} must be null (the clip length) or a positive multiple of "
+                f"model.frames_per_chunk ({fpc}), got {v!r}"
+            )
+    for key in ("windows", "rollout_shots"):
+        v = getattr(d, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name}.{key} must be an integer >= 1, got {v!r}")
+    long = (d.rollout_frames, d.window_frames) != (None, None) or d.windows > 1 or d.rollout_shots > 1
+    if (long or d.backward_noise_init) and d.rollout != "self_forcing":
+        raise ConfigError(
+            f"{name}.rollout_frames / window_frames / windows / rollout_shots / backward_noise_init "
+            f"need {name}.rollout=self_forcing (a long rollout is the sampler's chunk loop), got {d.rollout}"
+        )
+    if d.rollout_frames is not None and r.model.window_frames is None:
+        raise ConfigError(
+            f"{name}.rollout_frames={d.rollout_frames} needs model.window_frames (and usually "
+            "model.sink_frames): a long self-rollout runs the sampler's rolling KV cache, which "
+            "without a window keeps all history and grows with the rollout; e.g. model.window_frames=12"
+        )
+    if clip is not None:
+        check_dmd_long_lengths(d, fpc, clip)
+
+
+def check_dmd_long_lengths(d: DMDConfig, fpc: int, clip: int) -> tuple[int, int]:
+    """(rollout frames, window frames) for a clip of `clip` latent frames, or a ConfigError:
+    rollout >= windows x window, and each shot (rollout / rollout_shots, whole chunks) holds a window."""
+    name = "method.dmd"
+    rollout = clip if d.rollout_frames is None else d.rollout_frames
+    window = clip if d.window_frames is None else d.window_frames
+    if rollout < d.windows * window:
+        raise ConfigError(
+            f"{name}.rollout_frames ({rollout}{' = the clip' if d.rollout_frames is None else ''}) must be "
+            f">= {name}.windows x window_frames ({d.windows} x {window}"
+            f"{' = the clip' if d.window_frames is None else ''})"
+        )
+    chunks = rollout // fpc
+    if chunks % d.rollout_shots:
+        raise ConfigError(
+            f"{name}.rollout_shots ({d.rollout_shots}) must divide the rollout's {chunks} chunks "
+            f"(rollout_frames {rollout} / model.frames_per_chunk {fpc})"
+        )
+    per_shot, wk = chunks // d.rollout_shots, window // fpc
+    if per_shot < wk or d.rollout_shots * (per_shot // wk) < d.windows:
+        raise ConfigError(
+            f"{name}: {d.windows} window(s) of {wk} chunk(s) must each lie inside one shot of "
+            f"{per_shot} chunk(s) ({d.rollout_shots} shot(s) over {chunks} chunks)"
+        )
+    return rollout, window
 
 
 def dump_recipe(r: Recipe) -> str:

@@ -25,19 +25,32 @@ context follows `model.text_padding` everywhere (`Method.caption_context`): roll
 teacher's and critic's scores and the critic loss see the same context, and the LoRA record
 carries the setting so `vidtrain sample --lora` pads as the distillation did.
 
+Long self-rollout tuning (`method.dmd.rollout_frames` > the clip, or `window_frames` < it;
+`DMD.long_rollout`, vidtrain/distill/rollout.py `long_self_rollout`): the generator rolls out
+`rollout_frames` through the sampler's chunk loop with the rolling KV cache (the recipe's window
+and sinks, the KV format above), and DMD is applied on `windows` windows of `window_frames`
+drawn per step from (seed, step) alone (equal on every rank, resume-exact). The graph exists only
+inside the windows. Teacher and critic see each window alone, as a clip of its own (no clean
+history before it) whose frames keep their rollout positions (`frame_offset`: RoPE positions and
+the mask's frame indices of where it sits, so no global sink frame lies in it), with the caption
+of the shot it lies in (windows never straddle a cut). `rollout_shots`: equal shots, each with its
+caption (`shot_captions`) and the sampler's shot sink re-pinned at the cut. With the defaults
+(null lengths, one window, one shot) the step is today's, bit for bit.
+
 Legend: B batch, C channels, F latent frames, K chunks, H/W latent size.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from vidtrain.config import validate
-from vidtrain.distill.rollout import tf_velocity
+from vidtrain.config import check_dmd_long_lengths, validate
+from vidtrain.distill.rollout import long_self_rollout, tf_velocity, window_starts
 from vidtrain.forcing.flow import frames_sigma, noise_latents, sample_chunk_sigmas
 from vidtrain.lora import roles as lora
 from vidtrain.lora.files import export_lora
@@ -90,6 +103,19 @@ def check_dmd_recipe(recipe) -> Path:
     return Path(teacher)
 
 
+@dataclass
+class Window:
+    """One supervised window of a long rollout: its generator latents [B, C, Fw, H, W] (graph
+    through its chunks' exit steps on a generator step), its first latent frame in the rollout,
+    the caption context (and mask) of its shot, its index among the step's windows."""
+
+    x_BCFHW: torch.Tensor
+    frame_offset: int
+    text: torch.Tensor
+    mask: torch.Tensor | None
+    index: int
+
+
 class RoleAdamW(torch.optim.AdamW):
     """AdamW over one param group per role whose `step` updates only `active_role`'s group.
 
@@ -124,6 +150,7 @@ class DMD(Method):
         self.sigmas = self.sampler_config.sigmas()  # the few-step schedule (denoising_steps, shift)
         self.ema: EMA | None = None
         self.updates = {"generator": 0, "critic": 0}
+        self.rollout_stats: dict = {}  # the last long rollout's KV peak and chunks generated
 
     # ---- set-up --------------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module, trainer: StepContext) -> torch.nn.Module:
@@ -180,8 +207,57 @@ class DMD(Method):
     def is_generator_step(self, step: int) -> bool:
         return step % self.cfg.generator_update_every == 0
 
-    def rollout(self, trainer, model, batch: dict, step: int, grad: bool) -> torch.Tensor:
-        """Generator output x0 [B, C, F, H, W]; graph only through the exit step when `grad`."""
+    def long_plan(self, clip_frames: int) -> tuple[int, int] | None:
+        """(rollout frames, window frames) of a long rollout; None: today's rollout of the clip."""
+        d = self.cfg
+        if (
+            d.rollout_frames in (None, clip_frames)
+            and d.window_frames in (None, clip_frames)
+            and d.windows == 1
+            and d.rollout_shots == 1
+            and not d.backward_noise_init
+        ):
+            return None
+        return check_dmd_long_lengths(d, self.fpc, clip_frames)
+
+    def window_generator(self, step: int) -> torch.Generator:
+        """The windows' placement draw: (seed, step) alone, a stream apart from the exit steps'."""
+        return rng.keyed_generator(self.recipe.seed, (step * 7919 + 103, rng.STEP_RADIX))
+
+    def shot_text(self, text, mask, shot: int):
+        """Shot `shot`'s caption context: the sample's own ("same") or sample (b + shot) mod B's of
+        this rank's batch ("batch"; with data parallelism the pairing follows the split)."""
+        if self.cfg.shot_captions == "same" or shot == 0:
+            return text, mask
+        return torch.roll(text, -shot, 0), None if mask is None else torch.roll(mask, -shot, 0)
+
+    def long_rollout(self, trainer, model, batch: dict, step: int, grad: bool, plan) -> list[Window]:
+        """The windows of a long self-forcing rollout (module docstring; rollout.long_self_rollout)."""
+        d, fpc = self.cfg, self.fpc
+        b, _, _, h, w = batch["latents"].shape
+        k_roll, wk = plan[0] // fpc, plan[1] // fpc
+        cps = k_roll // d.rollout_shots
+        text, mask = self.text(trainer, batch)
+        shots = [self.shot_text(text, mask, s) for s in range(d.rollout_shots)]
+        starts = window_starts(k_roll, wk, d.windows, cps, self.window_generator(step))
+        exits = self.exit_steps(step, k_roll) if grad else None
+        with lora.use_role(model, lora.GENERATOR), trainer.autocast(), torch.set_grad_enabled(grad):
+            xs = long_self_rollout(
+                StreamingSampler(model, self.sampler_config),
+                [self.sampler_config.condition(t, m) for t, m in shots],
+                [cps] * d.rollout_shots, (h, w), self.sample_seeds(trainer, b, salt=0), starts, wk,
+                exits=exits, grad=grad, backward_noise_init=d.backward_noise_init, stats=self.rollout_stats,
+            )  # fmt: skip
+        return [
+            Window(x, s * fpc, *shots[s // cps], i) for i, (x, s) in enumerate(zip(xs, starts, strict=True))
+        ]
+
+    def rollout(self, trainer, model, batch: dict, step: int, grad: bool) -> torch.Tensor | list[Window]:
+        """Generator output x0 [B, C, F, H, W]; graph only through the exit step when `grad`.
+        A long rollout (`long_plan`) gives its supervised windows instead."""
+        plan = self.long_plan(batch["latents"].shape[2])
+        if plan is not None:
+            return self.long_rollout(trainer, model, batch, step, grad, plan)
         x_data = batch["latents"].to(trainer.device)
         text, mask = self.text(trainer, batch)
         exit_step = self.exit_steps(step, x_data.shape[2] // self.fpc)
@@ -225,11 +301,16 @@ class DMD(Method):
     def generators(self, trainer, x: torch.Tensor, salt: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(s) for s in self.sample_seeds(trainer, x.shape[0], salt)]
 
-    def score_noise(self, trainer, x: torch.Tensor, salt: int):
-        """Per-chunk shifted sigmas clamped to [min, max] timestep, and the noise (per sample)."""
+    def score_noise(self, trainer, x: torch.Tensor, salt: int, window: int = 0):
+        """Per-chunk shifted sigmas clamped to [min, max] timestep, and the noise (per sample);
+        window i > 0 of a long rollout: the sample's seed extended by i."""
         d, k = self.cfg, x.shape[2] // self.fpc
         sigmas, noise = [], []
-        for g in self.generators(trainer, x, salt):
+        gens = self.generators(trainer, x, salt)
+        if window:
+            seeds = self.sample_seeds(trainer, x.shape[0], salt)
+            gens = [torch.Generator().manual_seed(rng.keyed_seed(s, (window, 1009))) for s in seeds]
+        for g in gens:
             sigmas.append(
                 sample_chunk_sigmas(
                     1, k, shift=d.timestep_shift, min_t=d.min_timestep, max_t=d.max_timestep, generator=g
@@ -240,34 +321,47 @@ class DMD(Method):
         return frames_sigma(sigma_BK, self.fpc).to(x.device), torch.stack(noise).to(x.device)
 
     @torch.no_grad()
-    def scores(self, trainer, model, x, batch, sigma_BF, noise):
-        """x0 predictions of the teacher (CFG) and of the critic for x noised at sigma_BF."""
-        text, mask = self.text(trainer, batch)
+    def scores(self, trainer, model, x, batch, sigma_BF, noise, window: Window | None = None):
+        """x0 predictions of the teacher (CFG) and of the critic for x noised at sigma_BF (a long
+        rollout's window: its shot's caption, its frame positions)."""
+        text, mask = self.text(trainer, batch) if window is None else (window.text, window.mask)
+        off = 0 if window is None else window.frame_offset
         rule = self.rule("teacher_forcing")
         with trainer.autocast():
             with lora.use_role(model, lora.TEACHER):
-                v_c = tf_velocity(model, x, noise, sigma_BF, text, rule, mask).float()
-                v_u = tf_velocity(model, x, noise, sigma_BF, torch.zeros_like(text), rule, None).float()
+                v_c = tf_velocity(model, x, noise, sigma_BF, text, rule, mask, off).float()
+                v_u = tf_velocity(model, x, noise, sigma_BF, torch.zeros_like(text), rule, None, off).float()
             with lora.use_role(model, lora.CRITIC):
-                v_fake = tf_velocity(model, x, noise, sigma_BF, text, rule, mask).float()
+                v_fake = tf_velocity(model, x, noise, sigma_BF, text, rule, mask, off).float()
         v_real = v_u + self.cfg.guidance_scale * (v_c - v_u)
         x_t = noise_latents(x, noise, sigma_BF)
         s = sigma_BF[:, None, :, None, None]
         return x_t - s * v_real, x_t - s * v_fake
 
-    def generator_loss(self, trainer, model, x, batch) -> tuple[torch.Tensor, dict]:
-        sigma_BF, noise = self.score_noise(trainer, x, salt=2)
-        real_x0, fake_x0 = self.scores(trainer, model, x.detach().float(), batch, sigma_BF, noise)
+    def generator_loss(
+        self, trainer, model, x, batch, window: Window | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """The DMD loss of the rollout (a long rollout: the mean over its windows)."""
+        if isinstance(x, list):
+            parts = [self.generator_loss(trainer, model, win.x_BCFHW, batch, win) for win in x]
+            logs = {"dmd_grad_abs": sum(p[1]["dmd_grad_abs"] for p in parts) / len(parts)}
+            return sum(p[0] for p in parts) / len(parts), logs
+        sigma_BF, noise = self.score_noise(trainer, x, salt=2, window=0 if window is None else window.index)
+        real_x0, fake_x0 = self.scores(trainer, model, x.detach().float(), batch, sigma_BF, noise, window)
         g = dmd_gradient(x.detach().float(), real_x0, fake_x0, self.fpc)
         return dmd_loss(x, g), {"dmd_grad_abs": float(g.abs().mean())}
 
-    def critic_loss(self, trainer, model, x, batch) -> torch.Tensor:
-        """Flow matching of the critic on generator outputs (velocity target ε − x0)."""
+    def critic_loss(self, trainer, model, x, batch, window: Window | None = None) -> torch.Tensor:
+        """Flow matching of the critic on generator outputs (velocity target ε − x0); a long
+        rollout: the mean over its windows, each a clip at its own frame positions."""
+        if isinstance(x, list):
+            return sum(self.critic_loss(trainer, model, win.x_BCFHW, batch, win) for win in x) / len(x)
         x = x.detach().float()
-        sigma_BF, noise = self.score_noise(trainer, x, salt=3)
-        text, mask = self.text(trainer, batch)
+        sigma_BF, noise = self.score_noise(trainer, x, salt=3, window=0 if window is None else window.index)
+        text, mask = self.text(trainer, batch) if window is None else (window.text, window.mask)
+        off = 0 if window is None else window.frame_offset
         with lora.use_role(model, lora.CRITIC), trainer.autocast():
-            v = tf_velocity(model, x, noise, sigma_BF, text, self.rule("teacher_forcing"), mask)
+            v = tf_velocity(model, x, noise, sigma_BF, text, self.rule("teacher_forcing"), mask, off)
         return F.mse_loss(v.float(), noise - x)
 
     def update(self, trainer, role: str, loss: torch.Tensor) -> float:
@@ -294,6 +388,8 @@ class DMD(Method):
         if x is None:
             x = self.rollout(trainer, model, batch, step, grad=False)
         loss_c = self.critic_loss(trainer, model, x, batch)
+        if isinstance(x, list):
+            logs["window_start_frame"] = float(x[0].frame_offset)
         logs["critic_grad_norm"] = self.update(trainer, "critic", loss_c)
         self.updates["critic"] += 1
         trainer.scheduler_step()

@@ -43,7 +43,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,12 +296,25 @@ class StreamingSampler:
 
     def denoise_chunk(
         self, meta, shot, cond, cache, gens, shape, *, grad_exit: int | None = None, with_grad: bool = False,
-        trace: bool = False, image_BCHW: torch.Tensor | None = None,
+        trace: bool = False, image_BCHW: torch.Tensor | None = None, renoise: bool = False,
     ) -> tuple[torch.Tensor, list[dict] | None]:  # fmt: skip
         """Few-step denoising of one chunk; returns its x0 [B, C, F, H, W] (and the step trace).
-        `image_BCHW`: I2V, latent frame 0 pinned to it at timestep 0 in every pass and step."""
+        `image_BCHW`: I2V, latent frame 0 pinned to it at timestep 0 in every pass and step.
+        `renoise` (Self-Forcing++'s backward noise initialisation): the chunk is first generated
+        with the whole schedule (no graph), x_roll, then re-noised to the exit step's sigma s_k,
+        x = (1 - s_k) x_roll + s_k eps (eps the samples' next draws), and one pass at s_k (with the
+        graph when `with_grad`) gives x0."""
         sigmas = self.config.sigmas()
         last = len(sigmas) - 1 if grad_exit is None else grad_exit
+        if renoise:
+            if image_BCHW is not None or trace:
+                raise ValueError("renoise does not combine with an image latent or a trace")
+            with torch.no_grad():
+                x_roll, _ = self.denoise_chunk(meta, shot, cond, cache, gens, shape)
+            s = sigmas[last]
+            x = (1 - s) * x_roll + s * self._noise(gens, shape, self.device)
+            with torch.set_grad_enabled(with_grad):
+                return x - s * self._forward(x, s * NUM_TRAIN_TIMESTEPS, meta, shot, cond, cache), None
         steps: list[dict] | None = [] if trace else None
         x = self._noise(gens, shape, self.device)  # pure noise, whatever the first timestep
         pin = None if image_BCHW is None else image_BCHW.to(self.device, x.dtype)[:, :, None]
@@ -346,6 +359,8 @@ class StreamingSampler:
         grad_chunks: Sequence[int] | None = None,
         trace: bool = False,
         prefix_latents: torch.Tensor | None = None,
+        stop_after: int | None = None,
+        renoise_chunks: Collection[int] = (),
     ) -> Iterator[ChunkOut]:
         """Yield each chunk's clean latents as soon as they exist (the one chunk loop).
 
@@ -357,6 +372,9 @@ class StreamingSampler:
         prefix_latents: continuation, [B, C, k*frames_per_chunk, H, W] clean latents of the first
         k chunks (k < all chunks): cached by clean passes and yielded as given (`ChunkOut.prefix`).
         conds[0].image_latent: image-to-video (see the module docstring); not with a prefix.
+        stop_after: generate only the first `stop_after` chunks of the video (its shots and
+        exits laid out as for all of them): DMD's long rollouts stop after their last window.
+        renoise_chunks: chunks denoised with backward noise initialisation (`denoise_chunk`).
         """
         cfg, model = self.config, self.model
         shots = shot_of_chunks(chunks_per_shot)
@@ -384,8 +402,13 @@ class StreamingSampler:
                 raise ValueError(
                     "image_latent and prefix_latents exclude each other (a prefix has its first frame)"
                 )
+        stop = len(shots) if stop_after is None else stop_after
+        if not 0 < stop <= len(shots):
+            raise ValueError(
+                f"stop_after must be in [1, {len(shots)}] (the video's chunks), got {stop_after}"
+            )
         kept: dict[int, tuple[torch.Tensor, TokenMeta]] = {}  # clean latents for LongLive re-cache
-        for idx, shot in enumerate(shots):
+        for idx, shot in enumerate(shots[:stop]):
             sync(self.device)
             start = time.perf_counter()
             meta = grid_meta(
@@ -412,8 +435,9 @@ class StreamingSampler:
                 x0, steps = self.denoise_chunk(
                     meta, shot, conds[shot], cache, gens, shape, grad_exit=None if exits is None else exits[idx],
                     with_grad=with_grad, trace=trace, image_BCHW=image if idx == 0 else None,
+                    renoise=idx in renoise_chunks,
                 )  # fmt: skip
-                if idx + 1 < len(shots):  # the clean pass at t=0 writes this chunk's K/V
+                if idx + 1 < stop:  # the clean pass at t=0 writes this chunk's K/V
                     cache.begin(idx, shot, write=True)
                     self._forward(x0.detach(), 0.0, meta, shot, conds[shot], cache)
             if cfg.recache_on_cut:
