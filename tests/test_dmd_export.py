@@ -224,3 +224,51 @@ def test_the_readme_merge_example_runs(qat_base, qat_lora, tmp_path):
         args[args.index("--lora") + 1] = str(lora_dir)
         args[args.index("--out") + 1] = str(tmp_path / "out")
         assert cli(args) == 0
+
+
+def test_lora_of_an_fp8_base_needs_that_base(trained, tmp_path, capsys):
+    """A LoRA distilled on an FP8 QAT base records its FP8 linears: loading it on the unconverted
+    base, or merging it into a high-precision one, is refused; merging into the FP8 base needs
+    --requantize and keeps the FP8 record."""
+    from vidtrain.quant.qat import QUANT_RECORD, apply_quant_record
+
+    root, _ = trained
+    folder = tmp_path / "fp8"
+    save_vidtrain(CausalWanDiT.from_pretrained(str(root / "teacher")), folder)
+    names = ["blocks.0.ffn.0", "blocks.0.self_attn.q"]
+    (folder / QUANT_RECORD).write_text(
+        json.dumps({"format": "fp8", "recipe": "tensorwise", "linears": names})
+    )
+
+    def load():
+        m = CausalWanDiT.from_pretrained(str(folder))
+        assert apply_quant_record(m, folder)
+        return m
+
+    model = lora.add_roles(load(), 4, 8.0, ["q", "k", "v", "o", "ffn.0"])
+    with torch.no_grad():
+        for p in lora.adapter_params(model, "dmd").values():
+            p.normal_(0, 0.05)
+    export_lora(model, tmp_path / "lora", teacher=str(folder))
+    info = json.loads((tmp_path / "lora" / "vidtrain_base.json").read_text())
+    assert info["fp8_linears"] == names and info["nvfp4_linears"] == []
+    with pytest.raises(ValueError, match=r"FP8 fake-quant base.*QAT checkpoint"):
+        load_lora(CausalWanDiT.from_pretrained(str(folder)), tmp_path / "lora")  # unconverted
+    x, t, ctx = inputs()
+    with lora.use_role(model, "dmd"):
+        want = forward(model, x, t, ctx)
+    torch.testing.assert_close(forward(load_lora(load(), tmp_path / "lora"), x, t, ctx), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="quantized"):
+        merge_lora(load(), tmp_path / "lora")
+    with pytest.raises(ValueError, match=r"distilled on an FP8.*high-precision checkpoint"):
+        main(
+            ["--base", str(root / "teacher"), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "m")]
+        )
+    out = tmp_path / "merged"
+    assert (
+        main(["--base", str(folder), "--lora", str(tmp_path / "lora"), "--out", str(out), "--requantize"])
+        == 0
+    )
+    record = json.loads((out / QUANT_RECORD).read_text())
+    assert record["format"] == "fp8" and sorted(record["linears"]) == names
+    assert "FP8 record kept" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,7 +164,7 @@ def test_sampler_plan_matches_a_measured_stream():
     flags = {"window_frames": 6, "sink_frames": 3, "kv_cache": "nvfp4"}
     sp = plan.plan_sample(recipe, 12, flags, gpu=False)
     assert sp.error is None
-    cfg = SamplerConfig.from_run(plan.plan_recipe(recipe, gpu=False), overrides=flags)
+    cfg = SamplerConfig.from_run(plan.plan_recipe(recipe, gpu=False), overrides=flags, bounded=True)
     model = build_model(plan.plan_recipe(recipe, gpu=False)).eval().requires_grad_(False)
     live = LiveBytes()
     for p in model.parameters():
@@ -175,6 +176,28 @@ def test_sampler_plan_matches_a_measured_stream():
         )
     assert sp.kv_per_chunk == out.kv_bytes_per_chunk
     assert sp.peak["total"] == pytest.approx(live.peak, rel=TOLERANCE)
+
+
+def test_sampler_plan_takes_what_vidtrain_sample_takes():
+    """A run trained without a window is planned with `vidtrain sample`'s bounded default (not
+    all history); `--window-frames none` plans all history; an FP8 run is labelled FP8."""
+    from vidtrain.config import SAMPLE_SINK_FRAMES, SAMPLE_WINDOW_FRAMES
+
+    recipe = load_recipe("recipes/tf_debug.yaml")
+    assert recipe.model.window_frames is None
+    bounded = plan.plan_sample(recipe, 6, {}, gpu=False)
+    assert (bounded.config.window_frames, bounded.config.sink_frames) == (
+        SAMPLE_WINDOW_FRAMES,
+        SAMPLE_SINK_FRAMES,
+    )
+    assert plan.plan_sample(recipe, 6, {"window_frames": None}, gpu=False).config.window_frames is None
+    fp8 = load_recipe("recipes/qat_fp8_debug.yaml")
+    lines = plan.format_sample(
+        fp8,
+        plan.plan_sample(fp8, 6, {}, gpu=False),
+        SimpleNamespace(gpu_memory_gib=80.0, tflops=989.0, mfu=0.4),
+    )
+    assert "FP8 fake-quant" in lines[0] and "NVFP4" not in lines[0]
 
 
 def test_the_step_runs_in_a_fake_world():

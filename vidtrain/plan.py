@@ -817,11 +817,13 @@ def plan_sample(
     recipe: Recipe, frames: int | None = None, overrides: dict | None = None, gpu: bool = True
 ) -> SamplePlan:
     """`vidtrain sample` of this recipe's checkpoints, planned: the model as the sampler loads
-    it (NVFP4 fake-quant when the recipe trains it so; bf16 weights as on a GPU), the settings
-    `SamplerConfig.from_run` takes from the recipe (`overrides`: flags), one sample of `frames`
+    it (NVFP4 / FP8 fake-quant when the recipe trains it so; bf16 weights as on a GPU), the
+    settings `vidtrain sample` takes from the recipe (`SamplerConfig.from_run(bounded=True)`: a
+    run without a window samples with the constant-memory default; `overrides`: flags), one sample of `frames`
     latent frames (default data.frames) streamed chunk by chunk with its text context."""
     recipe = plan_recipe(recipe, gpu)
-    cfg = SamplerConfig.from_run(recipe, overrides=overrides)
+    # as `vidtrain sample` takes them: a run without a window samples with the bounded default
+    cfg = SamplerConfig.from_run(recipe, overrides=overrides, bounded=True)
     frames = frames or recipe.data.frames
     c = cfg.frames_per_chunk
     if frames % c:
@@ -878,7 +880,7 @@ def describe_recipe(recipe: Recipe, world_size: int) -> list[str]:
     sp = f", sp {p.sp_size} ({p.sp_impl}, {p.layout} layout)" if p.sp_size > 1 else ""
     tpf = (d.height // 2) * (d.width // 2)
     video = d.frames * tpf
-    base = "NVFP4 fake-quant" if recipe.quantized else "high precision"
+    base = f"{recipe.quant.format.upper()} fake-quant" if recipe.quantized else "high precision"
     return [
         f"method {recipe.method.name}, model {m.flavor} ({base}), {strategy} on {world_size} "
         f"rank{'s' if world_size > 1 else ''}: dp {dp}{sp}; "
@@ -963,7 +965,7 @@ def format_sample(recipe: Recipe, sp: SamplePlan, args) -> list[str]:
     window = "all history" if c.window_frames is None else f"window {c.window_frames} frames"
     sinks = f", sink {c.sink_frames} frames" if c.sink_frames else ""
     shot = ", shot sink" if c.shot_sink else ""
-    base = "NVFP4 fake-quant" if recipe.quantized else "high precision"
+    base = f"{recipe.quant.format.upper()} fake-quant" if recipe.quantized else "high precision"
     lines = [
         f"sampler: model {recipe.model.flavor} ({base}, bf16 weights), {sp.frames} latent frames of "
         f"{d.height} x {d.width} in chunks of {c.frames_per_chunk}, {len(c.timesteps)} steps per chunk; "

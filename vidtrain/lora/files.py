@@ -4,16 +4,17 @@ A LoRA folder holds:
   adapter_config.json          peft LoraConfig (r, lora_alpha, target_modules)
   adapter_model.safetensors    the `dmd` adapter's weights under peft's key names
   vidtrain_base.json           the base it was trained on: model config, a sha256 of the
-                               base weights and its NVFP4 fake-quant linears (`nvfp4_linears`),
+                               base weights and its NVFP4 / FP8 fake-quant linears
+                               (`nvfp4_linears`, `fp8_linears`),
                                plus the few-step schedule it was distilled for
 Loading on any other base is an error (`load_lora`), not a silently wrong video.
 
 `vidtrain merge --base CKPT --lora DIR --out DIR` folds the LoRA into the base (`main`). On a
 high-precision base the merged model equals base + LoRA (to float rounding). On a quantized
-(QAT, NVFP4 fake-quant) base it cannot be exact: peft's LoRA path runs in high precision beside
-the NVFP4 linear, and folding it into the weights puts it under NVFP4 quantization. That merge
-is refused unless `--requantize` asks for it: the merged weights keep the base's NVFP4 record
-(`quant.json`), so the merged model samples as NVFP4 of (W + dW), and the deviation from
+(QAT, NVFP4 or FP8 fake-quant) base it cannot be exact: peft's LoRA path runs in high precision
+beside the quantized linear, and folding it into the weights puts it under the quantization. That
+merge is refused unless `--requantize` asks for it: the merged weights keep the base's record
+(`quant.json`), so the merged model samples as NVFP4 (FP8) of (W + dW), and the deviation from
 base + LoRA on a probe input is measured and written beside it (`merge.json`). The exact path
 for a QAT base is `vidtrain sample ... --lora DIR` (no merge).
 """
@@ -31,7 +32,14 @@ from torch import nn
 from vidtrain.lora import roles as lora
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.models.wan.state_dict import resolve_model_folder, save_model_state
-from vidtrain.quant.qat import QUANT_RECORD, NVFP4Linear, apply_quant_record, write_quant_record
+from vidtrain.quant.fp8 import is_fp8_linear
+from vidtrain.quant.qat import (
+    QUANT_RECORD,
+    NVFP4Linear,
+    apply_quant_record,
+    read_quant_record,
+    write_quant_record,
+)
 from vidtrain.tokens import MaskRule
 from vidtrain.utils.io import atomic_dir
 
@@ -41,16 +49,27 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "vidtrain-lora/1"
 
 
+def _plain_name(n: str) -> str:
+    return n.removeprefix(lora._PEFT_PREFIX).replace(".base_layer.", ".").removesuffix(".base_layer")
+
+
 def nvfp4_linears(model: nn.Module) -> list[str]:
     """Plain CausalWanDiT names of the NVFP4 fake-quant linears of a plain or peft-wrapped model."""
+    return sorted(_plain_name(n) for n, m in model.named_modules() if isinstance(m, NVFP4Linear))
 
-    out = []
-    for n, m in model.named_modules():
-        if isinstance(m, NVFP4Linear):
-            out.append(
-                n.removeprefix(lora._PEFT_PREFIX).replace(".base_layer.", ".").removesuffix(".base_layer")
-            )
-    return sorted(out)
+
+def fp8_linears(model: nn.Module) -> list[str]:
+    """Plain names of the FP8 training linears (ours or torchao's Float8Linear) of a model."""
+    return sorted(_plain_name(n) for n, m in model.named_modules() if is_fp8_linear(m))
+
+
+# the base's quantized linears, per format, as the LoRA record keeps them (key, lister)
+QUANT_LINEARS = {"NVFP4": ("nvfp4_linears", nvfp4_linears), "FP8": ("fp8_linears", fp8_linears)}
+
+
+def quantized_linears(model: nn.Module) -> dict[str, list[str]]:
+    """{format: plain names} of the model's fake-quant linears (formats with none left out)."""
+    return {fmt: names for fmt, (_, of) in QUANT_LINEARS.items() if (names := of(model))}
 
 
 def adapter_state(model: nn.Module, adapter: str, weights: dict[str, torch.Tensor] | None = None) -> dict:
@@ -84,6 +103,7 @@ def export_lora(
         "model_config": model.get_base_model().cfg.to_dict(),
         "base_sha256": lora.base_fingerprint(model),
         "nvfp4_linears": nvfp4_linears(model),
+        "fp8_linears": fp8_linears(model),
         "teacher": teacher,
         **(extra or {}),
     }
@@ -119,13 +139,12 @@ def check_base(model: nn.Module, folder: str | Path) -> dict:
             f"LoRA {folder} was trained on base weights sha256 {info['base_sha256'][:12]}… "
             f"(teacher {info.get('teacher')}), this model's weights are {digest[:12]}…: wrong base checkpoint"
         )
-    theirs_q = info.get("nvfp4_linears") or []
-    if theirs_q:
-        mine_q = nvfp4_linears(model)
-        if mine_q != sorted(theirs_q):
+    for fmt, (key, of) in QUANT_LINEARS.items():
+        theirs_q = info.get(key) or []
+        if theirs_q and of(model) != sorted(theirs_q):
             raise ValueError(
-                f"LoRA {folder} was distilled on an NVFP4 fake-quant base ({len(theirs_q)} NVFP4 linears), "
-                f"this model has {len(mine_q)}, not exactly those: load the QAT checkpoint "
+                f"LoRA {folder} was distilled on an {fmt} fake-quant base ({len(theirs_q)} {fmt} linears), "
+                f"this model has {len(of(model))}, not exactly those: load the QAT checkpoint "
                 f"(its model/{_quant_record()}) as the base"
             )
     return info
@@ -147,20 +166,20 @@ def load_lora(model: nn.Module, folder: str | Path, adapter: str = lora.GENERATO
 
 def merge_lora(model: nn.Module, folder: str | Path, *, requantize: bool = False) -> nn.Module:
     """Fold the LoRA of `folder` into `model`'s weights; returns the plain model. A quantized
-    (NVFP4 fake-quant) `model` needs `requantize=True`: its NVFP4 linears stay NVFP4 and
+    (NVFP4 / FP8 fake-quant) `model` needs `requantize=True`: its quantized linears stay so and
     quantize the merged weights (not equal to base + LoRA, see the module docstring)."""
-    if nvfp4_linears(model) and not requantize:
+    if quantized_linears(model) and not requantize:
         raise ValueError(_QUANT_MERGE)
     return load_lora(model, folder).merge_and_unload()
 
 
 MERGE_RECORD = "merge.json"
 _QUANT_MERGE = (
-    "refusing to merge a LoRA into a quantized (NVFP4 fake-quant) base without --requantize: the "
-    "LoRA's path runs in high precision beside the NVFP4 linears, folding it into the weights "
+    "refusing to merge a LoRA into a quantized (NVFP4 / FP8 fake-quant) base without --requantize: the "
+    "LoRA's path runs in high precision beside the quantized linears, folding it into the weights "
     "quantizes it, so the merged model would not sample exactly as base + LoRA. Exact: sample "
     "the base with `vidtrain sample ... --lora LORA`; or pass --requantize to merge anyway (the "
-    "merged weights keep the base's NVFP4 record; the deviation is measured into merge.json)"
+    "merged weights keep the base's quantization record; the deviation is measured into merge.json)"
 )
 
 
@@ -175,14 +194,15 @@ def _probe(model: nn.Module) -> torch.Tensor:
 
 
 def _check_pairing(base: str, lora_dir: str, info: dict, base_quantized: bool) -> None:
-    """A LoRA distilled on an NVFP4 (QAT) base goes with that base, not a high-precision one."""
-    theirs = info.get("nvfp4_linears") or []
-    if theirs and not base_quantized:
-        raise ValueError(
-            f"LoRA {lora_dir} was distilled on an NVFP4 fake-quant (QAT) base ({len(theirs)} NVFP4 "
-            f"linears, teacher {info.get('teacher')}); --base {base} is a high-precision checkpoint "
-            "(no quant.json): pass the QAT checkpoint it was distilled on, with --requantize"
-        )
+    """A LoRA distilled on an NVFP4 / FP8 (QAT) base goes with that base, not a high-precision one."""
+    for fmt, (key, _) in QUANT_LINEARS.items():
+        theirs = info.get(key) or []
+        if theirs and not base_quantized:
+            raise ValueError(
+                f"LoRA {lora_dir} was distilled on an {fmt} fake-quant (QAT) base ({len(theirs)} {fmt} "
+                f"linears, teacher {info.get('teacher')}); --base {base} is a high-precision checkpoint "
+                "(no quant.json): pass the QAT checkpoint it was distilled on, with --requantize"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder, vidtrain format (written atomically)")
     p.add_argument(
         "--requantize", action="store_true",
-        help="a quantized (QAT) base: merge anyway; the merged weights keep its NVFP4 record "
+        help="a quantized (QAT) base: merge anyway; the merged weights keep its NVFP4 / FP8 record "
         "(not equal to base + LoRA: the deviation is measured and written to OUT/merge.json)",
     )  # fmt: skip
     args = p.parse_args(argv)
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         save_model_state(merged.cfg, merged.state_dict(), tmp)
         write_quant_record(merged, tmp)
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    how = "NVFP4 record kept, " if base_quantized else ""
+    how = f"{read_quant_record(folder)['format'].upper()} record kept, " if base_quantized else ""
     print(
         f"[vidtrain] merged {args.lora} into {args.base} -> {args.out} "
         f"({how}max relative deviation from base + LoRA on a probe: {deviation:.2e})"
