@@ -63,7 +63,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert "vidtrain demo finished" in proc.stdout
     for rel in ("video.mp4", "video.metrics.json", "video.timeline.png", "report.md", "dmd/lora/adapter_config.json",
                 "tf/balance.png", "qat/checkpoints/latest", "qat/checkpoints/step_000020/model/quant.json",
-                "fidelity.json", "grids/tf.png", "grids/qat.png", "grids/dmd.png", "grids/random.png"):  # fmt: skip
+                "fidelity.json", "grids/tf.png", "grids/qat.png", "grids/dmd.png", "grids/random.png",
+                "drift/eval.md", "drift/eval.drift.json", "drift/eval.drift.png"):  # fmt: skip
         assert (out / rel).exists(), rel
     metrics = json.loads((out / "video.metrics.json").read_text())
     assert metrics["fps_end_to_end"] > 0 and metrics["kv_cache_bytes"] > 0
@@ -77,6 +78,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     links = assert_relative_links(out)
     for stage in ("tf", "qat", "dmd", "random"):
         assert f"grids/{stage}.png" in links
+    assert "drift/eval.drift.png" in links  # the drift plot of the 8x-long generations
+    drift = json.loads((out / "drift" / "eval.drift.json").read_text())
+    assert len(drift["runs"]) == 2  # teacher forcing and QAT side by side
     fid = json.loads((out / "fidelity.json").read_text())
     for stage in ("tf", "qat", "dmd"):
         assert fid["stages"][stage]["prompted"] < fid["stages"]["random"]["prompted"], (stage, fid)

@@ -2,7 +2,8 @@
 
 shard (decord) -> encode (chunk-aware VAE + text encoder) -> teacher forcing on 2 ranks
 (DeepSpeed launcher, Ulysses SP, balanced layout) -> NVFP4 QAT -> DMD LoRA -> multi-shot
-streaming sample (NVFP4 KV cache, async decode) -> report.md in the run folder.
+streaming sample (NVFP4 KV cache, async decode) -> drift of 8x-long generations (vidtrain eval
+--drift, teacher forcing vs QAT) -> report.md in the run folder.
 
 Every stage runs through the same console scripts a user types; the commands are printed.
 Weights: the debug VAE, the tiny text encoder and the debug DiT that teacher forcing starts from
@@ -38,6 +39,8 @@ RECIPES = REPO / "recipes"
 DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 # the sample stage's sampler flags (the report streams the random-init baseline with them too)
 VIDEO_SETTINGS = {"kv_cache": "nvfp4", "window_frames": 6, "sink_frames": 3}
+# the drift stage's length: 16 chunks = 8x the 2-chunk (6 latent frames) training clips
+DRIFT_CHUNKS = 16
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -81,6 +84,16 @@ def prepare_assets(out: Path, random_init: bool = False) -> tuple[Path, Path, Pa
     if not te_path.exists():
         make_tiny_text_encoder(te_path, d_model=32)
     return vae_path, te_path, None
+
+
+def _drift_prompts(out: Path, shots: Path) -> Path:
+    """The drift stage's prompts: the demo shots' captions, one per line."""
+    import yaml
+
+    path = out / "drift" / "prompts.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{s['prompt']}\n" for s in yaml.safe_load(shots.read_text())["shots"]))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                     "--text-encoder", str(te), "--height", "64", "--width", "64",
                     "--window-frames", str(VIDEO_SETTINGS["window_frames"]),
                     "--sink-frames", str(VIDEO_SETTINGS["sink_frames"])]),
+        # drift past the trained length: 8x the clips' 2 chunks, teacher forcing vs QAT side by side
+        ("drift", [bin_("vidtrain"), "eval", "--checkpoints", str(out / "tf"), str(out / "qat"),
+                   "--prompts", str(_drift_prompts(out, shots)), "--out", str(out / "drift" / "eval.md"),
+                   "--chunks", str(DRIFT_CHUNKS), "--text-encoder", str(te), "--drift", "--reference-shards",
+                   str(latents), "--drift-window", "2", "--height", "64", "--width", "64",
+                   "--window-frames", str(VIDEO_SETTINGS["window_frames"]),
+                   "--sink-frames", str(VIDEO_SETTINGS["sink_frames"])]),
     ]  # fmt: skip
     for name, cmd in steps:
         times[name] = sh(cmd, logs / f"{name}.log", env)

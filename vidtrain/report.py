@@ -410,6 +410,21 @@ def machine_load() -> tuple[float, float, float] | None:
         return None
 
 
+def _drift(out: Path) -> list[str]:
+    """The drift section (the demo's `vidtrain eval --drift` stage): the plot and eval's summary."""
+    eval_md, png = out / "drift" / "eval.md", out / "drift" / "eval.drift.png"
+    if not eval_md.exists():
+        return []
+    lines = ["", "## Drift past the trained length", "",
+             "Each checkpoint streams 8x the training clips' length; per window of chunks, the latents "
+             "against the training data (Frechet distance, channel statistics), frame change and its "
+             "chunk-boundary ratio (flicker), and similarity to the first frames (identity). "
+             "Table and summary: [drift/eval.md](drift/eval.md).", ""]  # fmt: skip
+    if png.exists():
+        lines.append(_img(out, png, "drift over time, checkpoints side by side"))
+    return lines
+
+
 def write_report(
     out: Path, seconds: dict[str, float], loads: dict[str, tuple[float, float, float] | None] | None = None
 ) -> Path:
@@ -451,6 +466,7 @@ def write_report(
                 f"- machine load when sampling ended (1 min): {loads['sample'][0]:.1f} on {cpus} CPUs"
             )
     lines += ["", *_learned(out)]
+    lines += _drift(out)
     kv_png = plot_kv_bytes(metrics, out / "kv_bytes.png")
     lines += ["", "## Figures", ""]
     for run in ("tf", "qat", "dmd"):
@@ -463,7 +479,7 @@ def write_report(
     for name, rel in (
         ("video shards", "video_shards/manifest.json"), ("latent shards", "latent_shards/manifest.json"),
         ("teacher forcing run", "tf"), ("QAT run", "qat"), ("DMD run", "dmd"), ("DMD LoRA", "dmd/lora"),
-        ("fidelity figures", "fidelity.json"), ("logs", "logs"),
+        ("fidelity figures", "fidelity.json"), ("drift", "drift/eval.md"), ("logs", "logs"),
     ):  # fmt: skip
         if (out / rel).exists():
             lines.append(f"- {name}: [{rel}]({rel})")
