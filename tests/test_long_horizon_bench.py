@@ -56,7 +56,8 @@ def test_chunk_errors_on_a_known_case():
 def test_quick_pipeline_gives_finite_figures(tmp_path):
     out = tmp_path / "lh.json"
     res = lh.main(["--quick", "--steps", "4", "--model-seeds", "2", "--prompts", "2", "--crops", "1",
-                   "--train-samples", "16", "--sample-seeds", "2", "--horizon", "2", "--out", str(out)])  # fmt: skip
+                   "--train-samples", "16", "--sample-seeds", "2", "--horizon", "2", "--dmd-steps", "2",
+                   "--out", str(out)])  # fmt: skip
     doc = json.loads(out.read_text())
     assert set(doc["configs"]) >= {"TF, bf16 KV", "TF, nvfp4 KV", "TF+ER, bf16 KV", "TF+ER, nvfp4 KV"}
     for name, r in res["configs"].items():
@@ -66,6 +67,11 @@ def test_quick_pipeline_gives_finite_figures(tmp_path):
             assert math.isfinite(r["at"][fac]["mean"]) and r["at"][fac]["n"] == 2
         window = (3, 0) if "as trained" in name else (12, 3)  # as `vidtrain sample` bounds it
         assert (r["sampler"]["window_frames"], r["sampler"]["sink_frames"]) == window, name
-    if not lh.has_rollout_frames():
-        assert any("rollout_frames" in n for n in doc["notes"])
+    assert {"TF -> DMD clip rollout, bf16 KV", "TF -> DMD long rollout, bf16 KV"} <= set(doc["configs"])
+    # 4 steps learn nothing: the gate says so and the tables fall back to every seed, with a note
+    gate = doc["learned_gate"]
+    assert len(gate["tf_bf16_1x_per_model"]) == 2 and gate["hold_1x"] > 0
+    if not any(v < gate["ratio"] * gate["hold_1x"] for v in gate["tf_bf16_1x_per_model"]):
+        assert any("learned gate" in n for n in doc["notes"])
+    assert "TF -> DMD long rollout, bf16 KV minus TF -> DMD clip rollout, bf16 KV" in doc["paired_differences"]
     assert out.with_suffix(".png").stat().st_size > 0
