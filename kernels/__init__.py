@@ -1,5 +1,6 @@
 """Part of vidtrain (installed as vidtrain.kernels)."""
 
+from vidtrain.kernels import kv2
 from vidtrain.kernels.nvfp4 import (
     BACKENDS,
     abs_amax,
@@ -17,6 +18,7 @@ __all__ = [
     "abs_amax",
     "dequantize",
     "dequantize_kv_blocks",
+    "kv2",
     "quantize",
     "quantize_blocks",
     "quantize_with_amax",

@@ -120,3 +120,36 @@ def test_bad_shapes_say_what_to_fix():
         kv2.quantize(torch.randn(2, 10, 16), stages=3)
     with pytest.raises(ValueError, match=r"groups must be in \[1, 256\]"):
         kv2.quantize(torch.randn(2, 10, 16), groups=300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stages", [1, 2])
+def test_triton_dequant_under_the_interpreter_equals_the_reference(dtype, stages):
+    """vidtrain.kernels.kv2.dequantize (the Triton kernel, interpreted on CPU) gives the torch
+    reference's values bit for bit, for head dims 64 and 48 (masked), blocks stacked along B."""
+    pytest.importorskip("triton")
+    from vidtrain import kernels
+
+    for dim in (64, 48):
+        x = _clustered(3, tokens=40, dim=dim)
+        q = kv2.quantize(x, groups=4, stages=stages)
+        want = kv2.dequantize(q, dtype)
+        got = kernels.kv2.dequantize(q, dtype, backend="interpret")
+        assert got.dtype == dtype and torch.equal(
+            got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)
+        )
+    assert torch.equal(kernels.kv2.dequantize(q, dtype, backend="torch"), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", [1, 2])
+def test_triton_gpu_dequant_equals_the_reference(stages):
+    """Compiled on CUDA: the reference's values to the last bit of a fused multiply-add."""
+    from vidtrain import kernels
+
+    x = _clustered(4, tokens=3 * 1560, dim=128).cuda()
+    q = kv2.quantize(x, stages=stages)
+    want = kv2.dequantize(q)
+    got = kernels.kv2.dequantize(q, torch.float32, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kernels.kv2.dequantize(q, torch.bfloat16, backend="triton"), want.bfloat16())
