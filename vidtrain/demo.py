@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 # the shipped weights (tools/train_demo_weights.py) and the demo's shots (the clips' captions)
 DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
+DEMO_I2V_ASSETS = Path(__file__).resolve().parent / "assets" / "demo_i2v"  # the Wan2.2-shaped pair
 # the sample stage's sampler flags (the report streams the random-init baseline with them too)
 VIDEO_SETTINGS = {"kv_cache": "nvfp4", "window_frames": 6, "sink_frames": 3}
 # the drift stage's length: 16 chunks = 8x the 2-chunk (6 latent frames) training clips
@@ -96,9 +97,81 @@ def _drift_prompts(out: Path, shots: Path) -> Path:
     return path
 
 
+def run_i2v(out: Path, args, env: dict) -> int:
+    """`--i2v`: the image-to-video demo on the Wan2.2-shaped pair (vidtrain/assets/demo_i2v/):
+    shard -> encode (wan2.2-debug VAE) -> teacher forcing with data.task=mixed -> vidtrain sample
+    --image (the first frame of the first shot's clip) -> report.md with per-caption grids of
+    image-conditioned samples, the first frame against the image's VAE round trip."""
+    from PIL import Image
+
+    from vidtrain.report import first_frames, i2v_figures, read_clips
+
+    for name in ("vae.safetensors", "text_encoder", "dit"):
+        if not (DEMO_I2V_ASSETS / name).exists():
+            raise SystemExit(
+                f"demo weights missing: {DEMO_I2V_ASSETS / name} "
+                "(tools/train_demo_weights.py --family wan2.2 makes them)"
+            )
+    vae, te, dit = (DEMO_I2V_ASSETS / n for n in ("vae.safetensors", "text_encoder", "dit"))
+    logs, shots = out / "logs", DEMO_ASSETS / "shots.yaml"
+    videos, latents, image = out / "video_shards", out / "latent_shards", out / "first_frame.png"
+    attn = ["model.window_frames=6", "model.sink_frames=3", "model.shot_sink=true"]
+    i2v = [
+        "model.flavor=wan2.2-debug",
+        "data.task=mixed",
+        "data.i2v_fraction=0.5",
+        "method.forcing.min_timestep=20",
+    ]
+    times: dict[str, float] = {}
+    loads: dict[str, tuple[float, float, float] | None] = {}
+    steps = [
+        ("shard", [bin_("vidtrain-shard"), str(sample_video_dir()), str(videos), "--height", "64", "--width", "64",
+                   "--frames", "21", "--fps", "8", "--max-clips-per-video", "3", "--samples-per-shard", "4",
+                   "--no-progress"]),
+        ("encode", [bin_("vidtrain-encode"), str(videos), str(latents), "--vae", str(vae), "--text-encoder", str(te),
+                    "--no-progress"]),
+        ("train", [bin_("vidtrain"), "train", str(RECIPES / "tf_debug.yaml"), "data.source=shards",
+                   f"data.shards={latents}", f"model.checkpoint={dit}", f"run.dir={out / 'tf'}",
+                   f"train.max_steps={args.steps}", "train.progress=false", *i2v, *attn]),
+        ("sample", [bin_("vidtrain"), "sample", "--checkpoint", str(out / "tf"), "--image", str(image),
+                    "--shots", str(shots), "--out", str(out / "video.mp4"), "--decode", "async", "--vae", str(vae),
+                    "--text-encoder", str(te), "--height", "64", "--width", "64", "--window-frames", "6",
+                    "--sink-frames", "3"]),
+    ]  # fmt: skip
+    for name, cmd in steps:
+        times[name] = sh(cmd, logs / f"{name}.log", env)
+        loads[name] = machine_load()
+        if name == "shard":  # the image: the first frame of the first shot's caption's first clip
+            import yaml
+
+            caption = yaml.safe_load(shots.read_text())["shots"][0]["prompt"]
+            Image.fromarray(first_frames(read_clips(videos))[caption]).save(image)
+    if not args.no_figures:
+        print("\n== image-to-video samples and fidelity (report.md) ==", flush=True)
+        t = time.perf_counter()
+        fid = i2v_figures(out, vae, te)
+        times["figures"] = time.perf_counter() - t
+        loads["figures"] = machine_load()
+        for stage, f in fid["stages"].items():
+            print(f"  {stage:9s} prompted {f['prompted']:.3f}  other {f.get('other', float('nan')):.3f}")
+        print(
+            f"  first frame vs the image's VAE round trip: max abs {fid['first_frame']['max_abs_vs_vae_round_trip']}"
+        )
+    report = write_report(out, times, loads)
+    print("\n== vidtrain image-to-video demo finished ==")
+    for name, secs in times.items():
+        print(f"  {name:7s} {secs:7.1f} s")
+    print(f"  image:   {image}")
+    print(f"  video:   {out / 'video.mp4'} (starts from the image)")
+    print(f"  report:  {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo", help="run folder of the demo")
+    p.add_argument(
+        "--out", default=None, help="run folder of the demo (default runs/demo, --i2v runs/demo_i2v)"
+    )
     p.add_argument("--steps", type=int, default=30, help="teacher-forcing steps")
     p.add_argument("--dmd-steps", type=int, default=100, help="DMD critic steps (generator every 5th)")
     p.add_argument("--fresh", action="store_true", help="delete the run folder first")
@@ -106,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         "--random-init", action="store_true", help="start from random weights, not the shipped ones"
     )
     p.add_argument("--no-figures", action="store_true", help="skip the per-stage samples of the report")
+    p.add_argument(
+        "--i2v", action="store_true",
+        help="the image-to-video demo instead (Wan2.2-shaped pair, vidtrain/assets/demo_i2v/; default --out runs/demo_i2v)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    args.out = args.out or ("runs/demo_i2v" if args.i2v else "runs/demo")
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -119,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
 
+    if args.i2v:
+        return run_i2v(out, args, env)
     vae, te, dit = prepare_assets(out, args.random_init)
     start = [f"model.checkpoint={dit}"] if dit else []
     shots = DEMO_ASSETS / "shots.yaml"

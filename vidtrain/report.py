@@ -15,10 +15,11 @@ Legend: B samples, T pixel frames, H/W pixel height/width, N frames.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,21 @@ STAGE_TITLES = {
     "qat": "NVFP4 QAT",
     "dmd": "DMD LoRA, 4 steps",
     "vae": "VAE reconstruction (the floor)",
+    "i2v": "image-to-video from the first frame (teacher forcing, task mixed)",
+    "i2v_text": "the same model, text only",
+    "i2v_random": "random init (the Wan2.2-shaped pair), image-conditioned",
 }
+I2V_CAN_AND_CANNOT = """\
+What the image-to-video demo shows: the Wan2.2-shaped pair (`vidtrain/assets/demo_i2v/`: the
+wan2.2-debug VAE, 16x spatial stride and 48 latent channels, so a 64x64 frame is a 4x4 latent;
+the wan2.2-debug DiT trained with `data.task=mixed`) conditions on each caption's first frame the
+Wan2.2 way: the image's latent is held clean at timestep 0 as latent frame 0, so the first
+decoded frame is the image through the VAE (checked above) and the chunks after it continue from
+it. With 4x4 latents the frames are coarse colour layouts. What it cannot do: trained on 7 clips
+with one caption per video, the tiny DiT has memorised each caption's video, so the image adds
+little to its own caption (the text-only row is as close), and when image and caption disagree
+the frames after the image follow the caption (the swap figure above): the conditioning path is
+exact, the model too small and its data too few to make the image matter beyond the first frame."""
 
 
 # ---------------------------------------------------------------- the fidelity figure
@@ -124,24 +139,42 @@ def generate(
     chunks: int = 2,
     size: tuple[int, int] = (64, 64),
     seed: int = 0,
+    images: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One streamed sample per prompt (one batch, seed + i for prompt i), decoded: {prompt: uint8 [T, H, W, 3]}."""
+    """One streamed sample per prompt (one batch, seed + i for prompt i), decoded: {prompt: uint8 [T, H, W, 3]}.
+    `images` {prompt: uint8 [H, W, 3]}: image-to-video, each sample's first frame encoded by the
+    VAE as one pixel frame and held as its first latent frame (an I2V base)."""
     model = model.float().eval()
     conds = shot_conditionings([list(prompts)], text_encoder, model.cfg.text_dim, cfg)
+    if images is not None:
+        first = torch.from_numpy(np.stack([images[p] for p in prompts])).permute(0, 3, 1, 2)[:, :, None]
+        z = vae.float().eval().encode(first.float() / 127.5 - 1.0, latents_per_pass=None)[:, :, 0]
+        conds[0] = dataclasses.replace(conds[0], image_latent=z)
     seeds = [seed + i for i in range(len(prompts))]
-    outs = StreamingSampler(model, cfg).stream(conds, [chunks], latent_size(*size), seeds)
+    outs = StreamingSampler(model, cfg).stream(
+        conds, [chunks], latent_size(*size, vae.spatial_compression), seeds
+    )
     z_BCFHW = torch.cat([c.x0_BCFHW for c in outs], dim=2)
     x_BCTHW = vae.float().eval().decode(z_BCFHW.float(), latents_per_pass=None)
     return {p: to_uint8_frames(x_BCTHW, i) for i, p in enumerate(prompts)}
 
 
-def random_init(seed: int = 0) -> tuple[CausalWanDiT, CausalVideoVAE]:
-    """The random-init baseline: the debug DiT and the debug VAE as seeded random initialisations."""
+def first_frames(clips: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """{caption: uint8 [H, W, 3]}: the first frame of each caption's first clip (the I2V image)."""
+    out: dict[str, np.ndarray] = {}
+    for caption, frames in clips:
+        out.setdefault(caption, np.ascontiguousarray(frames[0]))
+    return out
+
+
+def random_init(seed: int = 0, flavor: str = "debug") -> tuple[CausalWanDiT, CausalVideoVAE]:
+    """The random-init baseline: the debug DiT and VAE (`flavor` "wan2.2-debug": the Wan2.2-shaped
+    pair, image-to-video) as seeded random initialisations."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CausalWanDiT.from_flavor("debug")
+        model = CausalWanDiT.from_flavor(flavor)
         torch.manual_seed(seed)
-        vae = CausalVideoVAE.from_flavor("debug")
+        vae = CausalVideoVAE.from_flavor(flavor)
     return model, vae
 
 
@@ -355,20 +388,80 @@ shot inherits the previous shot's history, so later shots of the video are far w
 first."""
 
 
+@torch.no_grad()
+def i2v_figures(
+    out: Path, vae_path: str | Path, text_encoder_path: str | Path, chunks: int = 2,
+    size: tuple[int, int] = (64, 64), seed: int = 0,
+) -> dict:  # fmt: skip
+    """The image-to-video demo's figures: out/tf (an I2V base) conditioned on each caption's first
+    frame, the same model from text only, the random-init Wan2.2-shaped pair conditioned alike,
+    and the VAE floor; grids and out/fidelity.json (`task: i2v`), with the first generated frame
+    against the VAE round trip of the image."""
+    out = Path(out)
+    clips = read_clips(out / "video_shards")
+    prompts, images = prompts_of(clips), first_frames(clips)
+    vae = load_vae(str(vae_path), 48, "cpu", torch.float32)  # the Wan2.2 family: 48 latent channels
+    cfg = SamplerConfig.from_run(out / "tf")
+    model = load_model(out / "tf", None)
+    te = load_text_encoder(str(text_encoder_path), model.cfg.text_dim, "cpu", cfg.text_len)
+    figures: dict[str, dict] = {}
+    gens = {
+        "i2v": generate(model, cfg, vae, te, prompts, chunks, size, seed, images),
+        "i2v_text": generate(model, cfg, vae, te, prompts, chunks, size, seed),
+    }
+    rand_model, rand_vae = random_init(seed, "wan2.2-debug")
+    gens["i2v_random"] = generate(rand_model, cfg, rand_vae, te, prompts, chunks, size, seed, images)
+    recon = reconstruct(vae, clips)
+    gens["vae"] = {p: next(f for c, f in recon if c == p) for p in prompts}
+    for stage, gen in gens.items():
+        figures[stage] = fidelity(gen, clips) | {"grid": f"grids/{stage}.png"}
+        plot_grid(gen, clips, out / "grids" / f"{stage}.png", STAGE_TITLES[stage])
+        print(f"[vidtrain] report: {stage} sampled", flush=True)
+    # image and caption disagreeing: caption i with caption i+1's image; which clip do the frames
+    # after the image follow?
+    nxt = {p: prompts[(i + 1) % len(prompts)] for i, p in enumerate(prompts)}
+    swapped = generate(model, cfg, vae, te, prompts, chunks, size, seed, {p: images[nxt[p]] for p in prompts})
+    frames_of = {c: np.concatenate([f for cc, f in clips if cc == c]) for c in prompts}
+    rows = [{"caption": p, "image_of": nxt[p], "to_caption_clips": frame_distance(swapped[p][1:], frames_of[p]),
+             "to_image_clips": frame_distance(swapped[p][1:], frames_of[nxt[p]])} for p in prompts]  # fmt: skip
+    # the first generated frame is the image through the VAE (its latent pinned at timestep 0)
+    first = np.stack([images[p] for p in prompts])
+    x = torch.from_numpy(first).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1.0
+    rt = np.stack([to_uint8_frames(vae.decode(vae.encode(x[i : i + 1], latents_per_pass=None),
+                                              latents_per_pass=None))[0] for i in range(len(prompts))])  # fmt: skip
+    gen0 = np.stack([gens["i2v"][p][0] for p in prompts])
+    result = {
+        "task": "i2v",
+        "metric": "mean thumbnail (8x8 RGB, [0,1]) RMSE of each generated frame to its nearest clip frame",
+        "chunks": chunks, "size": list(size), "seed": seed, "prompts": prompts, "stages": figures,
+        "swapped": {"rows": rows, "to_caption_clips": float(np.mean([r["to_caption_clips"] for r in rows])),
+                    "to_image_clips": float(np.mean([r["to_image_clips"] for r in rows]))},
+        "first_frame": {
+            "max_abs_vs_vae_round_trip": int(np.abs(gen0.astype(int) - rt.astype(int)).max()),
+            "rmse_vs_image": float(np.sqrt(np.mean((gen0.astype(float) - first.astype(float)) ** 2)) / 255.0),
+        },
+    }  # fmt: skip
+    (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def _learned(out: Path) -> list[str]:
     path = out / "fidelity.json"
     if not path.exists():
         return []
     fid = json.loads(path.read_text())
     stages = fid["stages"]
-    order = [s for s in ("random", "tf", "qat", "dmd", "vae") if s in stages]
+    order = [s for s in ("random", "i2v_random", "tf", "qat", "dmd", "i2v", "i2v_text", "vae") if s in stages]
     lines = [
         "## What the model learned",
         "",
         f"Each stage's checkpoint samples {fid['chunks']} chunks at {fid['size'][0]}x{fid['size'][1]}, one "
         f"sample per clip caption ({', '.join(f'`{p}`' for p in fid['prompts'])}; seed {fid['seed']} + i); "
-        "the random-init baseline samples the same way from the debug DiT and VAE as seeded random "
-        "initialisations (the demo's weights before `vidtrain/assets/demo/`).",
+        + ("image-to-video rows start from the first frame of the caption's first clip; the random-init "
+           "baseline is the wan2.2-debug DiT and VAE as seeded random initialisations, conditioned alike."
+           if fid.get("task") == "i2v" else
+           "the random-init baseline samples the same way from the debug DiT and VAE as seeded random "
+           "initialisations (the demo's weights before `vidtrain/assets/demo/`)."),
         "",
         "Fidelity (lower is closer): a frame's distance to a set of clip frames is the RMSE between "
         "its 8x8 RGB thumbnail (values in [0, 1]) and the nearest one of theirs, averaged over the "
@@ -393,7 +486,18 @@ def _learned(out: Path) -> list[str]:
         for r in v["shots"]:
             lines.append(f"| `{r['prompt']}` | {r['chunks']} | {r['distance']:.3f} | {r['random']:.3f} |")
         lines.append(f"| mean | | {v['distance']:.3f} | {v['random']:.3f} |")
-    lines += ["", CAN_AND_CANNOT, ""]
+    if "first_frame" in fid:
+        ff = fid["first_frame"]
+        lines += ["", f"First generated frame against the image through the VAE (encode, decode): max abs "
+                  f"{ff['max_abs_vs_vae_round_trip']} (uint8), against the image itself: RMSE "
+                  f"{ff['rmse_vs_image']:.3f} (the VAE's own error)."]  # fmt: skip
+    if "swapped" in fid:
+        sw = fid["swapped"]
+        lines += ["", "Image and caption disagreeing (each caption with the next caption's first frame): the "
+                  "frames after the image are at "
+                  f"{sw['to_caption_clips']:.3f} from the caption's clips and {sw['to_image_clips']:.3f} from the "
+                  "image's (lower is closer)."]  # fmt: skip
+    lines += ["", I2V_CAN_AND_CANNOT if fid.get("task") == "i2v" else CAN_AND_CANNOT, ""]
     for s in order:
         lines.append(
             _img(out, out / stages[s]["grid"], f"{STAGE_TITLES[s]}: data (top) and generated (below)")
