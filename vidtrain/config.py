@@ -223,6 +223,10 @@ class QuantConfig:
     # per chunk block): fake-quantized in QAT's teacher forcing, that cache in DMD's rollouts and
     # the sampler's default for the run's checkpoints
     kv_fake_quant: bool = True
+    # NVFP4 history K/V block scales, as the sampler's cache will write them (`vidtrain sample
+    # --kv-scale-rule`, resolved from the run): amax (the E4M3 scale from the block's amax) | mse
+    # (per 16 elements the E4M3 scale of least squared error among 8 candidates; same bytes)
+    kv_scale_rule: Literal["amax", "mse"] = "amax"
     stochastic_rounding: bool = False
     hadamard: bool = False
 
@@ -466,6 +470,11 @@ def validate(r: Recipe) -> None:
         )
     if r.quant.enabled and r.method.name == "teacher_forcing":
         raise ConfigError("quant.enabled=true needs method.name=qat (NVFP4 QAT is the qat method)")
+    if r.quant.kv_scale_rule != "amax" and r.quant.format != "nvfp4":
+        raise ConfigError(
+            f"quant.kv_scale_rule={r.quant.kv_scale_rule} is an NVFP4 KV block-scale rule; "
+            f"quant.format={r.quant.format} has no block scales (use amax)"
+        )
     if r.data.source in ("shards", "videos") and not r.data.shards:
         raise ConfigError(
             f"data.source={r.data.source} needs data.shards (a folder of {r.data.source[:-1] if r.data.source == 'videos' else 'latent'} shards)"

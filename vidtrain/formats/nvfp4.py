@@ -29,6 +29,23 @@ never silently turned into a number.
 
 A last dim that is not a multiple of 16 raises ValueError; `pad_last_dim` zero-pads (zeros do
 not change any amax) and the caller slices the dequantized result back.
+
+Block-scale rule (`scale_rule`, 1x16 blocks only; the KV cache's `--kv-scale-rule`):
+    "amax"  s_b as above (Transformer Engine's chain; the default, bit for bit unchanged);
+    "mse"   per 16-element block, the E4M3 code c of s_b is one of the candidates
+            c + o for o in MSE_CODE_OFFSETS = (0, -1, 1, 2, 3, 4, 5, 6) (clamped to the finite
+            codes 0..0x7E = 448), each quantized with the rest of the chain unchanged, and the
+            one with the least squared error sum_i (x_i - x_hat_i)^2 over the block (fp32, the
+            dequantizer's own arithmetic) is stored; ties keep the earlier candidate, so the
+            amax code wins every tie. Deterministic, and never worse than "amax" on any block.
+The codes, the stored amax and the layout are those of "amax" (only the chosen scale bytes
+differ), so `dequantize` is unchanged. The candidates are ModelOpt's bounded FP8-scale sweep
+(`nvfp4_fp8_scale_sweep` with a code-offset range) cut to the offsets that win in practice:
+-1 (clip the block's largest value), +1 (undo the E4M3 rounding-down of s_b, which saturates it)
+and +2..+6, which put the block amax near E2M1's 4 instead of 6 (the "4/6" choice: 4 is exact and
+the grid below it is finer). On Gaussian and Student-t blocks the full 126-code sweep gains at
+most ~1% of the amax error more than these 8 (bench/kv_scale_rule_bench.py). A NaN scale (NaN
+input) is kept as is, as are blocks whose every candidate has the same (zero or inf) error.
 """
 
 from __future__ import annotations
@@ -44,6 +61,11 @@ BLOCK = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 FLT_MAX = torch.finfo(torch.float32).max
+E4M3_MAX_CODE = 0x7E  # the byte of 448, the largest finite float8_e4m3fn (0x7F is NaN)
+SCALE_RULES = ("amax", "mse")
+# E4M3 code offsets from the amax rule's block-scale code that the "mse" rule tries, in order
+# (the amax code first: a tie keeps it)
+MSE_CODE_OFFSETS = (0, -1, 1, 2, 3, 4, 5, 6)
 BYTES_PER_ELEMENT = 0.5625  # 4 bits of code + one e4m3 byte per 16 elements
 
 # Code -> value for the 16 E2M1 codes (bit 3 is the sign).
@@ -172,6 +194,22 @@ def counter_uniform(shape: Sequence[int], seed: int, counter: int, device=None) 
     return ((h >> 8).to(torch.float32) * 2.0**-24).reshape(tuple(shape))
 
 
+def _e2m1_strict_bounds(device) -> torch.Tensor:
+    """The RNE decision points as strict ones (magnitude index = #{t : a > t}): a tie that rounds
+    up (a >= t) is a > (the fp32 just below t)."""
+    up = torch.tensor(sorted(_E2M1_UP_STRICT + _E2M1_UP_EQUAL), dtype=torch.float32, device=device)
+    tie_up = torch.tensor([t in _E2M1_UP_EQUAL for t in up.tolist()], device=device)
+    return torch.where(tie_up, torch.nextafter(up, torch.zeros_like(up)), up)
+
+
+def e2m1_round_abs(a: torch.Tensor) -> torch.Tensor:
+    """|v| (fp32 >= 0, already clamped to <= 6) -> the E2M1 magnitude `e2m1_encode` rounds it to,
+    as a value: e2m1_decode(e2m1_encode(v)).abs() without the codes (the "mse" rule's inner
+    loop; one bucketize and a lookup)."""
+    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=a.device)
+    return mags[torch.bucketize(a, _e2m1_strict_bounds(a.device))]
+
+
 def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
     """4-bit code (uint8) -> fp32 value."""
     lut = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=code.device)
@@ -228,20 +266,73 @@ def _block_amax(x32: torch.Tensor, tile_2d: bool) -> torch.Tensor:
     return x32.abs().unflatten(-1, (-1, BLOCK)).amax(dim=-1)
 
 
+def check_scale_rule(scale_rule: str) -> None:
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"unknown NVFP4 scale rule {scale_rule!r}; known: {', '.join(SCALE_RULES)}")
+
+
+def block_sq_error(xb32: torch.Tensor, s_b: torch.Tensor, s_dec: torch.Tensor, abs_x=None) -> torch.Tensor:
+    """Squared error per block of quantizing fp32 blocks `xb32` [..., K/16, 16] with block scales
+    `s_b` (e4m3 [..., K/16]) and S_dec (broadcastable to `s_b`): sum over the block of
+    (x - dequantize(quantize(x)))^2 in fp32, with the chain's and the dequantizer's own
+    arithmetic (|x - x_hat| = ||x| - |x_hat||: x_hat has x's sign). `abs_x`: |xb32| if at hand.
+    [..., K/16] fp32."""
+    a = xb32.abs() if abs_x is None else abs_x
+    sf = s_b.float()
+    enc = torch.clamp(1.0 / (sf * s_dec), max=FLT_MAX)
+    v = (a * enc.unsqueeze(-1)).clamp_(max=E2M1_MAX)
+    x_hat = e2m1_round_abs(v).mul_(sf.unsqueeze(-1)).mul_(s_dec.unsqueeze(-1))  # dequantize's order
+    return x_hat.sub_(a).square_().sum(dim=-1)
+
+
+def mse_block_scales(
+    xb32: torch.Tensor, s_b: torch.Tensor, s_dec: torch.Tensor, offsets: Sequence[int] = MSE_CODE_OFFSETS
+) -> torch.Tensor:
+    """The "mse" rule: per block, the E4M3 scale among `s_b`'s code + `offsets` (clamped to
+    0..448) with the least `block_sq_error`; strict improvements only, so the first offset (0:
+    the amax rule's scale) wins ties, and a NaN scale or error never moves. e4m3 [..., K/16]."""
+    a = xb32.abs().contiguous()  # (bucketize wants contiguous input)
+    c0 = s_b.view(torch.uint8)
+    nan = (c0 & 0x7F) == 0x7F
+    best, best_err = c0, block_sq_error(xb32, s_b, s_dec, a)
+    base = c0.to(torch.int16)
+    for off in offsets:
+        if off == 0:
+            continue
+        cand = (base + off).clamp_(0, E4M3_MAX_CODE).to(torch.uint8)
+        err = block_sq_error(xb32, cand.view(torch.float8_e4m3fn), s_dec, a)
+        better = (err < best_err) & ~nan
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+    return best.view(torch.float8_e4m3fn)
+
+
 def quantize_with_amax(
-    x: torch.Tensor, amax: torch.Tensor, tile_2d: bool = False, uniform: torch.Tensor | None = None
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    tile_2d: bool = False,
+    uniform: torch.Tensor | None = None,
+    scale_rule: str = "amax",
 ) -> NVFP4Tensor:
     """Quantize with a given fp32 amax broadcastable to [..., K/16] (per tensor or per group).
 
     `uniform` (fp32 in [0, 1), x's shape) switches the E2M1 step from round-to-nearest-even to
-    stochastic rounding (`e2m1_encode_stochastic`); the scale chain is the same.
+    stochastic rounding (`e2m1_encode_stochastic`); the scale chain is the same. `scale_rule`:
+    "amax" (the chain above) or "mse" (per block the E4M3 scale of least squared error among
+    a few candidates, see the module docstring; 1x16 blocks only; the search measures the
+    round-to-nearest error, whatever `uniform`).
     """
     check_last_dim(x)
+    check_scale_rule(scale_rule)
+    if tile_2d and scale_rule != "amax":
+        raise ValueError("scale_rule 'mse' is for 1x16 blocks (a 16x16 tile shares one scale)")
     x32 = x.float()
     amax = amax.float()
     s_enc = encode_scale(amax)
     s_dec = 1.0 / s_enc
     s_b = block_scale_e4m3(_block_amax(x32, tile_2d), s_enc)  # [..., K/16] e4m3
+    if scale_rule == "mse":
+        s_b = mse_block_scales(x32.unflatten(-1, (-1, BLOCK)), s_b, s_dec)
     enc = torch.clamp(1.0 / (s_b.float() * s_dec), max=FLT_MAX)
     v = x32.unflatten(-1, (-1, BLOCK)) * enc.unsqueeze(-1)  # [..., K/16, 16]
     v = torch.clamp(v, -E2M1_MAX, E2M1_MAX)
@@ -287,27 +378,32 @@ def group_amax(x: torch.Tensor, group_dims: Sequence[int]) -> torch.Tensor:
 
 
 def quantize_blocks(
-    x: torch.Tensor, group_dims: Sequence[int] = (0,), uniform: torch.Tensor | None = None
+    x: torch.Tensor,
+    group_dims: Sequence[int] = (0,),
+    uniform: torch.Tensor | None = None,
+    scale_rule: str = "amax",
 ) -> NVFP4Tensor:
     """NVFP4 with one amax per index of `group_dims` (e.g. per batch element of a chunk's K/V).
 
     For one chunk's K or V shaped [B, H, L, D], `group_dims=(0,)` gives an amax per (batch,
     chunk); the scales are 16-element blocks along head_dim D. `amax` keeps x's rank (size 1 on
     reduced dims); its last dim is 1, so it broadcasts against `scales`. `uniform`: stochastic
-    rounding, as in `quantize_with_amax`.
+    rounding, `scale_rule`: "amax" | "mse", as in `quantize_with_amax`.
     """
     check_last_dim(x)
     if x.ndim - 1 in {d % x.ndim for d in group_dims}:
         raise ValueError("group_dims may not include the last (blocked) dim")
-    return quantize_with_amax(x, group_amax(x, group_dims), uniform=uniform)
+    return quantize_with_amax(x, group_amax(x, group_dims), uniform=uniform, scale_rule=scale_rule)
 
 
-def fake_quantize_kv(k_or_v: torch.Tensor, group_dims: Sequence[int] = (0,)) -> torch.Tensor:
+def fake_quantize_kv(
+    k_or_v: torch.Tensor, group_dims: Sequence[int] = (0,), scale_rule: str = "amax"
+) -> torch.Tensor:
     """quantize_blocks -> dequantize in the input's dtype: what a cached K/V block reads back as."""
-    return dequantize(quantize_blocks(k_or_v, group_dims), k_or_v.dtype)
+    return dequantize(quantize_blocks(k_or_v, group_dims, scale_rule=scale_rule), k_or_v.dtype)
 
 
-def fake_quantize_kv_chunks(kv_BHLD: torch.Tensor, chunk_len: int) -> torch.Tensor:
+def fake_quantize_kv_chunks(kv_BHLD: torch.Tensor, chunk_len: int, scale_rule: str = "amax") -> torch.Tensor:
     """Fake-quantize a history K/V [B, H, L, D] chunk by chunk (L = n * chunk_len).
 
     Equals applying `fake_quantize_kv(chunk, group_dims=(0,))` to every chunk
@@ -317,7 +413,7 @@ def fake_quantize_kv_chunks(kv_BHLD: torch.Tensor, chunk_len: int) -> torch.Tens
     if length % chunk_len:
         raise ValueError(f"history length {length} is not a multiple of chunk_len {chunk_len}")
     x = kv_BHLD.reshape(b, h, length // chunk_len, chunk_len, d)  # [B, H, n, Lc, D]
-    return fake_quantize_kv(x, group_dims=(0, 2)).reshape(b, h, length, d)
+    return fake_quantize_kv(x, group_dims=(0, 2), scale_rule=scale_rule).reshape(b, h, length, d)
 
 
 def fake_quantize_rows(x: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,6 +19,11 @@ The same hook serves the FP8 KV cache (`kv_format="fp8"`): e4m3 with one fp32 sc
 (batch, head, chunk) from the same grouped amax (`vidtrain.formats.fp8`, torch arithmetic on
 every device), as `vidtrain.sample.kv_cache` stores kv_dtype "fp8".
 
+NVFP4's block-scale rule (`scale_rule`, the recipe's `quant.kv_scale_rule`): "amax" or "mse" (per
+16 elements the E4M3 scale of least squared error among 8 candidates, `nvfp4.mse_block_scales`),
+as the sampler's `KVCache(scale_rule=)` writes; "mse" is the torch reference on every `backend`
+(the search has no Triton kernel), so its bytes are the cache's on every device.
+
 Legend: B batch, H heads, L tokens, Lc clean tokens, D head dim, N chunks.
 """
 
@@ -42,12 +47,14 @@ def fake_quantize_kv_grouped(
     n_groups: int,
     backend: str = "torch",
     kv_format: str = "nvfp4",
+    scale_rule: str = "amax",
 ) -> torch.Tensor:
     """Fake-quantize K or V with one amax per (batch, head, group) (no gradient; see STE below).
 
     `group_L[i]` in [0, n_groups) is the chunk of token i. Each token's codes and block scales
     depend only on its own 16 values and its group's amax, so this equals quantizing every
-    chunk's tokens gathered as one block with `nvfp4.quantize_blocks(block, group_dims=(0, 1))`.
+    chunk's tokens gathered as one block with `nvfp4.quantize_blocks(block, group_dims=(0, 1),
+    scale_rule=scale_rule)` (the "mse" search is per 16-element block too).
     """
     b, h, length, _ = x_BHLD.shape
     a_BHL = x_BHLD.detach().abs().float().amax(dim=-1)
@@ -57,8 +64,9 @@ def fake_quantize_kv_grouped(
     if kv_format == "fp8":  # e4m3, one scale per (batch, head, group): the FP8 cache's bytes
         scale_BHL1 = fp8.scale_from_amax(amax_BHL1)
         return fp8.dequantize(fp8.cast(x_BHLD, scale_BHL1), scale_BHL1, x_BHLD.dtype)
-    if backend == "torch":
-        return nvfp4.dequantize(nvfp4.quantize_with_amax(x_BHLD, amax_BHL1), x_BHLD.dtype)
+    if backend == "torch" or scale_rule != "amax":
+        q = nvfp4.quantize_with_amax(x_BHLD, amax_BHL1, scale_rule=scale_rule)
+        return nvfp4.dequantize(q, x_BHLD.dtype)
     from vidtrain import kernels  # lazy: the compiled (Triton) kernels only off the torch path
 
     q = kernels.quantize_with_amax(x_BHLD, amax_BHL1, backend=backend)
@@ -67,12 +75,12 @@ def fake_quantize_kv_grouped(
 
 class _GroupedKVSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group_L, n_groups, backend, kv_format):
-        return fake_quantize_kv_grouped(x, group_L, n_groups, backend, kv_format)
+    def forward(ctx, x, group_L, n_groups, backend, kv_format, scale_rule):
+        return fake_quantize_kv_grouped(x, group_L, n_groups, backend, kv_format, scale_rule)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 @dataclass
@@ -104,17 +112,21 @@ class KVFakeQuantHook:
 
     One instance per forward pass (the plan is built from the first layer's context and reused).
     `backend`: "torch" (emulation, any device), "triton" (CUDA) or "interpret" (Triton on CPU);
-    `kv_format`: "nvfp4" or "fp8" (the FP8 cache's e4m3 casts, torch arithmetic whatever `backend`).
+    `kv_format`: "nvfp4" or "fp8" (the FP8 cache's e4m3 casts, torch arithmetic whatever `backend`);
+    `scale_rule`: NVFP4's block-scale rule, "amax" or "mse" (as `KVCache(scale_rule=)`).
     """
 
-    def __init__(self, backend: str = "torch", kv_format: str = "nvfp4") -> None:
+    def __init__(self, backend: str = "torch", kv_format: str = "nvfp4", scale_rule: str = "amax") -> None:
         if backend not in KERNEL_BACKENDS:
             raise ValueError(
                 f"unknown KV fake-quant backend {backend!r}; known: {', '.join(KERNEL_BACKENDS)}"
             )
         if kv_format not in KV_FORMATS:
             raise ValueError(f"unknown KV fake-quant format {kv_format!r}; known: {', '.join(KV_FORMATS)}")
-        self.backend, self.kv_format = backend, kv_format
+        nvfp4.check_scale_rule(scale_rule)
+        if scale_rule != "amax" and kv_format != "nvfp4":
+            raise ValueError(f"KV scale rule {scale_rule!r} is NVFP4's; {kv_format} has no block scales")
+        self.backend, self.kv_format, self.scale_rule = backend, kv_format, scale_rule
         self._ctx = None
         self._plan: _Plan | None = None
 
@@ -131,7 +143,9 @@ class KVFakeQuantHook:
 
         def history(x_BHLD: torch.Tensor) -> torch.Tensor:
             x_BHLcD = x_BHLD.index_select(2, idx)
-            return _GroupedKVSTE.apply(x_BHLcD, p.group, p.n_groups, self.backend, self.kv_format)
+            return _GroupedKVSTE.apply(
+                x_BHLcD, p.group, p.n_groups, self.backend, self.kv_format, self.scale_rule
+            )
 
         k = torch.cat([history(k_BHLD), k_BHLD], dim=2)  # [B, H, Lc + L, D]
         v = torch.cat([history(v_BHLD), v_BHLD], dim=2)

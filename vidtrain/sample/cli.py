@@ -53,6 +53,7 @@ from vidtrain.models.wan.state_dict import (
 from vidtrain.parallel.mesh import build_mesh
 from vidtrain.quant.qat import apply_quant_record, ptq_fp8
 from vidtrain.sample.decode import DECODE_MODES, VideoWriter, plot_timeline, stream_video, write_metrics
+from vidtrain.sample.kv_cache import KV_SCALE_RULES
 from vidtrain.sample.parallel_sample import UlyssesSampler, check_ranks, generate_only
 from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler, debug_text_context
 from vidtrain.sample.shots import Shot, load_shots
@@ -180,8 +181,8 @@ _DEFAULTS = SamplerConfig()
 # takes it from the LoRA record, the run or SamplerConfig's default (vidtrain/sample/settings.py)
 FLAGS = {"steps": "timesteps", "shift": "shift", "update": "update", "frames_per_chunk": "frames_per_chunk",
          "window_frames": "window_frames", "sink_frames": "sink_frames", "shot_sink": "shot_sink",
-         "kv_cache": "kv_cache", "shot_rope_offset": "shot_rope_offset", "recache_on_cut": "recache_on_cut",
-         "compile": "compile"}  # fmt: skip
+         "kv_cache": "kv_cache", "kv_scale_rule": "kv_scale_rule", "shot_rope_offset": "shot_rope_offset",
+         "recache_on_cut": "recache_on_cut", "compile": "compile"}  # fmt: skip
 NO_WINDOW = "none"
 
 
@@ -206,6 +207,14 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
         choices=["bf16", "fp16", "fp32", "nvfp4", "fp8"],
         help="KV cache format; fp8: e4m3 with a per-head scale per chunk block (default: as trained: "
         f"nvfp4 / fp8 for an NVFP4 / FP8 (QAT) run, else {d.kv_cache})",
+    )
+    p.add_argument(
+        "--kv-scale-rule",
+        default=None,
+        choices=list(KV_SCALE_RULES),
+        help="NVFP4 KV cache block scales: amax (E4M3 scale from the block's amax) or mse (per 16 "
+        "elements the E4M3 scale of least squared error among 8 candidates; same bytes, slower "
+        f"write; as LongLive 2.0's mse option) (default: as trained, else {d.kv_scale_rule})",
     )
     p.add_argument(
         "--steps",

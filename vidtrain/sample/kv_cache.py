@@ -16,7 +16,12 @@ Storage is per layer and per chunk block (K and V of one chunk, [B, H, Lc, D]):
              head-sharded sequence parallelism quantizes identically). Written and read through
              the `vidtrain.kernels` dispatcher (backend `NVFP4_BACKEND`, "auto": the Triton kernels
              on CUDA, the torch reference elsewhere; every backend gives the same bytes), all
-             blocks of a layer dequantized in one call (`dequantize_kv_blocks`);
+             blocks of a layer dequantized in one call (`dequantize_kv_blocks`). The block-scale
+             rule (`scale_rule`, `vidtrain sample --kv-scale-rule`): "amax" (the chain, default)
+             or "mse" (per 16 elements the E4M3 scale of least squared error among 8 candidate
+             codes, `nvfp4.mse_block_scales`): the same bytes per block and the same dequantizer;
+             "mse" writes through the torch reference on every backend (no Triton kernel of the
+             search yet; reads still go through the dispatcher);
     "fp8":   float8_e4m3fn codes with one fp32 scale per (batch, head, chunk block)
              (`vidtrain.formats.fp8`: scale = 448 / amax of the block's tokens and head_dim),
              1 byte per element plus 4 bytes per (batch, head) of a block; per head as NVFP4, so
@@ -66,6 +71,7 @@ except ImportError:  # pragma: no cover
     kernels = None
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None, "fp8": None}
+KV_SCALE_RULES = nvfp4.SCALE_RULES  # the NVFP4 cache's block-scale rules ("amax", "mse")
 
 
 class FP8Block(NamedTuple):
@@ -99,19 +105,24 @@ def nvfp4_quantize_into(
     scales_u8: torch.Tensor,
     amax_BH11: torch.Tensor,
     backend: str = "torch",
+    scale_rule: str = "amax",
 ) -> None:
-    """`quantize_blocks(t, group_dims=(0, 1))` written into preallocated storage: packed E2M1
-    codes into `data` [B, H, Lc, D/2], E4M3 scales (as bytes) into `scales_u8` [B, H, Lc, D/16],
-    the fp32 amax per (batch, head) into `amax_BH11`; the same bytes as the quantizer.
+    """`quantize_blocks(t, group_dims=(0, 1), scale_rule=scale_rule)` written into preallocated
+    storage: packed E2M1 codes into `data` [B, H, Lc, D/2], E4M3 scales (as bytes) into
+    `scales_u8` [B, H, Lc, D/16], the fp32 amax per (batch, head) into `amax_BH11`; the same
+    bytes as the quantizer.
 
-    Through `vidtrain.kernels.quantize_with_amax(..., out=)`: a Triton backend's kernel writes
-    the slot's storage and allocates no output; the torch reference computes its chain and
-    copies the result in (torch has no fused form of the chain)."""
+    "amax": through `vidtrain.kernels.quantize_with_amax(..., out=)`: a Triton backend's kernel
+    writes the slot's storage and allocates no output; the torch reference computes its chain and
+    copies the result in (torch has no fused form of the chain). "mse": the torch reference's
+    chain with its scale search on every backend (on the tensor's device), copied in."""
     x = t_BHLD.detach()
     nvfp4.check_last_dim(x)
-    if kernels is None:  # pragma: no cover - kernels are part of the installed package
-        amax_BH11.copy_(nvfp4.group_amax(x, (0, 1)))
-        q = nvfp4.quantize_with_amax(x, amax_BH11)
+    nvfp4.check_scale_rule(scale_rule)
+    if kernels is None or scale_rule != "amax":
+        amax = nvfp4.group_amax(x, (0, 1)) if kernels is None else kernels.abs_amax(x.contiguous(), (0, 1))
+        amax_BH11.copy_(amax)
+        q = nvfp4.quantize_with_amax(x, amax_BH11, scale_rule=scale_rule)
         data.copy_(q.data)
         scales_u8.copy_(q.scales.view(torch.uint8))
         return
@@ -275,16 +286,21 @@ class _Slots:
 NVFP4_BACKEND = "auto"
 
 
-def _nvfp4_ops(backend: str) -> tuple[Callable, Callable]:
+def _nvfp4_ops(backend: str, scale_rule: str = "amax") -> tuple[Callable, Callable]:
     """(quantize a [B, H, Lc, D] block, dequantize a list of blocks) through vidtrain.kernels when
-    present (Triton on CUDA under "auto"), else the torch reference (the same bytes)."""
+    present (Triton on CUDA under "auto"), else the torch reference (the same bytes); the "mse"
+    scale rule quantizes with the torch reference on every backend."""
     if kernels is None:  # pragma: no cover - kernels are part of the installed package
         return (
-            lambda t: nvfp4.quantize_blocks(t, group_dims=(0, 1)),
+            lambda t: nvfp4.quantize_blocks(t, group_dims=(0, 1), scale_rule=scale_rule),
             lambda blocks, dtype: torch.stack([nvfp4.dequantize(b, dtype) for b in blocks]),
         )
+    if scale_rule != "amax":
+        quant = lambda t: nvfp4.quantize_blocks(t, group_dims=(0, 1), scale_rule=scale_rule)  # noqa: E731
+    else:
+        quant = lambda t: kernels.quantize_blocks(t, (0, 1), backend=backend)  # noqa: E731
     return (
-        lambda t: kernels.quantize_blocks(t, (0, 1), backend=backend),
+        quant,
         lambda blocks, dtype: kernels.dequantize_kv_blocks(blocks, dtype, backend=backend),
     )
 
@@ -305,12 +321,16 @@ class KVCache:
         kv_dtype: str = "bf16",
         nvfp4_backend: str | None = None,
         static: bool = False,
+        scale_rule: str = "amax",
     ) -> None:
         """`nvfp4_backend`: a `vidtrain.kernels` backend for kv_dtype "nvfp4" (None: NVFP4_BACKEND).
         `static`: with a window, every pass without autograd gets K/V of one fixed length, the
-        history padded to the slots' capacity, and a key mask (see `hook`)."""
+        history padded to the slots' capacity, and a key mask (see `hook`). `scale_rule`: the
+        NVFP4 block-scale rule, "amax" | "mse" (see the module docstring; other formats ignore it)."""
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown KV cache dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
+        nvfp4.check_scale_rule(scale_rule)
+        self.scale_rule = scale_rule
         self.rule, self.kv_dtype = rule, kv_dtype
         self.tokens_per_frame = tokens_per_frame
         self.capacity = history_slots(rule)
@@ -325,7 +345,7 @@ class KVCache:
         self._history_tokens = 0  # visible history tokens of the current chunk
         self._key_mask: dict[tuple, torch.Tensor] = {}  # (device, length) -> static key mask [1, Lk]
         self.nvfp4_backend = nvfp4_backend or NVFP4_BACKEND
-        self._quant, self._dequant = _nvfp4_ops(self.nvfp4_backend)
+        self._quant, self._dequant = _nvfp4_ops(self.nvfp4_backend, scale_rule)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -385,7 +405,7 @@ class KVCache:
             spec, meta = [((b, h, n, d), KV_DTYPES[self.kv_dtype], dev)], None
         for t, parts in zip((k_BHLD, v_BHLD), layer.take(self.chunk, [spec, spec], meta)):
             if self.kv_dtype == "nvfp4":
-                nvfp4_quantize_into(t, *parts, backend=self.nvfp4_backend)
+                nvfp4_quantize_into(t, *parts, backend=self.nvfp4_backend, scale_rule=self.scale_rule)
             elif self.kv_dtype == "fp8":
                 fp8_quantize_into(t, *parts)
             else:

@@ -65,7 +65,7 @@ from vidtrain.forcing.flow import NUM_TRAIN_TIMESTEPS, step_sigmas
 from vidtrain.models.text import text_context
 from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.sample import settings
-from vidtrain.sample.kv_cache import KV_DTYPES, KVCache
+from vidtrain.sample.kv_cache import KV_DTYPES, KV_SCALE_RULES, KVCache
 from vidtrain.tokens import MaskRule, TokenMeta, grid_meta
 
 UPDATES = ("x0", "euler")
@@ -89,6 +89,9 @@ class SamplerConfig:
         False  # keep the first chunk of the current shot (from_run: as trained, else on when windowed)
     )
     kv_cache: str = "bf16"  # fp32 | bf16 | fp16 | nvfp4
+    # the NVFP4 cache's block-scale rule: amax (the chain) | mse (per 16 elements the E4M3 scale
+    # of least squared error among 8 candidates; same bytes); as trained (quant.kv_scale_rule)
+    kv_scale_rule: str = "amax"
     shot_rope_offset: int = 0  # temporal RoPE offset added per shot (shot s: s * offset)
     recache_on_cut: bool = False  # LongLive: recompute the kept K/V under the new prompt at a cut
     cross_kv_cache: bool = True  # each layer's cross-attention K/V once per shot (False: every pass)
@@ -107,6 +110,10 @@ class SamplerConfig:
             raise ValueError(f"unknown update {self.update!r}; known: {', '.join(UPDATES)}")
         if self.kv_cache not in KV_DTYPES:
             raise ValueError(f"unknown kv_cache {self.kv_cache!r}; known: {', '.join(KV_DTYPES)}")
+        if self.kv_scale_rule not in KV_SCALE_RULES:
+            raise ValueError(
+                f"unknown kv_scale_rule {self.kv_scale_rule!r}; known: {', '.join(KV_SCALE_RULES)}"
+            )
         if self.frames_per_chunk < 1 or self.sink_frames < 0:
             raise ValueError("frames_per_chunk must be >= 1, sink_frames >= 0")
         self.rule()  # validates window_frames
@@ -214,7 +221,12 @@ class StreamingSampler:
     def new_cache(self, tokens_per_frame: int) -> KVCache:
         n = len(self.model.blocks)
         return KVCache(
-            n, self.config.rule(), tokens_per_frame, self.config.kv_cache, static=self.config.compile
+            n,
+            self.config.rule(),
+            tokens_per_frame,
+            self.config.kv_cache,
+            static=self.config.compile,
+            scale_rule=self.config.kv_scale_rule,
         )
 
     def compiled_forward(self) -> Callable:

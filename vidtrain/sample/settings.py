@@ -12,7 +12,9 @@ For every `SamplerConfig` field, the first of:
      `method.dmd.denoising_steps` and `timestep_shift`; and the KV cache format: an NVFP4 model (the checkpoint's quant.json, a
      qat recipe, `quant.enabled`; for a DMD recipe its teacher's quant.json) trained with NVFP4
      history K/V (`quant.kv_fake_quant`) samples with the "nvfp4" cache, an FP8 one (the record's
-     or the recipe's `quant.format: fp8`) with the "fp8" cache;
+     or the recipe's `quant.format: fp8`) with the "fp8" cache; with the "nvfp4" cache, the
+     recipe's block-scale rule (`quant.kv_scale_rule`: amax | mse) as `kv_scale_rule` (quant.json
+     records no KV settings: a bare model folder samples with the default, amax);
   4. `defaults` (the caller's own fallbacks: DMD's rollouts keep fp32 K/V on a high-precision
      base), then the rule for a model without a record (a shot sink when windowed), then the
      dataclass's default.
@@ -77,11 +79,15 @@ def _kv_setting(recipe: Recipe | None, where: str, record: Path | None) -> dict[
         return {}  # trained on high-precision K/V: sample with them too
     if record is not None:
         fmt = read_quant_record(record.parent)["format"]
-        return {"kv_cache": Setting(fmt, f"quant record {record} (the model trained on {fmt.upper()} K/V)")}
-    if recipe is not None and recipe.quantized:
+        out = {"kv_cache": Setting(fmt, f"quant record {record} (the model trained on {fmt.upper()} K/V)")}
+    elif recipe is not None and recipe.quantized:
         fmt = recipe.quant.format
-        return {"kv_cache": Setting(fmt, f"{where} (an {fmt.upper()} run: quant.kv_fake_quant)")}
-    return {}
+        out = {"kv_cache": Setting(fmt, f"{where} (an {fmt.upper()} run: quant.kv_fake_quant)")}
+    else:
+        return {}
+    if fmt == "nvfp4" and recipe is not None:  # the block scales the history was trained on
+        out["kv_scale_rule"] = Setting(recipe.quant.kv_scale_rule, f"{where} (quant.kv_scale_rule)")
+    return out
 
 
 def _record(folder: str | Path | None) -> Path | None:

@@ -64,4 +64,6 @@ class QAT(TeacherForcing):
 
     def kv_hook(self, trainer) -> KVFakeQuantHook | None:
         quant = self.recipe.quant
-        return KVFakeQuantHook(self.backend, kv_format=quant.format) if quant.kv_fake_quant else None
+        if not quant.kv_fake_quant:
+            return None
+        return KVFakeQuantHook(self.backend, kv_format=quant.format, scale_rule=quant.kv_scale_rule)
