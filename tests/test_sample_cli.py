@@ -406,3 +406,49 @@ def test_a_failing_run_leaves_the_old_outputs(ckpt, tmp_path, monkeypatch, capsy
         c.main(["--checkpoint", str(ckpt), "--shots", str(shots), "--out", str(out), "--height", "32",
                 "--width", "32", "--steps", "1000"])  # fmt: skip
     assert _listing(tmp_path) == before
+
+
+def test_eval_image_every_checkpoint_starts_from_it(tmp_path, monkeypatch, capsys):
+    """`vidtrain eval --image`: `vidtrain sample --image`'s loader and checks; each checkpoint's
+    videos start from the image's latent (bit-exactly), a text-to-video base is refused."""
+    from PIL import Image
+
+    from vidtrain.cli import main
+    from vidtrain.sample import evaluate
+    from vidtrain.sample.cli import encode_frames, load_vae, read_image
+
+    torch.manual_seed(0)
+    a = save_vidtrain(CausalWanDiT.from_flavor("wan2.2-debug"), tmp_path / "a")
+    b = save_vidtrain(CausalWanDiT.from_flavor("wan2.2-debug"), tmp_path / "b")
+    t2v = save_vidtrain(CausalWanDiT.from_flavor("debug"), tmp_path / "t2v")
+    g = torch.Generator().manual_seed(0)
+    png = tmp_path / "first.png"
+    Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()).save(png)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "table.md"
+    seen = []
+    real = evaluate.generate
+
+    def spy(model, cfg, conds, *rest):
+        row, z = real(model, cfg, conds, *rest)
+        seen.append((conds[0].image_latent, z))
+        return row, z
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    base = ["eval", "--prompts", str(prompts), "--out", str(out), "--height", "64", "--width", "64",
+            "--chunks", "2", "--steps", "1000,500", "--device", "cpu", "--image", str(png)]  # fmt: skip
+    assert main([*base, "--checkpoints", str(a), str(b), "--vae", "wan2.2-debug"]) == 0
+    vae = load_vae("wan2.2-debug", 48, "cpu", torch.float32)
+    want = encode_frames(vae, read_image(png, 64, 64))[:, :, 0]
+    assert len(seen) == 2 and len(out.with_suffix(".csv").read_text().strip().splitlines()) == 3
+    for image, z in seen:
+        assert image.shape == (2, 48, 4, 4) and torch.equal(image, want.expand(2, -1, -1, -1))
+        assert torch.equal(z[:, :, 0], image)
+    assert not torch.equal(seen[0][1], seen[1][1])  # two checkpoints, two videos, one first frame
+    capsys.readouterr()
+    assert main([*base, "--checkpoints", str(a), str(t2v), "--vae", "wan2.2-debug"]) == 2
+    assert "text-to-video-only base" in capsys.readouterr().err
+    assert main([*base, "--checkpoints", str(a)]) == 2  # --vae debug: 16 channels, not 48
+    assert "latent channels" in capsys.readouterr().err
+    assert len(seen) == 2  # both refused before any compute

@@ -37,6 +37,20 @@ of the shot it lies in (windows never straddle a cut). `rollout_shots`: equal sh
 caption (`shot_captions`) and the sampler's shot sink re-pinned at the cut. With the defaults
 (null lengths, one window, one shot) the step is today's, bit for bit.
 
+Image-to-video (`data.task: i2v | mixed`, a Wan2.2 TI2V base), as teacher forcing does it: a
+conditioned sample (every sample for i2v; for mixed the per-sample draw of
+`TeacherForcing.conditioned`, micro-batch 0, so deterministic and rank-consistent) has its latent
+frame 0 = the batch's clean latent frame 0 (the image). Self-forcing rollouts pin it at timestep
+0 in every generator pass (the sampler's `Conditioning.image_latent`; the sampler pins a whole
+batch, so a mixed batch rolls out its conditioned and its other samples apart, each sample with
+its own seed as before); the teacher-forcing rollout keeps it clean (sigma 0, output = the image).
+The teacher's and critic's teacher-forced forwards see it clean at timestep 0 (per-frame sigma 0,
+`flow.condition_first_frame`), and the DMD loss (its per-chunk normalisation included) and the
+critic's flow-matching loss are masked means over the other frames: no loss on the conditioning
+frame. A long rollout conditions chunk 0 only: the window holding it (frame offset 0) is scored
+so, the others as usual; backward noise init leaves a conditioned chunk 0 un-re-noised
+(`long_self_rollout`). T2V samples and `data.task: t2v` run today's code, bit for bit.
+
 Legend: B batch, C channels, F latent frames, K chunks, H/W latent size.
 """
 
@@ -51,7 +65,7 @@ import torch.nn.functional as F
 
 from vidtrain.config import check_dmd_long_lengths, validate
 from vidtrain.distill.rollout import long_self_rollout, tf_velocity, window_starts
-from vidtrain.forcing.flow import frames_sigma, noise_latents, sample_chunk_sigmas
+from vidtrain.forcing.flow import condition_first_frame, frames_sigma, noise_latents, sample_chunk_sigmas
 from vidtrain.lora import roles as lora
 from vidtrain.lora.files import export_lora
 from vidtrain.models.wan import CausalWanDiT
@@ -61,7 +75,7 @@ from vidtrain.quant.qat import apply_quant_record
 from vidtrain.sample import SamplerConfig, StreamingSampler
 from vidtrain.tokens import MaskRule
 from vidtrain.train.ema import EMA
-from vidtrain.train.methods import METHODS, Method
+from vidtrain.train.methods import METHODS, Method, TeacherForcing
 from vidtrain.utils import rng
 
 if TYPE_CHECKING:
@@ -71,20 +85,54 @@ if TYPE_CHECKING:
 ROLLOUT_KV = "fp32"
 
 
-def dmd_gradient(x_BCFHW, real_x0, fake_x0, frames_per_chunk: int) -> torch.Tensor:
-    """(fake − real) divided by mean |x − real| over each chunk of each sample (DMD2)."""
+def dmd_gradient(
+    x_BCFHW, real_x0, fake_x0, frames_per_chunk: int, keep_BF: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(fake − real) divided by mean |x − real| over each chunk of each sample (DMD2).
+    `keep_BF` (I2V): the frames that count; the others (a conditioning frame) get g = 0 and are
+    left out of their chunk's mean."""
     b, c, f, h, w = x_BCFHW.shape
     k = f // frames_per_chunk
+    if keep_BF is not None:
+        m = keep_BF.to(x_BCFHW.device)[:, None, :, None, None].expand(b, 1, f, h, w)
+        m6 = m.reshape(b, 1, k, frames_per_chunk, h, w)
+        diff = torch.where(m, (x_BCFHW - real_x0).abs(), 0.0).reshape(b, c, k, frames_per_chunk, h, w)
+        count = (m6.sum(dim=(1, 3, 4, 5), keepdim=True) * c).clamp_min(1)
+        norm = (diff.sum(dim=(1, 3, 4, 5), keepdim=True) / count).clamp_min(1e-12)  # [B, 1, K, 1, 1, 1]
+        g = torch.where(m, fake_x0 - real_x0, 0.0).reshape(b, c, k, frames_per_chunk, h, w) / norm
+        return g.reshape(b, c, f, h, w)
     diff = (x_BCFHW - real_x0).abs().reshape(b, c, k, frames_per_chunk, h, w)
     norm = diff.mean(dim=(1, 3, 4, 5), keepdim=True).clamp_min(1e-12)  # [B, 1, K, 1, 1, 1]
     g = (fake_x0 - real_x0).reshape(b, c, k, frames_per_chunk, h, w) / norm
     return g.reshape(b, c, f, h, w)
 
 
-def dmd_loss(x_BCFHW: torch.Tensor, g_BCFHW: torch.Tensor) -> torch.Tensor:
-    """0.5·MSE(x, stopgrad(x − g)): its gradient in x is g / numel."""
+def dmd_loss(
+    x_BCFHW: torch.Tensor, g_BCFHW: torch.Tensor, keep_BF: torch.Tensor | None = None
+) -> torch.Tensor:
+    """0.5·MSE(x, stopgrad(x − g)): its gradient in x is g / numel. `keep_BF` (I2V): the mean over
+    the kept frames only (gradient g / kept elements there, 0 on the others)."""
     x = x_BCFHW.float()
-    return 0.5 * F.mse_loss(x, (x - g_BCFHW.float()).detach())
+    if keep_BF is None:
+        return 0.5 * F.mse_loss(x, (x - g_BCFHW.float()).detach())
+    return 0.5 * masked_mean((x - (x - g_BCFHW.float()).detach()).pow(2), keep_BF)
+
+
+def masked_mean(e_BCFHW: torch.Tensor, keep_BF: torch.Tensor) -> torch.Tensor:
+    """Mean of `e` over the elements of the kept frames (the others, even non-finite, ignored)."""
+    b, c, f, h, w = e_BCFHW.shape
+    m = keep_BF.to(e_BCFHW.device)[:, None, :, None, None].expand(b, c, f, h, w)
+    return torch.where(m, e_BCFHW, 0.0).sum() / (m.sum() * 1.0).clamp_min(1)
+
+
+def loss_frames(conditioned_B: torch.Tensor, num_frames: int) -> torch.Tensor | None:
+    """[B, F] the frames a loss counts: all but frame 0 of a conditioned (I2V) sample; None when
+    no sample is conditioned (today's unmasked losses)."""
+    if not bool(conditioned_B.any()):
+        return None
+    keep = torch.ones(conditioned_B.shape[0], num_frames, dtype=torch.bool)
+    keep[conditioned_B.cpu(), 0] = False
+    return keep
 
 
 def check_dmd_recipe(recipe) -> Path:
@@ -207,6 +255,39 @@ class DMD(Method):
     def is_generator_step(self, step: int) -> bool:
         return step % self.cfg.generator_update_every == 0
 
+    def conditioned(self, trainer, batch_size: int) -> torch.Tensor:
+        """Which samples of this rank's batch are image-to-video [B] (`data.task`): teacher
+        forcing's own decision (`TeacherForcing.conditioned`, micro-batch 0): keyed by (seed, step,
+        the sample's index in the global batch), equal on every rank, after a resume."""
+        if self.recipe.data.task == "t2v":
+            return torch.zeros(batch_size, dtype=torch.bool)
+        return TeacherForcing.conditioned(self, trainer, batch_size, 0)
+
+    def scored_conditioned(self, trainer, batch_size: int, window: Window | None) -> torch.Tensor:
+        """The conditioned samples of a scored clip: a long rollout's window only when it holds
+        chunk 0 (the image frame); other windows are scored as text-to-video."""
+        if window is not None and window.frame_offset != 0:
+            return torch.zeros(batch_size, dtype=torch.bool)
+        return self.conditioned(trainer, batch_size)
+
+    @staticmethod
+    def by_condition(conditioned_B: torch.Tensor, run):
+        """`run(rows, image)` over the batch: once when all samples agree (rows None), else once
+        for the unconditioned and once for the conditioned rows (the sampler pins frame 0 of a
+        whole batch), the results (a tensor or a list of them, batch first) put back in order."""
+        if not bool(conditioned_B.any()) or bool(conditioned_B.all()):
+            return run(None, bool(conditioned_B.any()))
+        rows = [torch.nonzero(~conditioned_B).squeeze(1), torch.nonzero(conditioned_B).squeeze(1)]
+        parts = [run(r, flag) for r, flag in zip(rows, (False, True), strict=True)]
+        order = torch.argsort(torch.cat(rows))
+
+        def merge(a, b):
+            return torch.cat([a, b])[order.to(a.device)]
+
+        if isinstance(parts[0], list):
+            return [merge(a, b) for a, b in zip(*parts, strict=True)]
+        return merge(*parts)
+
     def long_plan(self, clip_frames: int) -> tuple[int, int] | None:
         """(rollout frames, window frames) of a long rollout; None: today's rollout of the clip."""
         d = self.cfg
@@ -241,13 +322,21 @@ class DMD(Method):
         shots = [self.shot_text(text, mask, s) for s in range(d.rollout_shots)]
         starts = window_starts(k_roll, wk, d.windows, cps, self.window_generator(step))
         exits = self.exit_steps(step, k_roll) if grad else None
-        with lora.use_role(model, lora.GENERATOR), trainer.autocast(), torch.set_grad_enabled(grad):
-            xs = long_self_rollout(
-                StreamingSampler(model, self.sampler_config),
-                [self.sampler_config.condition(t, m) for t, m in shots],
-                [cps] * d.rollout_shots, (h, w), self.sample_seeds(trainer, b, salt=0), starts, wk,
+        seeds = self.sample_seeds(trainer, b, salt=0)
+
+        def run(rows, image: bool):
+            pick = _rows(rows)
+            conds = [self.sampler_config.condition(pick(t), pick(m)) for t, m in shots]
+            if image:  # shot 0's first frame: the clip's clean latent frame 0
+                conds[0].image_latent = pick(batch["latents"].to(trainer.device))[:, :, 0]
+            return long_self_rollout(
+                StreamingSampler(model, self.sampler_config), conds, [cps] * d.rollout_shots, (h, w),
+                seeds if rows is None else [seeds[i] for i in rows.tolist()], starts, wk,
                 exits=exits, grad=grad, backward_noise_init=d.backward_noise_init, stats=self.rollout_stats,
             )  # fmt: skip
+
+        with lora.use_role(model, lora.GENERATOR), trainer.autocast(), torch.set_grad_enabled(grad):
+            xs = self.by_condition(self.conditioned(trainer, b), run)
         return [
             Window(x, s * fpc, *shots[s // cps], i) for i, (x, s) in enumerate(zip(xs, starts, strict=True))
         ]
@@ -261,31 +350,58 @@ class DMD(Method):
         x_data = batch["latents"].to(trainer.device)
         text, mask = self.text(trainer, batch)
         exit_step = self.exit_steps(step, x_data.shape[2] // self.fpc)
+        cond_B = self.conditioned(trainer, x_data.shape[0])
         with lora.use_role(model, lora.GENERATOR), trainer.autocast(), torch.set_grad_enabled(grad):
             if self.cfg.rollout == "teacher_forcing":
-                return self.tf_rollout(trainer, model, x_data, text, mask, exit_step)
-            return self.self_forcing_rollout(trainer, model, x_data, text, mask, exit_step, grad)
+                return self.tf_rollout(trainer, model, x_data, text, mask, exit_step, cond_B)
+            return self.self_forcing_rollout(trainer, model, x_data, text, mask, exit_step, grad, cond_B)
 
-    def tf_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int]) -> torch.Tensor:
-        """Cheap option: every chunk noised to its exit step's sigma, clean data as history."""
+    def tf_rollout(
+        self, trainer, model, x_data, text, mask, exit_step: list[int], cond_B: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Cheap option: every chunk noised to its exit step's sigma, clean data as history.
+        A conditioned sample's frame 0 stays clean (sigma 0) and is output as it is."""
         gens = self.generators(trainer, x_data, salt=1)
         noise = torch.stack([torch.randn(x_data.shape[1:], generator=g) for g in gens]).to(x_data.device)
         sigma_BK = torch.tensor([[self.sigmas[k] for k in exit_step]]).expand(x_data.shape[0], -1)
         sigma_BF = frames_sigma(sigma_BK, self.fpc).to(x_data.device)
+        pinned = cond_B is not None and bool(cond_B.any())
+        if pinned:
+            sigma_BF = condition_first_frame(sigma_BF, cond_B)
         v = tf_velocity(model, x_data, noise, sigma_BF, text, self.rule("teacher_forcing"), mask)
-        return noise_latents(x_data, noise, sigma_BF) - sigma_BF[:, None, :, None, None] * v.float()
+        x0 = noise_latents(x_data, noise, sigma_BF) - sigma_BF[:, None, :, None, None] * v.float()
+        if pinned:  # the conditioning frame's output is the image, bit-exactly
+            first = (
+                cond_B.to(x0.device)[:, None, None, None, None]
+                & (torch.arange(x0.shape[2]) == 0).to(x0.device)[None, None, :, None, None]
+            )
+            x0 = torch.where(first, x_data.to(x0.dtype), x0)
+        return x0
 
-    def self_forcing_rollout(self, trainer, model, x_data, text, mask, exit_step: list[int], grad: bool):
+    def self_forcing_rollout(
+        self, trainer, model, x_data, text, mask, exit_step: list[int], grad: bool,
+        cond_B: torch.Tensor | None = None,
+    ):  # fmt: skip
+        """The sampler's chunk loop; a conditioned sample's frame 0 pinned to its clean latent
+        frame 0 (`Conditioning.image_latent`)."""
         b, _, f, h, w = x_data.shape
         seeds = self.sample_seeds(trainer, b, salt=0)
-        out = StreamingSampler(model, self.sampler_config).generate_latents(
-            self.sampler_config.condition(text, mask),
-            f // self.fpc,
-            (h, w),
-            seeds,
-            grad_exit=exit_step if grad else None,
-        )
-        return out.latents_BCFHW
+
+        def run(rows, image: bool):
+            pick = _rows(rows)
+            cond = self.sampler_config.condition(pick(text), pick(mask))
+            if image:
+                cond.image_latent = pick(x_data)[:, :, 0]
+            out = StreamingSampler(model, self.sampler_config).generate_latents(
+                cond,
+                f // self.fpc,
+                (h, w),
+                seeds if rows is None else [seeds[i] for i in rows.tolist()],
+                grad_exit=exit_step if grad else None,
+            )
+            return out.latents_BCFHW
+
+        return self.by_condition(torch.zeros(b, dtype=torch.bool) if cond_B is None else cond_B, run)
 
     def text(self, trainer, batch: dict):
         """Caption context and mask as `model.text_padding` says: the teacher's and critic's scores
@@ -323,7 +439,8 @@ class DMD(Method):
     @torch.no_grad()
     def scores(self, trainer, model, x, batch, sigma_BF, noise, window: Window | None = None):
         """x0 predictions of the teacher (CFG) and of the critic for x noised at sigma_BF (a long
-        rollout's window: its shot's caption, its frame positions)."""
+        rollout's window: its shot's caption, its frame positions). An I2V conditioning frame
+        comes with sigma 0 (`flow.condition_first_frame`): clean, at timestep 0, its x0 the frame itself."""
         text, mask = self.text(trainer, batch) if window is None else (window.text, window.mask)
         off = 0 if window is None else window.frame_offset
         rule = self.rule("teacher_forcing")
@@ -347,9 +464,14 @@ class DMD(Method):
             logs = {"dmd_grad_abs": sum(p[1]["dmd_grad_abs"] for p in parts) / len(parts)}
             return sum(p[0] for p in parts) / len(parts), logs
         sigma_BF, noise = self.score_noise(trainer, x, salt=2, window=0 if window is None else window.index)
+        cond_B = self.scored_conditioned(trainer, x.shape[0], window)
+        keep = loss_frames(cond_B, x.shape[2])
+        if keep is not None:  # I2V: frame 0 clean at timestep 0, no loss on it
+            sigma_BF = condition_first_frame(sigma_BF, cond_B)
         real_x0, fake_x0 = self.scores(trainer, model, x.detach().float(), batch, sigma_BF, noise, window)
-        g = dmd_gradient(x.detach().float(), real_x0, fake_x0, self.fpc)
-        return dmd_loss(x, g), {"dmd_grad_abs": float(g.abs().mean())}
+        g = dmd_gradient(x.detach().float(), real_x0, fake_x0, self.fpc, keep)
+        grad_abs = g.abs().mean() if keep is None else masked_mean(g.abs(), keep)
+        return dmd_loss(x, g, keep), {"dmd_grad_abs": float(grad_abs)}
 
     def critic_loss(self, trainer, model, x, batch, window: Window | None = None) -> torch.Tensor:
         """Flow matching of the critic on generator outputs (velocity target ε − x0); a long
@@ -358,11 +480,17 @@ class DMD(Method):
             return sum(self.critic_loss(trainer, model, win.x_BCFHW, batch, win) for win in x) / len(x)
         x = x.detach().float()
         sigma_BF, noise = self.score_noise(trainer, x, salt=3, window=0 if window is None else window.index)
+        cond_B = self.scored_conditioned(trainer, x.shape[0], window)
+        keep = loss_frames(cond_B, x.shape[2])
+        if keep is not None:  # I2V: frame 0 clean at timestep 0, no loss on it
+            sigma_BF = condition_first_frame(sigma_BF, cond_B)
         text, mask = self.text(trainer, batch) if window is None else (window.text, window.mask)
         off = 0 if window is None else window.frame_offset
         with lora.use_role(model, lora.CRITIC), trainer.autocast():
             v = tf_velocity(model, x, noise, sigma_BF, text, self.rule("teacher_forcing"), mask, off)
-        return F.mse_loss(v.float(), noise - x)
+        if keep is None:
+            return F.mse_loss(v.float(), noise - x)
+        return masked_mean((v.float() - (noise - x)).pow(2), keep)
 
     def update(self, trainer, role: str, loss: torch.Tensor) -> float:
         """Backward, data-parallel gradient average, clip and step of one role's param group."""
@@ -390,6 +518,8 @@ class DMD(Method):
         loss_c = self.critic_loss(trainer, model, x, batch)
         if isinstance(x, list):
             logs["window_start_frame"] = float(x[0].frame_offset)
+        if self.recipe.data.task != "t2v":
+            logs["i2v_fraction"] = float(self.conditioned(trainer, batch["latents"].shape[0]).float().mean())
         logs["critic_grad_norm"] = self.update(trainer, "critic", loss_c)
         self.updates["critic"] += 1
         trainer.scheduler_step()
@@ -427,3 +557,12 @@ class DMD(Method):
         elif self.ema is not None:  # built by prepare_model (method.dmd.ema_decay > 0)
             self.ema.load_shadow(shadow)
         self.updates = dict(state["updates"])
+
+
+def _rows(rows: torch.Tensor | None):
+    """Select `rows` of a batch-first tensor (None: all of it; a None tensor stays None)."""
+
+    def pick(t):
+        return t if rows is None or t is None else t[rows.to(t.device)]
+
+    return pick

@@ -28,6 +28,11 @@ of the chunk's exit step k, the last step when no exit is drawn), and one pass a
 graph when supervised) gives the chunk's x0. σ_k rather than the first step's sigma: on a
 schedule that starts at timestep 1000 the first sigma is 1, pure noise, which would discard the
 rollout.
+Image-to-video (`conds[0].image_latent`): chunk 0's frame 0 is pinned to the image at timestep 0
+in every pass (the sampler's I2V path), with `stop_after` as without it. Chunk 0 has no rolled-out
+history to recover from, and the sampler's re-noising would overwrite the pinned frame: with an
+image, backward noise initialisation skips chunk 0 (generated as any pinned chunk 0 is, stopping
+at its exit step), the other windows' first chunks are re-noised as usual.
 
 Legend: B batch, C channels, F latent frames, K chunks, H/W latent size, L tokens, P patch vector.
 """
@@ -180,8 +185,12 @@ def long_self_rollout(
     the last window, the windows' first chunks re-noised when `backward_noise_init`. `exits`: one
     exit step per chunk (None: every chunk runs the whole schedule); `grad`: keep the exit step's
     graph in the windows' chunks. `stats` (optional) gets the largest KV cache bytes a chunk
-    attended to and the chunks generated."""
+    attended to and the chunks generated. With `conds[0].image_latent` (I2V) chunk 0 is never
+    re-noised (module docstring)."""
     inside = {j for s in starts for j in range(s, s + window_chunks)}
+    renoise = set(starts) if backward_noise_init else set()
+    if conds and conds[0].image_latent is not None:
+        renoise.discard(0)
     stop = max(starts) + window_chunks
     total = sum(chunks_per_shot)
     if stop > total:
@@ -190,7 +199,7 @@ def long_self_rollout(
     kv_peak = 0
     chunks = sampler.stream(
         conds, chunks_per_shot, latent_hw, seeds, grad_exit=exits, grad_chunks=sorted(inside) if grad else [],
-        stop_after=stop, renoise_chunks=set(starts) if backward_noise_init else (),
+        stop_after=stop, renoise_chunks=renoise,
     )  # fmt: skip
     for ch in chunks:
         kv_peak = max(kv_peak, ch.kv_bytes)

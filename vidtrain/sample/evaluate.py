@@ -14,6 +14,10 @@ video, ~0 = unrelated frames), with `boundary_ratio` = its value across chunk bo
 by its value inside chunks (well below 1 flags seams between chunks). Writes OUT (Markdown) and
 OUT with .csv.
 
+Image-to-video (`--image first.png`, as `vidtrain sample --image`: the same loader and checks,
+Wan2.2 TI2V bases only): the image, encoded once by `--vae`, is latent frame 0 of every prompt's
+video, held clean, so every checkpoint is evaluated from the same first frame.
+
 Drift (`--drift --reference-shards DIR`; run it with --chunks several times the training length):
 the same generations, measured per chunk and per window of --drift-window chunks against a
 bounded sample of the training latents (--reference-samples, read in shard order): per-channel
@@ -45,19 +49,24 @@ from vidtrain.models.wan.state_dict import resolve_model_folder
 from vidtrain.sample import drift
 from vidtrain.sample.cli import (
     add_sampler_args,
+    check_conditioning_args,
     check_memory,
     check_positions,
     check_sampler_numbers,
+    encode_frames,
     latent_size,
     load_model,
     load_text_encoder,
+    load_vae,
     memory_estimate,
     model_config,
+    read_image,
     sampler_overrides,
     shot_conditionings,
+    vae_spatial,
 )
 from vidtrain.sample.decode import peak_memory_bytes
-from vidtrain.sample.sampler import SamplerConfig, StreamingSampler
+from vidtrain.sample.sampler import Conditioning, SamplerConfig, StreamingSampler
 from vidtrain.sample.shots import Shot
 from vidtrain.utils.plots import finite_values, integer_axis, pyplot, set_value_scale
 
@@ -106,6 +115,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Markdown table (a .csv is written beside it)")
     p.add_argument("--chunks", type=int, default=8, help="chunks generated per prompt")
     p.add_argument("--text-encoder", default=None)
+    p.add_argument(
+        "--image", default=None, help="image-to-video: first frame of every video (Wan2.2 TI2V bases)"
+    )
+    p.add_argument(
+        "--vae",
+        default="debug",
+        help="--image's encoder: debug | wan2.1 | wan2.2-debug | wan2.2 (random init, for timing) | PATH",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument(
         "--max-memory-gib",
@@ -140,7 +157,7 @@ def checkpoint_configs(args, name: str, n_samples: int, device: torch.device) ->
     flags = sampler_overrides(argparse.Namespace(**{**vars(args), "kv_cache": None}))
     trained = SamplerConfig.from_run(name, None, flags, log=print, bounded=True)
     wan, rope_positions = model_config(name)
-    latent_hw = latent_size(args.height, args.width, rope_positions=rope_positions)
+    latent_hw = eval_latent_size(args, name)
     dtype_bytes = 2 if device.type == "cuda" else 4
     cfgs = {}
     for kv in args.kv_cache or [trained.kv_cache]:
@@ -154,6 +171,25 @@ def checkpoint_configs(args, name: str, n_samples: int, device: torch.device) ->
         )
         cfgs[kv] = cfg
     return cfgs
+
+
+def eval_latent_size(args, name: str) -> tuple[int, int]:
+    """A checkpoint's latent size; with --image the base must be image-to-video and the size
+    follow --vae's spatial compression (`vidtrain sample`'s checks, before compute)."""
+    wan, rope_positions = model_config(name)
+    if not args.image:
+        return latent_size(args.height, args.width, rope_positions=rope_positions)
+    check_conditioning_args(argparse.Namespace(image=args.image, video=None, include_prefix=False), wan)
+    spatial = vae_spatial(args.vae, wan.in_channels)
+    return latent_size(args.height, args.width, spatial, rope_positions=rope_positions)
+
+
+def image_latent(args, channels: int, device: torch.device, pixels: torch.Tensor) -> torch.Tensor:
+    """--image encoded by --vae: latent frame 0 [1, C, h, w] (float32), once for every checkpoint."""
+    vae = load_vae(args.vae, channels, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    latent = encode_frames(vae, pixels)[:, :, 0]
+    print(f"[vidtrain] --image {args.image}: latent frame 0 {list(latent.shape[1:])} of every video")
+    return latent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     # every checkpoint must exist, and every request be valid and fit, before any compute
     cfgs = {c: checkpoint_configs(args, c, len(prompts), device) for c in args.checkpoints}
+    pixels = read_image(args.image, args.height, args.width) if args.image else None
     reference = read_reference(args) if args.drift else None
     if reference is not None:
         for name in args.checkpoints:
@@ -187,13 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     drift_runs = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
+    first_frame = None
+    if pixels is not None:  # every checkpoint an I2V base (checked): one latent channel count
+        first_frame = image_latent(args, model_config(args.checkpoints[0])[0].in_channels, device, pixels)
     for name in args.checkpoints:
         model = load_model(name, None).to(device, dtype).eval().requires_grad_(False)
         first = next(iter(cfgs[name].values()))  # the KV format apart, one run's settings
         enc = load_text_encoder(args.text_encoder, model.cfg.text_dim, device, first.text_len)
         conds = shot_conditionings([prompts], enc, model.cfg.text_dim, first)
         seeds = [args.seed + i for i in range(len(prompts))]
-        latent_hw = latent_size(args.height, args.width, rope_positions=model_config(name)[1])
+        latent_hw = eval_latent_size(args, name)
+        if first_frame is not None:  # the same first frame for every prompt and checkpoint
+            image = first_frame.to(device).expand(len(prompts), -1, -1, -1)
+            conds[0] = Conditioning(conds[0].context_BST, conds[0].mask_BS, image)
         for kv, cfg in cfgs[name].items():
             row, z = generate(model, cfg, conds, args.chunks, latent_hw, seeds)
             rows.append({"checkpoint": name, "kv_cache": kv, **row})
