@@ -153,3 +153,50 @@ def test_triton_gpu_dequant_equals_the_reference(stages):
     got = kernels.kv2.dequantize(q, torch.float32, backend="triton")
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kernels.kv2.dequantize(q, torch.bfloat16, backend="triton"), want.bfloat16())
+
+
+# ---- the kv2 KV cache: streaming = teacher forcing with kv2 history fake-quant ------------------
+
+
+def test_kv2_cache_streams_equal_to_teacher_forcing_with_kv2_history():
+    """`SamplerConfig(kv_cache="kv2")` stores each chunk's K/V as a kv2 block; the streamed
+    predictions equal a teacher-forced forward whose clean history is kv2 fake-quantized chunk
+    by chunk (`KVFakeQuantHook(kv_format="kv2")`, what QAT with quant.kv_format=kv2 trains on),
+    and differ from the bf16 history's; the cache holds fewer bytes than NVFP4's."""
+    from test_kv_scale_rule import HW, TWO, _tf_noisy_pred
+
+    from vidtrain.models.wan import CausalWanDiT
+    from vidtrain.quant.kv import KVFakeQuantHook
+    from vidtrain.sample.sampler import SamplerConfig, StreamingSampler, debug_text_context
+
+    torch.manual_seed(0)
+    model = CausalWanDiT.from_flavor("debug", attn_backend="sdpa").eval()
+    cond = debug_text_context(["a cat", "a dog"], model.cfg.text_dim, length=8)
+    cfg = SamplerConfig(kv_cache="kv2", window_frames=4, sink_frames=2, timesteps=TWO)
+    res = StreamingSampler(model, cfg).generate_latents([cond], [4], HW, [1, 2], trace=True)
+    for step in (0, 1):
+        tf = _tf_noisy_pred(model, res, cfg, step, cond, hook=KVFakeQuantHook(kv_format="kv2"))
+        stream = torch.cat([ch.trace[step]["v"] for ch in res.chunks], dim=2)
+        torch.testing.assert_close(stream, tf, rtol=1e-4, atol=1e-4)
+    plain = _tf_noisy_pred(model, res, cfg, 1, cond)
+    assert (plain - stream).abs().max() > 1e-4  # the kv2 history reaches the prediction
+    nv = StreamingSampler(
+        model, SamplerConfig(kv_cache="nvfp4", window_frames=4, sink_frames=2, timesteps=TWO)
+    )
+    nv_bytes = max(nv.generate_latents([cond], [4], HW, [1, 2]).kv_bytes_per_chunk)
+    assert 0 < max(res.kv_bytes_per_chunk) < nv_bytes
+
+
+def test_kv2_recipe_key_trains_and_samples_as_kv2(tmp_path):
+    """quant.kv_format=kv2: QAT's history hook is kv2, and the run's checkpoints sample with the
+    kv2 cache; the mse scale rule is refused with it (no NVFP4 block scales)."""
+    from vidtrain.config import ConfigError, load_recipe
+    from vidtrain.sample.settings import run_settings
+
+    r = load_recipe("recipes/qat_debug.yaml", ["quant.kv_format=kv2"])
+    from vidtrain.train.qat_method import QAT
+
+    assert QAT(r).kv_hook(None).kv_format == "kv2"
+    assert run_settings(r)["kv_cache"].value == "kv2"
+    with pytest.raises(ConfigError, match="kv2 has no block scales"):
+        load_recipe("recipes/qat_debug.yaml", ["quant.kv_format=kv2", "quant.kv_scale_rule=mse"])

@@ -223,6 +223,9 @@ class QuantConfig:
     # per chunk block): fake-quantized in QAT's teacher forcing, that cache in DMD's rollouts and
     # the sampler's default for the run's checkpoints
     kv_fake_quant: bool = True
+    # the KV cache format the history is fake-quantized as (and the run's checkpoints sample
+    # with): null = the weights' format (nvfp4 / fp8); kv2 = the 2-bit cache (vidtrain/formats/kv2.py)
+    kv_format: Literal["nvfp4", "fp8", "kv2"] | None = None
     # NVFP4 history K/V block scales, as the sampler's cache will write them (`vidtrain sample
     # --kv-scale-rule`, resolved from the run): amax (the E4M3 scale from the block's amax) | mse
     # (per 16 elements the E4M3 scale of least squared error among 8 candidates; same bytes)
@@ -470,10 +473,10 @@ def validate(r: Recipe) -> None:
         )
     if r.quant.enabled and r.method.name == "teacher_forcing":
         raise ConfigError("quant.enabled=true needs method.name=qat (NVFP4 QAT is the qat method)")
-    if r.quant.kv_scale_rule != "amax" and r.quant.format != "nvfp4":
+    if r.quant.kv_scale_rule != "amax" and (r.quant.kv_format or r.quant.format) != "nvfp4":
         raise ConfigError(
-            f"quant.kv_scale_rule={r.quant.kv_scale_rule} is an NVFP4 KV block-scale rule; "
-            f"quant.format={r.quant.format} has no block scales (use amax)"
+            f"quant.kv_scale_rule={r.quant.kv_scale_rule} is an NVFP4 KV block-scale rule; the "
+            f"KV format {r.quant.kv_format or r.quant.format} has no block scales (use amax)"
         )
     if r.data.source in ("shards", "videos") and not r.data.shards:
         raise ConfigError(

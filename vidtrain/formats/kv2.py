@@ -122,7 +122,7 @@ def _stage(r: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     sig_code = (sigma / scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     sig_hat = sig_code.float() * scale  # [..., L, D/S]
     u = blocks / sig_hat.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    codes = torch.bucketize(u, torch.tensor(THRESHOLDS, device=r.device), right=True)  # 0..3
+    codes = torch.bucketize(u.contiguous(), torch.tensor(THRESHOLDS, device=r.device), right=True)  # 0..3
     levels = torch.tensor(LEVELS, device=r.device)
     deq = (levels[codes] * sig_hat[..., None]).flatten(-2)
     return codes.flatten(-2), sig_code.view(torch.uint8), scale, deq

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vidtrain.formats import fp8, nvfp4
+from vidtrain.formats import fp8, kv2, nvfp4
 
 # `vidtrain.kernels` backends, resolved (a recipe's quant.backend maps to one of them in
 # vidtrain.quant.convert.BACKENDS; "interpret" runs the Triton kernels on CPU, for tests)
 KERNEL_BACKENDS = ("torch", "triton", "interpret")
-KV_FORMATS = ("nvfp4", "fp8")
+KV_FORMATS = ("nvfp4", "fp8", "kv2")
 
 
 def fake_quantize_kv_grouped(
@@ -56,6 +56,14 @@ def fake_quantize_kv_grouped(
     chunk's tokens gathered as one block with `nvfp4.quantize_blocks(block, group_dims=(0, 1),
     scale_rule=scale_rule)` (the "mse" search is per 16-element block too).
     """
+    if kv_format == "kv2":  # each group's tokens (in order) as one block, as the kv2 cache stores a chunk
+        out = torch.empty_like(x_BHLD)
+        group = group_L.to(x_BHLD.device)
+        for g in range(n_groups):
+            idx = torch.nonzero(group == g).squeeze(1)
+            if idx.numel():
+                out[:, :, idx] = kv2.fake_quantize(x_BHLD.detach().index_select(2, idx))
+        return out
     b, h, length, _ = x_BHLD.shape
     a_BHL = x_BHLD.detach().abs().float().amax(dim=-1)
     g_BHL = group_L.to(x_BHLD.device).expand(b, h, length)
@@ -112,7 +120,8 @@ class KVFakeQuantHook:
 
     One instance per forward pass (the plan is built from the first layer's context and reused).
     `backend`: "torch" (emulation, any device), "triton" (CUDA) or "interpret" (Triton on CPU);
-    `kv_format`: "nvfp4" or "fp8" (the FP8 cache's e4m3 casts, torch arithmetic whatever `backend`);
+    `kv_format`: "nvfp4", "fp8" (the FP8 cache's e4m3 casts, torch arithmetic whatever `backend`)
+    or "kv2" (the 2-bit cache's blocks: each chunk's clean tokens quantized together, torch);
     `scale_rule`: NVFP4's block-scale rule, "amax" or "mse" (as `KVCache(scale_rule=)`).
     """
 

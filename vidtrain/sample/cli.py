@@ -204,8 +204,9 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache",
         default=None,
-        choices=["bf16", "fp16", "fp32", "nvfp4", "fp8"],
-        help="KV cache format; fp8: e4m3 with a per-head scale per chunk block (default: as trained: "
+        choices=["bf16", "fp16", "fp32", "nvfp4", "fp8", "kv2"],
+        help="KV cache format; fp8: e4m3 with a per-head scale per chunk block; kv2: 2-bit "
+        "(k-means centroids + a Lloyd-Max residual, 0.14x bf16 at Wan's shapes) (default: as trained: "
         f"nvfp4 / fp8 for an NVFP4 / FP8 (QAT) run, else {d.kv_cache})",
     )
     p.add_argument(

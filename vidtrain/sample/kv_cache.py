@@ -62,7 +62,7 @@ from typing import NamedTuple
 
 import torch
 
-from vidtrain.formats import fp8, nvfp4
+from vidtrain.formats import fp8, kv2, nvfp4
 from vidtrain.tokens import MaskRule
 
 try:  # installed from kernels/ by setup.py; a bare source tree has no vidtrain.kernels
@@ -70,7 +70,8 @@ try:  # installed from kernels/ by setup.py; a bare source tree has no vidtrain.
 except ImportError:  # pragma: no cover
     kernels = None
 
-KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None, "fp8": None}
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "nvfp4": None, "fp8": None,
+             "kv2": None}  # fmt: skip
 KV_SCALE_RULES = nvfp4.SCALE_RULES  # the NVFP4 cache's block-scale rules ("amax", "mse")
 
 
@@ -187,6 +188,8 @@ class _Slots:
             return parts[0]
         if self.meta[which] == "fp8":
             return FP8Block(parts[0].view(fp8.E4M3), parts[1])
+        if self.meta[which][0] == "kv2":
+            return kv2.KV2Tensor(*parts, *self.meta[which][1:])
         shape, dtype, tile_2d = self.meta[which]
         return nvfp4.NVFP4Tensor(
             parts[0], parts[1].view(torch.float8_e4m3fn), parts[2], shape, dtype, tile_2d
@@ -263,6 +266,9 @@ class _Slots:
             return parts[0]
         if self.meta[which] == "fp8":
             return FP8Block(parts[0].view(fp8.E4M3), parts[1])
+        if self.meta[which][0] == "kv2":
+            _, shape, dtype = self.meta[which]
+            return kv2.KV2Tensor(*parts, torch.Size((len(chunks), *shape)), dtype)
         shape, dtype, tile_2d = self.meta[which]
         return nvfp4.NVFP4Tensor(
             parts[0],
@@ -401,6 +407,15 @@ class KVCache:
         elif self.kv_dtype == "fp8":
             spec = [((b, h, n, d), torch.uint8, dev), ((b, h, 1, 1), torch.float32, dev)]
             meta = ["fp8", "fp8"]
+        elif self.kv_dtype == "kv2":  # quantized by the reference (its k-means), then stored
+            blocks = [kv2.quantize(t) for t in (k_BHLD, v_BHLD)]
+            parts = [[q.codes, q.sigma, q.scale, q.index, q.centroids] for q in blocks]
+            like = [[_Slots.spec(t) for t in ps] for ps in parts]
+            meta = [("kv2", q.shape, q.dtype) for q in blocks]
+            for dst, ps in zip(layer.take(self.chunk, like, meta), parts):
+                for buf, part in zip(dst, ps):
+                    buf.copy_(part)
+            return
         else:
             spec, meta = [((b, h, n, d), KV_DTYPES[self.kv_dtype], dev)], None
         for t, parts in zip((k_BHLD, v_BHLD), layer.take(self.chunk, [spec, spec], meta)):
@@ -418,6 +433,10 @@ class KVCache:
         layer's blocks in one dequantize call)."""
         if self.kv_dtype == "fp8":
             return fp8_dequantize(layer.read(chunks, 0), dtype), fp8_dequantize(layer.read(chunks, 1), dtype)
+        if self.kv_dtype == "kv2":  # the layer's blocks in one dequantize (the Triton kernel on CUDA)
+            deq = kv2.dequantize if kernels is None else kernels.kv2.dequantize
+            kw = {} if kernels is None else {"backend": self.nvfp4_backend}
+            return deq(layer.read(chunks, 0), dtype, **kw), deq(layer.read(chunks, 1), dtype, **kw)
         if self.kv_dtype != "nvfp4":
             return layer.read(chunks, 0).to(dtype), layer.read(chunks, 1).to(dtype)
         k, v = layer.read(chunks, 0), layer.read(chunks, 1)

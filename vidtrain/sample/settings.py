@@ -85,6 +85,9 @@ def _kv_setting(recipe: Recipe | None, where: str, record: Path | None) -> dict[
         out = {"kv_cache": Setting(fmt, f"{where} (an {fmt.upper()} run: quant.kv_fake_quant)")}
     else:
         return {}
+    if recipe is not None and recipe.quant.kv_format and recipe.quant.kv_format != fmt:
+        fmt = recipe.quant.kv_format  # the history was trained as another cache format (kv2)
+        out["kv_cache"] = Setting(fmt, f"{where} (quant.kv_format: the history trained as {fmt})")
     if fmt == "nvfp4" and recipe is not None:  # the block scales the history was trained on
         out["kv_scale_rule"] = Setting(recipe.quant.kv_scale_rule, f"{where} (quant.kv_scale_rule)")
     return out

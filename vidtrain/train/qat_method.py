@@ -66,4 +66,5 @@ class QAT(TeacherForcing):
         quant = self.recipe.quant
         if not quant.kv_fake_quant:
             return None
-        return KVFakeQuantHook(self.backend, kv_format=quant.format, scale_rule=quant.kv_scale_rule)
+        kv_format = quant.kv_format or quant.format
+        return KVFakeQuantHook(self.backend, kv_format=kv_format, scale_rule=quant.kv_scale_rule)
