@@ -73,5 +73,7 @@ def test_quick_pipeline_gives_finite_figures(tmp_path):
     assert len(gate["tf_bf16_1x_per_model"]) == 2 and gate["hold_1x"] > 0
     if not any(v < gate["ratio"] * gate["hold_1x"] for v in gate["tf_bf16_1x_per_model"]):
         assert any("learned gate" in n for n in doc["notes"])
-    assert "TF -> DMD long rollout, bf16 KV minus TF -> DMD clip rollout, bf16 KV" in doc["paired_differences"]
+    assert (
+        "TF -> DMD long rollout, bf16 KV minus TF -> DMD clip rollout, bf16 KV" in doc["paired_differences"]
+    )
     assert out.with_suffix(".png").stat().st_size > 0

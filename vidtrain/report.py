@@ -457,11 +457,13 @@ def _learned(out: Path) -> list[str]:
         "",
         f"Each stage's checkpoint samples {fid['chunks']} chunks at {fid['size'][0]}x{fid['size'][1]}, one "
         f"sample per clip caption ({', '.join(f'`{p}`' for p in fid['prompts'])}; seed {fid['seed']} + i); "
-        + ("image-to-video rows start from the first frame of the caption's first clip; the random-init "
-           "baseline is the wan2.2-debug DiT and VAE as seeded random initialisations, conditioned alike."
-           if fid.get("task") == "i2v" else
-           "the random-init baseline samples the same way from the debug DiT and VAE as seeded random "
-           "initialisations (the demo's weights before `vidtrain/assets/demo/`)."),
+        + (
+            "image-to-video rows start from the first frame of the caption's first clip; the random-init "
+            "baseline is the wan2.2-debug DiT and VAE as seeded random initialisations, conditioned alike."
+            if fid.get("task") == "i2v"
+            else "the random-init baseline samples the same way from the debug DiT and VAE as seeded random "
+            "initialisations (the demo's weights before `vidtrain/assets/demo/`)."
+        ),
         "",
         "Fidelity (lower is closer): a frame's distance to a set of clip frames is the RMSE between "
         "its 8x8 RGB thumbnail (values in [0, 1]) and the nearest one of theirs, averaged over the "
