@@ -3,7 +3,7 @@
     python bench/suite_report.py WORK OUT [--smoke] [--summary]
 
 WORK holds the stages' files: status/NN_<stage>.json (run order), env.json, provenance.json,
-peaks.json, nvfp4.json, sample.json, train.json, dmd_memory.json, pytest.xml. Each is read on
+peaks.json, nvfp4.json, sample.json, train.json, fp8.json, compile.json, dmd_memory.json, pytest.xml. Each is read on
 its own and each figure section is built on its own: a missing, partial or malformed file costs
 its own section (named under `figures.errors`), never another's, and the JSON is written through
 a rename, so a kill mid-write leaves the previous one. `--summary` prints the figures with their
@@ -114,6 +114,34 @@ def _train(work: str, peaks: dict | None) -> tuple[dict, dict]:
     }
 
 
+def _fp8(work: str, peaks: dict | None) -> tuple[dict, dict]:
+    r = _load(work, "fp8.json")
+    measured = (peaks or {}).get("gemm_flops")
+    shapes: dict = {}
+    for x in r.get("rows", []):
+        tf = x.get("tflops")
+        shapes.setdefault(x["shape"], {})[x["kind"]] = {
+            "error": x.get("error"), "tflops": tf, "tflops_incl_cast": x.get("tflops_incl_cast"),
+            "cast_s": x.get("cast_s"), "speedup_over_bf16": x.get("speedup_over_bf16"),
+            "speedup_incl_cast": x.get("speedup_incl_cast"),
+            "of_measured_bf16_peak": _ratio(None if tf is None else tf * 1e12, measured)}  # fmt: skip
+    return r, {"tokens": r.get("tokens"), "fp8_supported": r.get("fp8_supported"), "shapes": shapes}
+
+
+def _compile(work: str) -> tuple[dict, dict]:
+    r = _load(work, "compile.json")
+    s = r.get("summary", {})
+    keys = ("fps_end_to_end", "first_chunk_latency_s", "cold_first_chunk_latency_s", "steady_chunk_s",
+            "peak_memory_bytes")  # fmt: skip
+    return r, {
+        "shape": {k: s.get(k) for k in ("flavor", "vae", "height", "width", "chunks")},
+        "compiled_over_eager_fps": s.get("compiled_over_eager_fps"),
+        "rows": [{"mode": "compile" if x.get("compile") else "eager", "kv_cache": x.get("kv_cache"),
+                  "decode": x.get("decode"), "error": x.get("error"), **{k: x.get(k) for k in keys}}
+                 for x in r.get("rows", [])],
+    }  # fmt: skip
+
+
 def _pytest(work: str) -> dict:
     t = ET.parse(os.path.join(work, "pytest.xml")).getroot()
     t = t if t.tag == "testsuite" else t.find("testsuite")
@@ -168,6 +196,8 @@ def collect(work: str, smoke: bool) -> dict:
         ("nvfp4", lambda: _nvfp4(work, peaks), "nvfp4.json"),
         ("sample", lambda: _sample(work), "sample.json"),
         ("train", lambda: _train(work, peaks), "train.json"),
+        ("fp8", lambda: _fp8(work, peaks), "fp8.json"),
+        ("compile", lambda: _compile(work), "compile.json"),
         ("dmd_memory", lambda: _dmd(work), "dmd_memory.json"),
     ):
         got = section(name, fn, needs)
@@ -246,6 +276,44 @@ def summary(res: dict, out_path: str = "") -> str:
                     f"peak {_fmt(x['peak_memory_bytes'], '.1f', 2**30)} GiB, {x['precision']}"
                 )
 
+    def fp8_lines(f):
+        lines.append(
+            f"fp8 GEMM (_scaled_mm, e4m3, out bf16) vs bf16, M={f['tokens']} tokens; TFLOP/s (x bf16; incl. input cast):"
+        )
+        for shape, kinds in f["shapes"].items():
+            parts = []
+            for kind, x in kinds.items():
+                if x.get("error"):
+                    skipped = x["error"].startswith("skipped")
+                    parts.append(f"{kind} {'' if skipped else 'FAILED '}{x['error'][:70]}")
+                elif kind == "bf16":
+                    parts.append(
+                        f"bf16 {x['tflops']:.4g} ({_pct(x['of_measured_bf16_peak'])} of measured peak)"
+                    )
+                else:
+                    parts.append(f"{kind} {x['tflops']:.4g} ({_fmt(x['speedup_over_bf16'], '.2f')}x; "
+                                 f"{_fmt(x['tflops_incl_cast'], '.4g')}, {_fmt(x['speedup_incl_cast'], '.2f')}x)")  # fmt: skip
+            lines.append(f"  {shape}: " + " | ".join(parts))
+
+    def compile_lines(c):
+        sh = c["shape"]
+        ratio = (
+            ", ".join(f"{k} {v:.2f}x" for k, v in (c.get("compiled_over_eager_fps") or {}).items()) or "n/a"
+        )
+        lines.append(f"compile: {sh['flavor']} + {sh['vae']} VAE, {sh['height']}x{sh['width']}, {sh['chunks']} chunks; "
+                     f"compiled/eager frames/s {ratio}")  # fmt: skip
+        for x in c["rows"]:
+            head = f"  {x['mode']:<7} kv={x['kv_cache']} decode={x['decode']}:"
+            if x.get("error"):
+                lines.append(f"{head} FAILED {x['error']}")
+            else:
+                lines.append(
+                    f"{head} {x['fps_end_to_end']:.2f} frames/s, steady chunk {_fmt(x['steady_chunk_s'], '.3f')} s, "
+                    f"cold first chunk {_fmt(x['cold_first_chunk_latency_s'], '.2f')} s"
+                    f"{' (compile incl.)' if x['mode'] == 'compile' else ''}, "
+                    f"warm first chunk {_fmt(x['first_chunk_latency_s'], '.2f')} s"
+                )
+
     def pytest_lines(p):
         lines.append(
             f"pytest -m gpu: {p['tests']} tests, {p['failures']} failed, {p['errors']} errors, {p['skipped']} skipped"
@@ -259,7 +327,8 @@ def summary(res: dict, out_path: str = "") -> str:
         lines.extend(f"  {v}: {e}" for v, e in d["errors"].items())
 
     for name, fn in (("peaks", peaks_lines), ("sample", sample_lines), ("nvfp4", nvfp4_lines),
-                     ("train", train_lines), ("pytest_gpu", pytest_lines), ("dmd_memory", dmd_lines)):  # fmt: skip
+                     ("train", train_lines), ("fp8", fp8_lines), ("compile", compile_lines),
+                     ("pytest_gpu", pytest_lines), ("dmd_memory", dmd_lines)):  # fmt: skip
         if figs.get(name):
             try:
                 fn(figs[name])

@@ -76,6 +76,87 @@ def _fake_work(tmp_path: Path) -> Path:
     return work
 
 
+def _fp8_rows(k: int, n: int, rowwise_error: str | None = None) -> list[dict]:
+    shape = {"shape": f"{k}->{n}", "M": 32760, "K": k, "N": n}
+    rows = [{**shape, "kind": "bf16", "tflops": 600.0, "tflops_incl_cast": 600.0, "cast_s": 0.0,
+             "speedup_over_bf16": 1.0, "speedup_incl_cast": 1.0, "error": None},
+            {**shape, "kind": "fp8 tensorwise", "tflops": 1200.0, "tflops_incl_cast": 900.0, "cast_s": 1e-4,
+             "speedup_over_bf16": 2.0, "speedup_incl_cast": 1.5, "error": None}]  # fmt: skip
+    if rowwise_error:
+        rows.append({**shape, "kind": "fp8 rowwise", "error": rowwise_error})
+    else:
+        rows.append({**shape, "kind": "fp8 rowwise", "tflops": 1100.0, "tflops_incl_cast": 800.0,
+                     "cast_s": 1e-4, "speedup_over_bf16": 1100 / 600, "speedup_incl_cast": 800 / 600, "error": None})  # fmt: skip
+    return rows
+
+
+def test_summary_reports_fp8_and_compile_with_partial_and_failed_rows(tmp_path):
+    work = _fake_work(tmp_path)
+    for i, name in enumerate(("fp8", "compile")):
+        _write(work / "status", f"{16 + i}_{name}.json",
+               {"stage": name, "status": "timeout" if name == "compile" else "ok", "rc": 0, "seconds": 3, "timeout_s": 60})  # fmt: skip
+    rows = _fp8_rows(1536, 1536) + _fp8_rows(1536, 8960, "RuntimeError: rowwise scaling unsupported")
+    # 8960->1536: never reached (a kill)
+    _write(work, "fp8.json", {"tokens": 32760, "fp8_supported": True, "rows": rows})
+    _write(work, "compile.json", {
+        "summary": {"flavor": "1.3B", "vae": "debug", "height": 240, "width": 416, "chunks": 4,
+                    "compiled_over_eager_fps": {}},
+        "rows": [{"kv_cache": "bf16", "decode": "sync", "compile": False, "fps_end_to_end": 30.0,
+                  "first_chunk_latency_s": 0.4, "cold_first_chunk_latency_s": 3.0, "steady_chunk_s": 0.35,
+                  "peak_memory_bytes": 2**33, "error": None},
+                 {"kv_cache": "bf16", "decode": "sync", "compile": True, "error": "timed out after 70 s"}]})  # fmt: skip
+    res = suite_report.collect(str(work), smoke=False)
+    figs = res["figures"]
+    assert figs["fp8"]["shapes"]["1536->1536"]["fp8 tensorwise"]["speedup_over_bf16"] == 2.0
+    assert figs["fp8"]["shapes"]["1536->1536"]["bf16"]["of_measured_bf16_peak"] == pytest.approx(0.75)
+    assert figs["compile"]["rows"][1]["mode"] == "compile"
+    text = suite_report.summary(res, "/out/gpu_figures.json")
+    lines = text.splitlines()
+    fp8_lines = [ln for ln in lines if ln.startswith("  1536->")]
+    assert len(fp8_lines) == 2 and "fp8 tensorwise 1200 (2.00x; 900, 1.50x)" in fp8_lines[0]
+    assert "fp8 rowwise FAILED RuntimeError: rowwise scaling unsupported" in fp8_lines[1]
+    assert "8960->1536" not in text  # never measured: no line
+    assert any("eager" in ln and "30.00 frames/s" in ln and "steady chunk 0.350 s" in ln for ln in lines)
+    assert any(ln.startswith("  compile") and "FAILED timed out after 70 s" in ln for ln in lines)
+    assert "compile timeout 3s" in text and "compiled/eager frames/s n/a" in text
+    assert len(text) < suite_report.MAX_SUMMARY and max(map(len, lines)) <= suite_report.MAX_LINE
+
+    full = _fp8_rows(1536, 1536) + _fp8_rows(1536, 8960) + _fp8_rows(8960, 1536)
+    _write(work, "fp8.json", {"tokens": 32760, "fp8_supported": True, "rows": full})
+    comp = json.loads((work / "compile.json").read_text())
+    comp["rows"][1] = {
+        **comp["rows"][0],
+        "compile": True,
+        "fps_end_to_end": 45.0,
+        "cold_first_chunk_latency_s": 60.0,
+    }
+    comp["summary"]["compiled_over_eager_fps"] = {"bf16/sync": 1.5}
+    _write(work, "compile.json", comp)
+    text = suite_report.summary(suite_report.collect(str(work), smoke=False))
+    assert (
+        "compiled/eager frames/s bf16/sync 1.50x" in text
+        and "cold first chunk 60.00 s (compile incl.)" in text
+    )
+    assert "cold first chunk 3.00 s," in text  # the eager row: no compile to include
+    assert len([ln for ln in text.splitlines() if "fp8 rowwise 1100" in ln]) == 3
+
+
+def test_fp8_bench_on_cpu_keeps_bf16_rows_and_skips_fp8(tmp_path):
+    import fp8_bench
+
+    out = tmp_path / "fp8.json"
+    assert (
+        fp8_bench.main(["--tokens", "32", "--shapes", "32x32,32x64", "--iters", "1", "--out", str(out)]) == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["bf16", "fp8 tensorwise", "fp8 rowwise"] * 2
+    assert all(r["tflops"] > 0 for r in rows if r["kind"] == "bf16")
+    if not fp8_bench.fp8_supported(fp8_bench.torch.device("cpu")):
+        assert all(r["error"] == fp8_bench.SKIP for r in rows if r["kind"] != "bf16")
+        text = suite_report.summary({"figures": {"fp8": suite_report._fp8(str(tmp_path), None)[1]}})
+        assert "fp8 rowwise skipped: needs CUDA (sm_89+)" in text and "FAILED" not in text
+
+
 def test_report_keeps_every_readable_section_and_names_the_broken_one(tmp_path):
     work = _fake_work(tmp_path)
     res = suite_report.collect(str(work), smoke=False)
@@ -214,7 +295,7 @@ def test_cpu_smoke_passes_under_the_gpu_machines_versions(gpu_python, tmp_path):
         res["env"]["torch"].split("+")[0] == GPU_VERSIONS["torch"]
         and res["env"]["triton"] == GPU_VERSIONS["triton"]
     )
-    order = ["env", "peaks", "nvfp4", "sample", "train", "pytest", "dmd"]
+    order = ["env", "peaks", "nvfp4", "sample", "train", "fp8", "compile", "pytest", "dmd"]
     assert list(res["stages"]) == order and all(s["status"] == "ok" for s in res["stages"].values())
     figs = res["figures"]
     assert figs["errors"] == {}
@@ -227,9 +308,15 @@ def test_cpu_smoke_passes_under_the_gpu_machines_versions(gpu_python, tmp_path):
     assert all(x["step_s"] > 0 and x["mfu_measured_peak"] > 0 for x in figs["train"]["rows"])
     assert figs["pytest_gpu"]["tests"] >= 10 and figs["pytest_gpu"]["failures"] == 0
     assert figs["dmd_memory"]["lora_over_full_peak"] > 0
+    fp8_rows = [x for kinds in figs["fp8"]["shapes"].values() for x in kinds.values()]
+    assert len(fp8_rows) == 9 and all(x["tflops"] > 0 for x in fp8_rows if x["error"] is None)
+    assert [x["mode"] for x in figs["compile"]["rows"]] == ["eager", "compile"]
+    assert figs["compile"]["rows"][0]["fps_end_to_end"] > 0  # the compiled row: figures, or why not
+    assert all(x["error"] or x["steady_chunk_s"] > 0 for x in figs["compile"]["rows"])
     assert len(res["provenance"]["tree_hash"]) == 40
     summary = r.stdout[r.stdout.index("== gpu_suite summary") :]
     assert "LongLive 20.7 FPS, Self-Forcing 17 FPS" in summary and "torchtitan 33-39% MFU" in summary
+    assert "fp8 GEMM (_scaled_mm" in summary and "compile: debug" in summary
     assert summary.rstrip().splitlines()[-1].startswith("JSON: ")
 
 
