@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -60,3 +61,14 @@ def seconds_left(default: float = float("inf")) -> float:
 def child_timeout(per_child: float, reserve: float = 3.0) -> float:
     """The timeout for the next child process: its own limit, capped by the stage deadline."""
     return min(per_child, seconds_left() - reserve)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the figures' hardware line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import write_json
+from kv_scale_rule_bench import dit_blocks
 
 
 def _rel(a, b) -> float:
@@ -85,34 +86,6 @@ def synthetic(kind: str, heads: int = 12, tokens: int = 3 * 1560, dim: int = 128
     return one() / dim**0.25, one() / dim**0.25, one()
 
 
-def demo_blocks(chunks: int = 8):
-    """(q, k, v) [1, H, L, D] of every cache write of the demo DiT's first layer over a stream."""
-    from vidtrain.demo import DEMO_ASSETS
-    from vidtrain.models.wan import CausalWanDiT
-    from vidtrain.sample import SamplerConfig, StreamingSampler
-    from vidtrain.sample.kv_cache import KVCache
-    from vidtrain.sample.sampler import debug_text_context
-
-    model = CausalWanDiT.from_pretrained(str(DEMO_ASSETS / "dit")).eval()
-    got = []
-    hook = KVCache.hook
-
-    def spy(self, layer_idx, q, k, v, ctx):
-        if self.write and layer_idx == 0:
-            got.append((q.detach().float(), k.detach().float(), v.detach().float()))
-        return hook(self, layer_idx, q, k, v, ctx)
-
-    KVCache.hook = spy
-    try:
-        cfg = SamplerConfig(kv_cache="fp32", window_frames=6, sink_frames=3)
-        cond = debug_text_context(["bigbuckbunny"], model.cfg.text_dim, length=8)
-        with torch.no_grad():
-            StreamingSampler(model, cfg).generate_latents([cond], [chunks], (8, 8), [0])
-    finally:
-        KVCache.hook = hook
-    return [torch.cat(t, dim=0) for t in zip(*got)]  # the blocks stacked along B: each its own block
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="write the figures here (JSON)")
@@ -121,13 +94,8 @@ def main() -> int:
     rows = []
     for kind in ("gaussian", "clustered"):
         rows += measure(f"synthetic {kind}, 4680 x 128", *synthetic(kind))
-    try:
-        q, k, v = demo_blocks()
-        rows += measure(
-            f"demo DiT layer 0, {k.shape[0]} blocks of {k.shape[2]} tokens x {k.shape[3]}", q, k, v
-        )
-    except (ImportError, FileNotFoundError) as e:  # a tree without the demo weights
-        print(f"demo DiT blocks skipped: {e}")
+    which, (q, k, v) = dit_blocks()  # the demo DiT's cache writes (else the random debug DiT's)
+    rows += measure(f"{which} layer 0, {k.shape[0]} blocks of {k.shape[2]} tokens x {k.shape[3]}", q, k, v)
     print("| blocks | format | bytes vs bf16 | K rel L2 | V rel L2 | attention rel L2 | s / block |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

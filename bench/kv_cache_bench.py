@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_json
+from bench_common import cpu_model, write_json
 
 from vidtrain.models.wan import CausalWanDiT
 from vidtrain.sample import kv_cache
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ]  # chunk k (from 1) runs from begin of index k-1 to begin of index k
     out = {
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "torch": torch.__version__,
         "kv_cache": a.kv_cache,
         "static": a.static,
@@ -153,16 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         write_json(a.json, out)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -55,12 +55,12 @@ import io
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import cpu_model
 
 C, HW, FPC, TEXT_DIM, TEXT_TOKENS, WAVES = 16, 8, 3, 32, 16, 2
 START_RANGE = 100_000  # crops start anywhere in [0, START_RANGE) of the endless video
@@ -249,16 +249,6 @@ def plot(path: Path, curves: dict[str, dict], train_frames: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # -- the bench

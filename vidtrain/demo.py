@@ -87,6 +87,18 @@ def prepare_assets(out: Path, random_init: bool = False) -> tuple[Path, Path, Pa
     return vae_path, te_path, None
 
 
+def data_steps(videos: Path, latents: Path, vae: Path, te: Path) -> list[tuple[str, list[str]]]:
+    """The demo's first two stages: shard the sample clips (7 clips of 21 frames, 64x64, 8 fps)
+    and encode them with `vae` and the text encoder `te`."""
+    return [
+        ("shard", [bin_("vidtrain-shard"), str(sample_video_dir()), str(videos), "--height", "64", "--width", "64",
+                   "--frames", "21", "--fps", "8", "--max-clips-per-video", "3", "--samples-per-shard", "4",
+                   "--no-progress"]),
+        ("encode", [bin_("vidtrain-encode"), str(videos), str(latents), "--vae", str(vae), "--text-encoder", str(te),
+                    "--no-progress"]),
+    ]  # fmt: skip
+
+
 def _drift_prompts(out: Path, shots: Path) -> Path:
     """The drift stage's prompts: the demo shots' captions, one per line."""
     import yaml
@@ -125,11 +137,7 @@ def run_i2v(out: Path, args, env: dict) -> int:
     times: dict[str, float] = {}
     loads: dict[str, tuple[float, float, float] | None] = {}
     steps = [
-        ("shard", [bin_("vidtrain-shard"), str(sample_video_dir()), str(videos), "--height", "64", "--width", "64",
-                   "--frames", "21", "--fps", "8", "--max-clips-per-video", "3", "--samples-per-shard", "4",
-                   "--no-progress"]),
-        ("encode", [bin_("vidtrain-encode"), str(videos), str(latents), "--vae", str(vae), "--text-encoder", str(te),
-                    "--no-progress"]),
+        *data_steps(videos, latents, vae, te),
         ("train", [bin_("vidtrain"), "train", str(RECIPES / "tf_debug.yaml"), "data.source=shards",
                    f"data.shards={latents}", f"model.checkpoint={dit}", f"run.dir={out / 'tf'}",
                    f"train.max_steps={args.steps}", "train.progress=false", *i2v, *attn]),
@@ -209,11 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     # 6 latent frames, a 3-frame global sink and the shot sink (memory constant in length)
     attn = ["model.window_frames=6", "model.sink_frames=3", "model.shot_sink=true"]
     steps = [
-        ("shard", [bin_("vidtrain-shard"), str(sample_video_dir()), str(videos), "--height", "64", "--width", "64",
-                   "--frames", "21", "--fps", "8", "--max-clips-per-video", "3", "--samples-per-shard", "4",
-                   "--no-progress"]),
-        ("encode", [bin_("vidtrain-encode"), str(videos), str(latents), "--vae", str(vae), "--text-encoder", str(te),
-                    "--no-progress"]),
+        *data_steps(videos, latents, vae, te),
         ("train", [bin_("vidtrain-launch"), "--launcher", "deepspeed", "--nproc", "2",
                    str(RECIPES / "tf_debug_sp2.yaml"), "data.source=shards", f"data.shards={latents}",
                    f"run.dir={out / 'tf'}", f"train.max_steps={args.steps}", "train.progress=false", *start, *attn]),
