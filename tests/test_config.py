@@ -71,7 +71,13 @@ def test_5b_recipes_fit_the_model_and_the_wan22_vae():
     from vidtrain.models.wan.config import flavor
 
     five = sorted(p for p in TRAIN_RECIPES if p.stem.endswith("_5B"))
-    assert [p.stem for p in five] == ["dmd_long_5B", "dmd_lora_5B", "qat_5B", "tf_5B"]
+    assert [p.stem for p in five] == [
+        "dmd_long_5B",
+        "dmd_lora_5B",
+        "qat_5B",
+        "tf_5B",
+        "tf_error_recycling_5B",
+    ]
     with torch.device("meta"):
         vae = CausalVideoVAE.from_flavor("wan2.2")
     assert vae.spatial_compression == 16 and vae.temporal_compression == 4
