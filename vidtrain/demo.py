@@ -31,7 +31,7 @@ import torch
 from vidtrain.assets_paths import sample_video_dir
 from vidtrain.models.text import make_tiny_text_encoder
 from vidtrain.models.vae import CausalVideoVAE
-from vidtrain.report import machine_load, stage_figures, write_report
+from vidtrain.report import first_frames, i2v_figures, machine_load, read_clips, stage_figures, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -114,9 +114,7 @@ def run_i2v(out: Path, args, env: dict) -> int:
     shard -> encode (wan2.2-debug VAE) -> teacher forcing with data.task=mixed -> vidtrain sample
     --image (the first frame of the first shot's clip) -> report.md with per-caption grids of
     image-conditioned samples, the first frame against the image's VAE round trip."""
-    from PIL import Image
-
-    from vidtrain.report import first_frames, i2v_figures, read_clips
+    from PIL import Image  # lazy: only the image-to-video demo writes an image
 
     for name in ("vae.safetensors", "text_encoder", "dit"):
         if not (DEMO_I2V_ASSETS / name).exists():
