@@ -426,9 +426,7 @@ def i2v_figures(
              "to_image_clips": frame_distance(swapped[p][1:], frames_of[nxt[p]])} for p in prompts]  # fmt: skip
     # the first generated frame is the image through the VAE (its latent pinned at timestep 0)
     first = np.stack([images[p] for p in prompts])
-    x = torch.from_numpy(first).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1.0
-    rt = np.stack([to_uint8_frames(vae.decode(vae.encode(x[i : i + 1], latents_per_pass=None),
-                                              latents_per_pass=None))[0] for i in range(len(prompts))])  # fmt: skip
+    rt = np.stack([f[0] for _, f in reconstruct(vae, [(p, images[p][None]) for p in prompts])])
     gen0 = np.stack([gens["i2v"][p][0] for p in prompts])
     result = {
         "task": "i2v",

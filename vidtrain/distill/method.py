@@ -422,10 +422,11 @@ class DMD(Method):
         window i > 0 of a long rollout: the sample's seed extended by i."""
         d, k = self.cfg, x.shape[2] // self.fpc
         sigmas, noise = [], []
-        gens = self.generators(trainer, x, salt)
         if window:
             seeds = self.sample_seeds(trainer, x.shape[0], salt)
             gens = [torch.Generator().manual_seed(rng.keyed_seed(s, (window, 1009))) for s in seeds]
+        else:
+            gens = self.generators(trainer, x, salt)
         for g in gens:
             sigmas.append(
                 sample_chunk_sigmas(
@@ -436,13 +437,30 @@ class DMD(Method):
         sigma_BK = torch.cat(sigmas)  # [B, K]
         return frames_sigma(sigma_BK, self.fpc).to(x.device), torch.stack(noise).to(x.device)
 
+    def score_inputs(self, trainer, x, salt: int, window: Window | None):
+        """(sigma_BF, noise, kept frames) of a scored clip: `score_noise`'s draws, and for I2V
+        the conditioning frame at sigma 0 and left out of the loss (keep None: no sample is)."""
+        sigma_BF, noise = self.score_noise(
+            trainer, x, salt=salt, window=0 if window is None else window.index
+        )
+        cond_B = self.scored_conditioned(trainer, x.shape[0], window)
+        keep = loss_frames(cond_B, x.shape[2])
+        if keep is not None:  # I2V: frame 0 clean at timestep 0, no loss on it
+            sigma_BF = condition_first_frame(sigma_BF, cond_B)
+        return sigma_BF, noise, keep
+
+    def clip_text(self, trainer, batch: dict, window: Window | None):
+        """(text, mask, frame offset) of a scored clip: the batch's, or a long rollout window's."""
+        if window is None:
+            return (*self.text(trainer, batch), 0)
+        return window.text, window.mask, window.frame_offset
+
     @torch.no_grad()
     def scores(self, trainer, model, x, batch, sigma_BF, noise, window: Window | None = None):
         """x0 predictions of the teacher (CFG) and of the critic for x noised at sigma_BF (a long
         rollout's window: its shot's caption, its frame positions). An I2V conditioning frame
         comes with sigma 0 (`flow.condition_first_frame`): clean, at timestep 0, its x0 the frame itself."""
-        text, mask = self.text(trainer, batch) if window is None else (window.text, window.mask)
-        off = 0 if window is None else window.frame_offset
+        text, mask, off = self.clip_text(trainer, batch, window)
         rule = self.rule("teacher_forcing")
         with trainer.autocast():
             with lora.use_role(model, lora.TEACHER):
@@ -463,11 +481,7 @@ class DMD(Method):
             parts = [self.generator_loss(trainer, model, win.x_BCFHW, batch, win) for win in x]
             logs = {"dmd_grad_abs": sum(p[1]["dmd_grad_abs"] for p in parts) / len(parts)}
             return sum(p[0] for p in parts) / len(parts), logs
-        sigma_BF, noise = self.score_noise(trainer, x, salt=2, window=0 if window is None else window.index)
-        cond_B = self.scored_conditioned(trainer, x.shape[0], window)
-        keep = loss_frames(cond_B, x.shape[2])
-        if keep is not None:  # I2V: frame 0 clean at timestep 0, no loss on it
-            sigma_BF = condition_first_frame(sigma_BF, cond_B)
+        sigma_BF, noise, keep = self.score_inputs(trainer, x, 2, window)
         real_x0, fake_x0 = self.scores(trainer, model, x.detach().float(), batch, sigma_BF, noise, window)
         g = dmd_gradient(x.detach().float(), real_x0, fake_x0, self.fpc, keep)
         grad_abs = g.abs().mean() if keep is None else masked_mean(g.abs(), keep)
@@ -479,13 +493,8 @@ class DMD(Method):
         if isinstance(x, list):
             return sum(self.critic_loss(trainer, model, win.x_BCFHW, batch, win) for win in x) / len(x)
         x = x.detach().float()
-        sigma_BF, noise = self.score_noise(trainer, x, salt=3, window=0 if window is None else window.index)
-        cond_B = self.scored_conditioned(trainer, x.shape[0], window)
-        keep = loss_frames(cond_B, x.shape[2])
-        if keep is not None:  # I2V: frame 0 clean at timestep 0, no loss on it
-            sigma_BF = condition_first_frame(sigma_BF, cond_B)
-        text, mask = self.text(trainer, batch) if window is None else (window.text, window.mask)
-        off = 0 if window is None else window.frame_offset
+        sigma_BF, noise, keep = self.score_inputs(trainer, x, 3, window)
+        text, mask, off = self.clip_text(trainer, batch, window)
         with lora.use_role(model, lora.CRITIC), trainer.autocast():
             v = tf_velocity(model, x, noise, sigma_BF, text, self.rule("teacher_forcing"), mask, off)
         if keep is None:

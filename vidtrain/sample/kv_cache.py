@@ -210,6 +210,8 @@ class _Slots:
             return [t.data, t.scales.view(torch.uint8), t.amax.float()]
         if isinstance(t, FP8Block):
             return [t.data.view(torch.uint8), t.scale.float()]
+        if isinstance(t, kv2.KV2Tensor):
+            return [t.codes, t.sigma, t.scale, t.index, t.centroids]
         return [t]
 
     @staticmethod
@@ -245,13 +247,15 @@ class _Slots:
         return [[b[slot] for b in bufs] for bufs in self.bufs]
 
     def write(self, chunk: int, k, v) -> None:
-        """Store finished blocks (dense, NVFP4Tensor or FP8Block) by copying them into a slot."""
+        """Store finished blocks (dense, NVFP4Tensor, FP8Block or KV2Tensor) by copying them into a slot."""
         parts = [self._parts(k), self._parts(v)]
         meta = None
         if isinstance(k, nvfp4.NVFP4Tensor):
             meta = [(t.shape, t.dtype, t.tile_2d) for t in (k, v)]
         elif isinstance(k, FP8Block):
             meta = ["fp8", "fp8"]
+        elif isinstance(k, kv2.KV2Tensor):
+            meta = [("kv2", t.shape, t.dtype) for t in (k, v)]
         like = [[self.spec(p) for p in ps] for ps in parts]
         for dst, ps in zip(self.take(chunk, like, meta), parts):
             for b, p in zip(dst, ps):
@@ -407,14 +411,8 @@ class KVCache:
         elif self.kv_dtype == "fp8":
             spec = [((b, h, n, d), torch.uint8, dev), ((b, h, 1, 1), torch.float32, dev)]
             meta = ["fp8", "fp8"]
-        elif self.kv_dtype == "kv2":  # quantized by the reference (its k-means), then stored
-            blocks = [kv2.quantize(t) for t in (k_BHLD, v_BHLD)]
-            parts = [[q.codes, q.sigma, q.scale, q.index, q.centroids] for q in blocks]
-            like = [[_Slots.spec(t) for t in ps] for ps in parts]
-            meta = [("kv2", q.shape, q.dtype) for q in blocks]
-            for dst, ps in zip(layer.take(self.chunk, like, meta), parts):
-                for buf, part in zip(dst, ps):
-                    buf.copy_(part)
+        elif self.kv_dtype == "kv2":  # quantized by the reference (its k-means), then copied in
+            layer.write(self.chunk, kv2.quantize(k_BHLD), kv2.quantize(v_BHLD))
             return
         else:
             spec, meta = [((b, h, n, d), KV_DTYPES[self.kv_dtype], dev)], None
