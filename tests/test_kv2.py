@@ -163,7 +163,8 @@ def test_kv2_cache_streams_equal_to_teacher_forcing_with_kv2_history():
     predictions equal a teacher-forced forward whose clean history is kv2 fake-quantized chunk
     by chunk (`KVFakeQuantHook(kv_format="kv2")`, what QAT with quant.kv_format=kv2 trains on),
     and differ from the bf16 history's; the cache holds fewer bytes than NVFP4's."""
-    from test_kv_scale_rule import HW, TWO, _tf_noisy_pred
+    from test_kv_scale_rule import HW, TWO
+    from test_sample_stream import _tf_noisy_pred
 
     from vidtrain.models.wan import CausalWanDiT
     from vidtrain.quant.kv import KVFakeQuantHook

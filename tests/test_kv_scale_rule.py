@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sample_stream import _tf_noisy_pred  # the teacher-forced reference of the stream tests
 
 from vidtrain.config import ConfigError, load_recipe
 from vidtrain.formats import nvfp4 as N
 from vidtrain.models.wan import CausalWanDiT
-from vidtrain.models.wan.attention import AttentionContext
 from vidtrain.quant.kv import KVFakeQuantHook, fake_quantize_kv_grouped
 from vidtrain.sample.kv_cache import KVCache, nvfp4_quantize_into
 from vidtrain.sample.sampler import SamplerConfig, StreamingSampler, debug_text_context
-from vidtrain.tokens import MaskRule, TokenMeta, grid_meta
+from vidtrain.tokens import MaskRule
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -197,25 +197,6 @@ def test_grouped_history_fake_quant_is_the_mse_cache_format():
 
 HW = (4, 4)
 TWO = (1000.0, 500.0)
-
-
-def _tf_noisy_pred(model, res, cfg: SamplerConfig, step: int, cond, hook=None):
-    """Teacher-forced predictions of the sampler's noisy inputs of `step` (as test_sample_stream)."""
-    x0 = res.latents_BCFHW
-    b, _, f, h, w = x0.shape
-    c, tpf = cfg.frames_per_chunk, (h // 2) * (w // 2)
-    xt = torch.cat([ch.trace[step]["x_t"] for ch in res.chunks], dim=2)
-    t_F = torch.tensor([ch.trace[step]["t"] for ch in res.chunks]).repeat_interleave(c)
-    meta = TokenMeta.cat(
-        [grid_meta(f, h // 2, w // 2, c, noisy=False), grid_meta(f, h // 2, w // 2, c, noisy=True)]
-    )
-    x_BLP = torch.cat([model.patchify(x0), model.patchify(xt)], dim=1)
-    t_BL = torch.cat([torch.zeros(f * tpf), t_F.repeat_interleave(tpf)])[None].expand(b, -1)
-    r = cfg.rule()
-    rule = MaskRule("teacher_forcing", c, r.window_frames, r.sink_frames, r.shot_sink)
-    with torch.no_grad():
-        pred = model(x_BLP, t_BL, cond.context_BST, meta=meta, attn=AttentionContext(rule, meta, hook))
-    return model.unpatchify(pred[:, f * tpf :], f, h, w)
 
 
 def test_mse_cache_streams_equal_to_teacher_forcing_with_mse_history():
