@@ -72,3 +72,22 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def sync(device) -> None:
+    """Wait for a CUDA device's queued work (a no-op elsewhere), before reading a clock."""
+    import torch  # lazy: the report tools import this module without needing torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, iters: int) -> float:
+    """Seconds per call of `fn` over `iters` calls, after one warm-up call (heuristics, JIT)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters

@@ -20,30 +20,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from bench_common import datasheet, seconds_left, write_json
+from bench_common import datasheet, seconds_left, time_call, write_json
 
 from vidtrain.formats import fp8
 
 SHAPES = "1536x1536,1536x8960,8960x1536"  # in x out features of the 1.3B's linears
 SKIP = "skipped: needs CUDA (sm_89+)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device: torch.device, iters: int) -> float:
-    fn()  # warm-up (cuBLAS heuristics, allocator)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / iters
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -96,10 +80,10 @@ def run(
             else:
                 try:
                     if kind == "bf16":
-                        s, cast_s = _time(_bf16_fn(x, w), device, iters), 0.0
+                        s, cast_s = time_call(_bf16_fn(x, w), device, iters), 0.0
                     else:
                         gemm, cast = _scaled_mm_fn(x, w, kind.split()[1])
-                        s, cast_s = _time(gemm, device, iters), _time(cast, device, iters)
+                        s, cast_s = time_call(gemm, device, iters), time_call(cast, device, iters)
                 except Exception as e:  # recorded: the other rows still run
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                 else:

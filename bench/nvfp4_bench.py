@@ -19,28 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from bench_common import datasheet, write_json
+from bench_common import datasheet, time_call, write_json
 
 from vidtrain.formats.nvfp4 import BYTES_PER_ELEMENT
 from vidtrain.kernels import nvfp4 as K
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device: torch.device, iters: int) -> float:
-    fn()  # warm-up (and JIT compile on CUDA)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / iters
 
 
 def _hbm_peak(device: torch.device) -> float | None:
@@ -92,7 +76,7 @@ def run(numel: int, iters: int, device: torch.device, backend: str, out: str | N
         return res
     for name, (fn, n, bpe) in ops.items():
         try:
-            s = _time(fn, device, iters)
+            s = time_call(fn, device, iters)
         except Exception as e:  # recorded: the other ops still run
             res["rows"].append(
                 {"op": name, "numel": n, "bytes_per_element": bpe, "error": f"{type(e).__name__}: {e}"[:300]}
