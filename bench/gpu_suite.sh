@@ -15,16 +15,19 @@
 # Stages, in this order (the headline figures first, so a later failure or the budget running out
 # costs the least): env (device, versions, commit + tree hash), peaks (measured bf16 GEMM and copy
 # bandwidth), nvfp4 (quantize / dequant GB/s), sample (sampler frames/s with VAE decode), train
-# (train step, MFU), then the speed features: fp8 (bf16 vs FP8 _scaled_mm GEMM TFLOP/s at the
+# (train step, MFU), all at Wan2.1-1.3B's 480x832; then the Wan2.2-TI2V-5B recipe's shape at
+# 704x1280: sample5b (frames/s with the Wan2.2 VAE's decode, bf16 vs NVFP4 vs FP8 KV) and train5b
+# (train step, MFU); then the speed features: fp8 (bf16 vs FP8 _scaled_mm GEMM TFLOP/s at the
 # 1.3B's linears, bench/fp8_bench.py), compile (sampler frames/s eager vs torch.compile), then
 # pytest (-m gpu), dmd (DMD memory). Each runs under its own `timeout`, capped
-# by what is left of the suite's budget (SUITE_BUDGET_S, default 510 s, 15 s kept for the summary),
+# by what is left of the suite's budget (SUITE_BUDGET_S, default 525 s, 15 s kept for the summary),
 # and each writes its own JSON after every configuration, so one failure, hang or kill does not
 # sink another stage's figures. BENCH_DEADLINE (epoch seconds, a few seconds before the stage's
 # kill) lets the benches cap their per-configuration child processes and still write their JSON.
-# GPU timeouts: env 20 + peaks 35 + nvfp4 30 + sample 150 + train 145 + fp8 25 + compile 90 = 495 s
-# = the budget less the reserve, so those stages always get their full time; pytest (90) and dmd
-# (45) run on what the earlier stages leave unused (a stage with under 20 s left is skipped).
+# GPU timeouts: env 15 + peaks 25 + nvfp4 25 + sample 115 + train 95 + sample5b 85 + train5b 55
+# + fp8 20 + compile 75 = 510 s = the budget less the reserve, so those stages always get their full
+# time; pytest (90) and dmd (45) run on what the earlier stages leave unused (a stage with under
+# 20 s left is skipped). The device call: run(command="bash bench/gpu_suite.sh", timeout_s=540).
 # vidtrain is imported from a symlink tree that mirrors setup.py's package_dir (vidtrain.kernels
 # = kernels/, ...), so no `pip install` is needed. PYTHON picks the interpreter (default python3).
 set -u
@@ -35,7 +38,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 B="$REPO/bench"
 PY="${PYTHON:-python3}"
 OUT="${OUT:-$REPO/runs/gpu_suite}"
-BUDGET="${SUITE_BUDGET_S:-510}"
+BUDGET="${SUITE_BUDGET_S:-525}"
 RESERVE=15 # seconds kept for the closing report
 DEADLINE=$((SECONDS + BUDGET))
 NSTAGE=10 # status files sort in run order
@@ -108,7 +111,7 @@ EOF
 }
 export -f env_facts
 
-((SMOKE)) && ENV_MAX=40 || ENV_MAX=20
+((SMOKE)) && ENV_MAX=40 || ENV_MAX=15
 stage env $ENV_MAX bash -c env_facts
 if [[ "$(cat "$WORK"/status/*_env.json)" != *'"ok"'* ]]; then
 	echo "environment stage failed; see $LOG" && report --summary && exit 1
@@ -127,6 +130,10 @@ if ((SMOKE)); then
 	stage nvfp4 60 "$PY" "$B/nvfp4_bench.py" --numel 65536 --iters 2 --out "$WORK/nvfp4.json"
 	stage sample 240 "$PY" "$B/sample_bench.py" --height 64 --width 64 --chunks 3 --timeout 60 --out "$WORK/sample.json"
 	stage train 150 "$PY" "$B/train_bench.py" --iters 3 --timeout 60 --out "$WORK/train.json"
+	stage sample5b 150 "$PY" "$B/sample_bench.py" --flavor wan2.2-debug --vae wan2.2-debug --height 64 --width 64 \
+		--chunks 2 --configs bf16/sync,nvfp4/sync,fp8/sync --timeout 60 --out "$WORK/sample5b.json"
+	stage train5b 90 "$PY" "$B/train_bench.py" --flavor wan2.2-debug --height 128 --width 128 --iters 2 \
+		--checkpointing on --timeout 60 --out "$WORK/train5b.json"
 	stage fp8 60 "$PY" "$B/fp8_bench.py" --tokens 128 --shapes 64x64,64x128,128x64 --iters 2 --out "$WORK/fp8.json"
 	stage compile 150 "$PY" "$B/sample_bench.py" --height 32 --width 32 --chunks 3 --configs bf16/sync/eager,bf16/sync/compile \
 		--timeout 100 --tolerate-failures --out "$WORK/compile.json"
@@ -134,23 +141,32 @@ if ((SMOKE)); then
 	stage dmd 120 "$PY" "$B/dmd_memory.py" --dim 64 --layers 1 --rank 4 --timeout 60 --out "$WORK/dmd_memory.json"
 else
 	# 8192^3 bf16 GEMM on random data, a 2 GiB device-to-device copy: the achievable ceilings
-	stage peaks 35 "$PY" "$B/peaks.py" --out "$WORK/peaks.json"
+	stage peaks 25 "$PY" "$B/peaks.py" --out "$WORK/peaks.json"
 	# 2^27 elements: 256 MiB of bf16, several times the L2, well past launch overhead
-	stage nvfp4 30 "$PY" "$B/nvfp4_bench.py" --numel 134217728 --iters 20 --out "$WORK/nvfp4.json"
+	stage nvfp4 25 "$PY" "$B/nvfp4_bench.py" --numel 134217728 --iters 20 --out "$WORK/nvfp4.json"
 	# 4 steps (SamplerConfig default), window 6 + global sink 3 + shot sink, Wan2.1 VAE (random);
 	# bf16 KV + sync decode first (the headline), then nvfp4, then async decode
-	stage sample 150 "$PY" "$B/sample_bench.py" --flavor 1.3B --vae wan2.1 --height 480 --width 832 \
-		--chunks 6 --window-frames 6 --sink-frames 3 --timeout 75 --out "$WORK/sample.json"
+	stage sample 115 "$PY" "$B/sample_bench.py" --flavor 1.3B --vae wan2.1 --height 480 --width 832 \
+		--chunks 6 --window-frames 6 --sink-frames 3 --timeout 60 --out "$WORK/sample.json"
 	# Wan2.1 1.3B, 480x832 px (60x104 latents), 21 latent frames = 65,520 TF tokens, bf16 autocast;
 	# act. ckpt on first; off is expected to run out of memory at this length (recorded, not fatal)
-	stage train 145 "$PY" "$B/train_bench.py" --flavor 1.3B --height 480 --width 832 --frames 21 \
-		--frames-per-chunk 3 --warmup 2 --iters 3 --timeout 110 --out "$WORK/train.json"
+	stage train 95 "$PY" "$B/train_bench.py" --flavor 1.3B --height 480 --width 832 --frames 21 \
+		--frames-per-chunk 3 --warmup 2 --iters 3 --timeout 60 --out "$WORK/train.json"
+	# Wan2.2-TI2V-5B + the Wan2.2 VAE (random), 704x1280 px (44x80 latents, 880 tokens a frame), the
+	# shipped 5B recipes' shape: the bf16 KV cache (headline), NVFP4, FP8 (e4m3, per-head scale)
+	stage sample5b 85 "$PY" "$B/sample_bench.py" --flavor 5B --vae wan2.2 --height 704 --width 1280 \
+		--chunks 3 --window-frames 6 --sink-frames 3 --configs bf16/sync,nvfp4/sync,fp8/sync --timeout 40 \
+		--out "$WORK/sample5b.json"
+	# 5B, 24 latent frames (recipes/tf_5B.yaml) = 42,240 TF tokens, act. ckpt on, AdamW on one device
+	# (fp32 params + grads + moments ~80 GB: an 80 GB H100 runs out of memory, recorded; an H200 fits)
+	stage train5b 55 "$PY" "$B/train_bench.py" --flavor 5B --height 704 --width 1280 --frames 24 \
+		--frames-per-chunk 3 --warmup 1 --iters 2 --checkpointing on --timeout 50 --out "$WORK/train5b.json"
 	# bf16 GEMM vs FP8 (e4m3, tensorwise / rowwise) at 32,760 tokens a rank: 1536->1536, 1536->8960, 8960->1536
-	stage fp8 25 "$PY" "$B/fp8_bench.py" --tokens 32760 --iters 20 --out "$WORK/fp8.json"
+	stage fp8 20 "$PY" "$B/fp8_bench.py" --tokens 32760 --iters 20 --out "$WORK/fp8.json"
 	# 1.3B, 240x416 px (30x52 latents), debug VAE (the model's speed): eager, then compiled
 	# ("reduce-overhead", CUDA graphs); the compiled row's cold first chunk includes the compile
-	stage compile 90 "$PY" "$B/sample_bench.py" --flavor 1.3B --height 240 --width 416 --chunks 4 \
-		--window-frames 6 --sink-frames 3 --configs bf16/sync/eager,bf16/sync/compile --timeout 80 \
+	stage compile 75 "$PY" "$B/sample_bench.py" --flavor 1.3B --height 240 --width 416 --chunks 4 \
+		--window-frames 6 --sink-frames 3 --configs bf16/sync/eager,bf16/sync/compile --timeout 65 \
 		--tolerate-failures --out "$WORK/compile.json"
 	run_pytest 90
 	stage dmd 45 "$PY" "$B/dmd_memory.py" --timeout 40 --out "$WORK/dmd_memory.json"

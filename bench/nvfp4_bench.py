@@ -1,4 +1,5 @@
-"""NVFP4 throughput: quantize, dequantize, KV quantize, fused KV dequant (torch on CPU, Triton on CUDA).
+"""NVFP4 throughput: quantize, dequantize, KV quantize, fused KV dequant; the kv2 (2-bit) KV cache's
+quantize and dequant beside them (torch on CPU, Triton on CUDA).
 
     python bench/nvfp4_bench.py --out runs/nvfp4_bench.json [--numel 4194304] [--iters 5]
 
@@ -8,6 +9,10 @@ GB/s counts every byte an op moves through memory, per element of a bf16 input:
   quantize kernel (amax given) 2 + 0.5625 = 2.5625 B (the kernel alone, for comparison)
   KV quantize_blocks           as quantize, with one amax per (block, head) (the sampler's write)
   dequantize / fused KV        0.5625 (reads) + 2 (writes bf16) = 2.5625 B (the amax: 4 B a block)
+  kv2 dequant                  the kv2 block's stored bytes per element (codes, RMS scales, group
+                               index, bf16 centroids: 0.28 at head dim 128) + 2 (writes bf16)
+  kv2 quantize                 2 (reads x once) + the stored bytes: nominal, its k-means reads the
+                               block several times (torch reference: the cache's write path)
 On CUDA each rate is also a fraction of the datasheet HBM peak (bench_common.DATASHEET); the
 GPU suite adds the fraction of a measured device-to-device copy (bench/peaks.py). Each op is
 timed over --iters calls after one warm-up (the JIT compile on CUDA), bracketed by a device
@@ -23,7 +28,9 @@ import sys
 import torch
 from bench_common import datasheet, time_call, write_json
 
+from vidtrain.formats import kv2 as kv2_ref
 from vidtrain.formats.nvfp4 import BYTES_PER_ELEMENT
+from vidtrain.kernels import kv2 as KV2
 from vidtrain.kernels import nvfp4 as K
 
 
@@ -47,6 +54,8 @@ def cases(numel: int, device: torch.device, backend: str) -> dict:
     kv_numel = kv_x.numel()
     inb = x.element_size()
     write_q = BYTES_PER_ELEMENT
+    q2 = kv2_ref.quantize(kv_x)  # the kv2 cache's stored chunk blocks, per (block, head)
+    kv2_bpe = q2.nbytes() / kv_numel
     return {
         "quantize (bf16 -> nvfp4, amax pass incl.)": (
             lambda: K.quantize(x, backend=backend), numel, inb + inb + write_q),
@@ -59,6 +68,10 @@ def cases(numel: int, device: torch.device, backend: str) -> dict:
         f"fused KV dequant ({n_blocks} blocks, 1 launch)": (
             lambda: K.dequantize_kv_blocks(stacked, torch.bfloat16, backend), kv_numel,
             BYTES_PER_ELEMENT + 2),
+        f"kv2 quantize ({n_blocks} blocks x 8 heads, torch k-means)": (
+            lambda: kv2_ref.quantize(kv_x), kv_numel, inb + kv2_bpe),
+        f"kv2 dequant (kv2 -> bf16, {n_blocks} blocks)": (
+            lambda: KV2.dequantize(q2, torch.bfloat16, backend), kv_numel, kv2_bpe + 2),
     }  # fmt: skip
 
 

@@ -60,7 +60,7 @@ def run_one(args, kv: str, decode: str, latents_path: str, compile_: bool = Fals
     )
     sampler = StreamingSampler(model, cfg)
     conds = [debug_text_context(["a red car on a coastal road"], model.cfg.text_dim)]
-    hw = (args.height // 8, args.width // 8)
+    hw = (args.height // vae.spatial_compression, args.width // vae.spatial_compression)  # latents
     # warm-up (and the compile): its first chunk is what a fresh process waits for
     cold = stream_video(sampler, conds, [2], hw, [0], vae, decode, lambda x: None)["first_chunk_latency_s"]
     m = stream_video(sampler, conds, [args.chunks], hw, [0], vae, decode, lambda x: None, keep_latents=True)
@@ -93,6 +93,14 @@ def _summary(args, rows: list[dict], lat: dict) -> dict:
     fp8_ratio = None
     if ("fp8", "async") in by and ("bf16", "async") in by:
         fp8_ratio = by[("fp8", "async")]["kv_cache_bytes"] / by[("bf16", "async")]["kv_cache_bytes"]
+    # every cache format against bf16 at the same decode mode (sync first): KV bytes, latent rel L2
+    ratio_over_bf16, rel_l2_vs_bf16 = {}, {}
+    for (kv, d), r in by.items():
+        if kv != "bf16" and ("bf16", d) in by and kv not in ratio_over_bf16:
+            ratio_over_bf16[kv] = r["kv_cache_bytes"] / by[("bf16", d)]["kv_cache_bytes"]
+            if (kv, d) in lat and ("bf16", d) in lat:
+                a, b = lat[("bf16", d)], lat[(kv, d)]
+                rel_l2_vs_bf16[kv] = float((a - b).norm() / a.norm())
     if ("bf16", "sync") in lat and ("bf16", "async") in lat:
         equal = bool(torch.equal(lat[("bf16", "sync")], lat[("bf16", "async")]))
     return {
@@ -103,6 +111,8 @@ def _summary(args, rows: list[dict], lat: dict) -> dict:
         "kv_bytes_ratio_nvfp4_over_bf16": kv_ratio,
         "latent_rel_l2_nvfp4_vs_bf16": rel_l2,
         "kv_bytes_ratio_fp8_over_bf16": fp8_ratio,
+        "kv_bytes_ratio_over_bf16": ratio_over_bf16,
+        "latent_rel_l2_vs_bf16": rel_l2_vs_bf16,
         "async_sync_frames_equal_latents": equal,
         "compiled_over_eager_fps": compiled_over_eager,
         "failed_configs": [_name(r) for r in rows if r.get("error")],

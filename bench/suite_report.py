@@ -3,7 +3,8 @@
     python bench/suite_report.py WORK OUT [--smoke] [--summary]
 
 WORK holds the stages' files: status/NN_<stage>.json (run order), env.json, provenance.json,
-peaks.json, nvfp4.json, sample.json, train.json, fp8.json, compile.json, dmd_memory.json, pytest.xml. Each is read on
+peaks.json, nvfp4.json, sample.json, train.json, sample5b.json, train5b.json (the same two benches at
+the 5B's shape), fp8.json, compile.json, dmd_memory.json, pytest.xml. Each is read on
 its own and each figure section is built on its own: a missing, partial or malformed file costs
 its own section (named under `figures.errors`), never another's, and the JSON is written through
 a rename, so a kill mid-write leaves the previous one. `--summary` prints the figures with their
@@ -70,8 +71,8 @@ def _nvfp4(work: str, peaks: dict | None) -> tuple[dict, dict]:
     return r, ops
 
 
-def _sample(work: str) -> tuple[dict, dict]:
-    r = _load(work, "sample.json")
+def _sample(work: str, name: str = "sample.json") -> tuple[dict, dict]:
+    r = _load(work, name)
     s = r.get("summary", {})
     keys = (
         "fps_end_to_end",
@@ -84,14 +85,16 @@ def _sample(work: str) -> tuple[dict, dict]:
         "shape": {k: s.get(k) for k in ("flavor", "vae", "height", "width", "chunks", "window_frames", "sink_frames")},
         "kv_bytes_ratio_nvfp4_over_bf16": s.get("kv_bytes_ratio_nvfp4_over_bf16"),
         "latent_rel_l2_nvfp4_vs_bf16": s.get("latent_rel_l2_nvfp4_vs_bf16"),
+        "kv_bytes_ratio_over_bf16": s.get("kv_bytes_ratio_over_bf16") or {},
+        "latent_rel_l2_vs_bf16": s.get("latent_rel_l2_vs_bf16") or {},
         "anchors": ANCHOR_FPS,
         "rows": [{"kv_cache": x.get("kv_cache"), "decode": x.get("decode"), "error": x.get("error"),
                   **{k: x.get(k) for k in keys}} for x in r.get("rows", [])],
     }  # fmt: skip
 
 
-def _train(work: str, peaks: dict | None) -> tuple[dict, dict]:
-    r = _load(work, "train.json")
+def _train(work: str, peaks: dict | None, name: str = "train.json") -> tuple[dict, dict]:
+    r = _load(work, name)
     measured = (peaks or {}).get("gemm_flops")
     rows = []
     for x in r.get("rows", []):
@@ -196,6 +199,8 @@ def collect(work: str, smoke: bool) -> dict:
         ("nvfp4", lambda: _nvfp4(work, peaks), "nvfp4.json"),
         ("sample", lambda: _sample(work), "sample.json"),
         ("train", lambda: _train(work, peaks), "train.json"),
+        ("sample5b", lambda: _sample(work, "sample5b.json"), "sample5b.json"),
+        ("train5b", lambda: _train(work, peaks, "train5b.json"), "train5b.json"),
         ("fp8", lambda: _fp8(work, peaks), "fp8.json"),
         ("compile", lambda: _compile(work), "compile.json"),
         ("dmd_memory", lambda: _dmd(work), "dmd_memory.json"),
@@ -230,12 +235,17 @@ def summary(res: dict, out_path: str = "") -> str:
             f"{_fmt(pk['datasheet_bf16_flops'], '.0f', 1e12)} TFLOP/s, {_fmt(pk['datasheet_hbm_bytes_per_s'], '.0f', 1e9)} GB/s"
         )
 
-    def sample_lines(s):
+    def sample_lines(s, label="sample"):
         sh = s["shape"]
+        ratios = s.get("kv_bytes_ratio_over_bf16") or {"nvfp4": s["kv_bytes_ratio_nvfp4_over_bf16"]}
+        rel = s.get("latent_rel_l2_vs_bf16") or {"nvfp4": s["latent_rel_l2_nvfp4_vs_bf16"]}
+        vs = ", ".join(
+            f"{kv} {_fmt(q, '.3f')} of the bytes, latent rel L2 {_fmt(rel.get(kv), '.2g')}"
+            for kv, q in ratios.items()
+        )
         lines.append(
-            f"sample: {sh['flavor']} + {sh['vae']} VAE, {sh['height']}x{sh['width']}, {sh['chunks']} chunks, window "
-            f"{sh['window_frames']} + sink {sh['sink_frames']}; nvfp4/bf16 KV bytes {_fmt(s['kv_bytes_ratio_nvfp4_over_bf16'], '.3f')}, "
-            f"latent rel L2 {_fmt(s['latent_rel_l2_nvfp4_vs_bf16'], '.2g')}"
+            f"{label}: {sh['flavor']} + {sh['vae']} VAE, {sh['height']}x{sh['width']}, {sh['chunks']} chunks, window "
+            f"{sh['window_frames']} + sink {sh['sink_frames']}; KV vs bf16: {vs or 'n/a'}"
         )
         for x in s["rows"]:
             head = f"  kv={x['kv_cache']:<5} decode={x['decode']:<5}:"
@@ -258,10 +268,10 @@ def summary(res: dict, out_path: str = "") -> str:
                     + (f" (anchor: {ANCHOR_DEQ})" if "dequant" in op else "")
                 )
 
-    def train_lines(t):
+    def train_lines(t, label="train"):
         sh = t["shape"]
         lines.append(
-            f"train: {sh['flavor']}, {sh['height']}x{sh['width']}, {sh['frames']} latent frames, chunk "
+            f"{label}: {sh['flavor']}, {sh['height']}x{sh['width']}, {sh['frames']} latent frames, chunk "
             f"{sh['frames_per_chunk']}, {t['seq_len']:,} tokens, {t['model_tflop_per_step']:.4g} TFLOP/step"
         )
         for x in t["rows"]:
@@ -327,11 +337,12 @@ def summary(res: dict, out_path: str = "") -> str:
         lines.extend(f"  {v}: {e}" for v, e in d["errors"].items())
 
     for name, fn in (("peaks", peaks_lines), ("sample", sample_lines), ("nvfp4", nvfp4_lines),
-                     ("train", train_lines), ("fp8", fp8_lines), ("compile", compile_lines),
+                     ("train", train_lines), ("sample5b", sample_lines), ("train5b", train_lines),
+                     ("fp8", fp8_lines), ("compile", compile_lines),
                      ("pytest_gpu", pytest_lines), ("dmd_memory", dmd_lines)):  # fmt: skip
         if figs.get(name):
             try:
-                fn(figs[name])
+                fn(figs[name], name) if name in ("sample5b", "train5b") else fn(figs[name])
             except Exception as e:  # a figure of an unexpected shape costs its own lines
                 lines.append(f"({name}: cannot print: {type(e).__name__}: {e})")
     for name, e in figs.get("errors", {}).items():

@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 from bench_common import child_timeout, datasheet, write_json
 
+from vidtrain.parallel.balance import vae_stride
+
 CKPT = {"on": True, "off": False}
 
 
@@ -105,7 +107,8 @@ def run_one(a, checkpointing: bool) -> dict:
     model.gradient_checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     cfg, fpc = model.cfg, a.frames_per_chunk
-    b, f, h, w = a.batch, a.frames, a.height // 8, a.width // 8
+    stride = vae_stride(a.vae)
+    b, f, h, w = a.batch, a.frames, a.height // stride, a.width // stride
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(b, cfg.in_channels, f, h, w, generator=g)
     sigma_BF = frames_sigma(sample_chunk_sigmas(b, f // fpc, generator=g), fpc)
@@ -213,8 +216,11 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--flavor", default="debug")
-    p.add_argument("--height", type=int, default=128, help="pixels (latents are /8)")
-    p.add_argument("--width", type=int, default=128, help="pixels (latents are /8)")
+    p.add_argument("--height", type=int, default=128, help="pixels (latents: / the VAE's stride)")
+    p.add_argument("--width", type=int, default=128, help="pixels (latents: / the VAE's stride)")
+    p.add_argument("--vae", default=None,
+                   help="the VAE whose latents are trained (its spatial stride sets the latent size): "
+                        "default wan2.2 for 48-channel flavors (5B), else wan2.1")  # fmt: skip
     p.add_argument("--frames", type=int, default=9, help="latent frames")
     p.add_argument("--frames-per-chunk", type=int, default=3)
     p.add_argument("--batch", type=int, default=1)
@@ -232,17 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write JSON here (and the table beside it, .md)")
     p.add_argument("--one", choices=tuple(CKPT), default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.frames % a.frames_per_chunk or a.height % 16 or a.width % 16:
-        raise ValueError("frames must be a multiple of frames_per_chunk; height and width multiples of 16")
-    if a.one:
-        child(a, a.one)
-        return 0
     from vidtrain.models.wan import CausalWanDiT
 
     with torch.device("meta"):
         model = CausalWanDiT.from_flavor(a.flavor)
+    a.vae = a.vae or ("wan2.2" if model.cfg.in_channels == 48 else "wan2.1")
+    unit = 2 * vae_stride(a.vae)  # pixels per token side: the VAE's stride x the 2x2 patch
+    if a.frames % a.frames_per_chunk or a.height % unit or a.width % unit:
+        raise ValueError(
+            f"frames must be a multiple of frames_per_chunk; height and width multiples of {unit} "
+            f"(the {a.vae} VAE's stride x the 2x2 patch)"
+        )
+    if a.one:
+        child(a, a.one)
+        return 0
     p_tok, p_txt, total = param_split(model)
-    tpf = (a.height // 16) * (a.width // 16)
+    tpf = (a.height // unit) * (a.width // unit)
     seq_len = 2 * a.frames * tpf
     pairs = tf_mask_pairs(a.frames, a.frames_per_chunk, tpf)
     flops = model_flops(model.cfg, p_tok, p_txt, a.batch, seq_len, a.text_len, pairs)
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     res = {
         "device": name, "torch": torch.__version__, "peak_bf16_flops": peak,
-        "config": {k: getattr(a, k) for k in ("flavor", "height", "width", "frames", "frames_per_chunk",
+        "config": {k: getattr(a, k) for k in ("flavor", "vae", "height", "width", "frames", "frames_per_chunk",
                                               "batch", "text_len", "precision", "attn_backend", "warmup", "iters", "threads")},
         "params": total, "params_per_video_token": p_tok, "params_per_text_token": p_txt,
         "tokens_per_frame": tpf, "seq_len": seq_len, "mask_pairs": pairs, "flops_per_step": flops, "rows": [],

@@ -198,6 +198,37 @@ def test_summary_lists_the_sampler_figures_beside_their_anchors(tmp_path):
     assert "FAILED timed out after 75 s" in text
 
 
+def test_summary_lists_the_5b_stages_with_every_cache_format(tmp_path):
+    work = _fake_work(tmp_path)
+    rows = [{"kv_cache": kv, "decode": "sync", "fps_end_to_end": fps, "first_chunk_latency_s": 1.2,
+             "peak_memory_bytes": 2**35, "kv_cache_bytes": b, "error": None}
+            for kv, fps, b in (("bf16", 9.0, 2**30), ("nvfp4", 8.5, 0.28 * 2**30))]  # fmt: skip
+    rows.append({"kv_cache": "fp8", "decode": "sync", "error": "timed out after 40 s"})
+    _write(work, "sample5b.json", {"summary": {
+        "flavor": "5B", "vae": "wan2.2", "height": 704, "width": 1280, "chunks": 3, "window_frames": 6,
+        "sink_frames": 3, "kv_bytes_ratio_nvfp4_over_bf16": 0.28, "latent_rel_l2_nvfp4_vs_bf16": 0.05,
+        "kv_bytes_ratio_over_bf16": {"nvfp4": 0.28}, "latent_rel_l2_vs_bf16": {"nvfp4": 0.05}}, "rows": rows})  # fmt: skip
+    _write(work, "train5b.json", {"device": "NVIDIA H100", "config": {"flavor": "5B", "height": 704, "width": 1280,
+            "frames": 24, "frames_per_chunk": 3}, "seq_len": 42240, "flops_per_step": {"total": 2e15},
+            "rows": [{"checkpointing": True, "error": "out of memory: CUDA out of memory."}]})  # fmt: skip
+    res = suite_report.collect(str(work), smoke=False)
+    assert res["figures"]["train"]["shape"]["flavor"] == "1.3B"  # the 1.3B's sections stay their own
+    text = suite_report.summary(res)
+    lines = text.splitlines()
+    head = next(ln for ln in lines if ln.startswith("sample5b: "))
+    assert (
+        "5B + wan2.2 VAE, 704x1280, 3 chunks" in head
+        and "nvfp4 0.280 of the bytes, latent rel L2 0.05" in head
+    )
+    assert any("kv=fp8" in ln and "FAILED timed out after 40 s" in ln for ln in lines)
+    assert sum("9.00 frames/s" in ln for ln in lines) == 1
+    assert any(
+        ln.startswith("train5b: 5B, 704x1280, 24 latent frames") and "42,240 tokens" in ln for ln in lines
+    )
+    assert any("out of memory" in ln for ln in lines)
+    assert max(map(len, lines)) <= suite_report.MAX_LINE
+
+
 # ---- provenance: git's tree id, with or without .git ----------------------------------------------
 
 
@@ -295,7 +326,19 @@ def test_cpu_smoke_passes_under_the_gpu_machines_versions(gpu_python, tmp_path):
         res["env"]["torch"].split("+")[0] == GPU_VERSIONS["torch"]
         and res["env"]["triton"] == GPU_VERSIONS["triton"]
     )
-    order = ["env", "peaks", "nvfp4", "sample", "train", "fp8", "compile", "pytest", "dmd"]
+    order = [
+        "env",
+        "peaks",
+        "nvfp4",
+        "sample",
+        "train",
+        "sample5b",
+        "train5b",
+        "fp8",
+        "compile",
+        "pytest",
+        "dmd",
+    ]
     assert list(res["stages"]) == order and all(s["status"] == "ok" for s in res["stages"].values())
     figs = res["figures"]
     assert figs["errors"] == {}
@@ -306,6 +349,15 @@ def test_cpu_smoke_passes_under_the_gpu_machines_versions(gpu_python, tmp_path):
     assert all(x["GB_per_s"] > 0 and x["of_measured_copy"] > 0 for x in figs["nvfp4"].values())
     assert figs["nvfp4"]["quantize (bf16 -> nvfp4, amax pass incl.)"]["bytes_per_element"] == 4.5625
     assert all(x["step_s"] > 0 and x["mfu_measured_peak"] > 0 for x in figs["train"]["rows"])
+    # the 5B's stages (a 48-channel Wan2.2-shaped DiT and VAE at smoke size): bf16, NVFP4, FP8 KV
+    assert [x["kv_cache"] for x in figs["sample5b"]["rows"]] == ["bf16", "nvfp4", "fp8"]
+    assert all(x["fps_end_to_end"] > 0 for x in figs["sample5b"]["rows"])
+    assert figs["sample5b"]["shape"]["vae"] == "wan2.2-debug"
+    ratios = figs["sample5b"]["kv_bytes_ratio_over_bf16"]
+    assert set(ratios) == {"nvfp4", "fp8"} and ratios["nvfp4"] < ratios["fp8"] < 1
+    assert set(figs["sample5b"]["latent_rel_l2_vs_bf16"]) == {"nvfp4", "fp8"}
+    assert [x["act_ckpt"] for x in figs["train5b"]["rows"]] == [True]
+    assert figs["train5b"]["rows"][0]["step_s"] > 0 and figs["train5b"]["shape"]["flavor"] == "wan2.2-debug"
     assert figs["pytest_gpu"]["tests"] >= 10 and figs["pytest_gpu"]["failures"] == 0
     assert figs["dmd_memory"]["lora_over_full_peak"] > 0
     fp8_rows = [x for kinds in figs["fp8"]["shapes"].values() for x in kinds.values()]
@@ -317,6 +369,7 @@ def test_cpu_smoke_passes_under_the_gpu_machines_versions(gpu_python, tmp_path):
     summary = r.stdout[r.stdout.index("== gpu_suite summary") :]
     assert "LongLive 20.7 FPS, Self-Forcing 17 FPS" in summary and "torchtitan 33-39% MFU" in summary
     assert "fp8 GEMM (_scaled_mm" in summary and "compile: debug" in summary
+    assert "sample5b: wan2.2-debug + wan2.2-debug VAE" in summary and "train5b: wan2.2-debug" in summary
     assert summary.rstrip().splitlines()[-1].startswith("JSON: ")
 
 
