@@ -48,9 +48,9 @@ def run_one(args, kv: str, decode: str, latents_path: str, compile_: bool = Fals
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device):  # built on the device: a random 5B DiT / Wan2.2 VAE fills in seconds there
         model = CausalWanDiT.from_flavor(args.flavor).to(dtype).eval().requires_grad_(False)
-    vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)
+        vae = load_vae(args.vae, model.cfg.in_channels, device, dtype)
     cfg = SamplerConfig(
         kv_cache=kv,
         window_frames=args.window_frames,
