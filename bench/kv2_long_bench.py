@@ -1,16 +1,17 @@
 """kv2 (2-bit KV cache) vs NVFP4, FP8 and naive 2-bit RTN over a long multi-shot stream: latent error.
 
-    python bench/kv2_long_bench.py [--chunks-per-shot 8] [--seeds 1] [--out runs/kv2_long.json]
+    python bench/kv2_long_bench.py [--chunks-per-shot 8] [--seeds 8] [--out runs/kv2_long.json]
 
 The shipped demo DiT (vidtrain/assets/demo/dit, trained on the demo clips) streams one long
 multi-shot video per cache format with the settings it was trained with (`SamplerConfig.from_run`,
 bounded: a 6-frame window, a 3-frame global sink and the shot sink), the prompts of
 vidtrain/assets/demo/shots.yaml (the first --shots of them) encoded by the demo text encoder
 (`load_text_encoder` / `shot_conditionings` of `vidtrain sample`), the same seeds and so the same
-noise for every format. The bf16 cache is the reference; per format: the KV cache bytes the last
-chunk attended to (its ratio to bf16's), the relative L2 error of the latents against the bf16
-run's over the whole video, per shot and per chunk (chunk 0 attends to no cache: exactly 0 for
-every format; chunk 1 is the first chunk that reads one), and the stream's wall time. For
+noise for every format. The bf16 cache is the reference; per format: the largest KV cache
+bytes any chunk attended to (its ratio to bf16's; with the bounded window, the steady state),
+the relative L2 error of the latents against the bf16 run's over the whole video, per shot and
+per chunk (chunk 0 attends to no cache: exactly 0 for every format; chunk 1 is the first chunk
+that reads one), and the stream's wall time. For
 scale, the row "bf16, other seeds" is the same error between two unrelated videos (bf16, seeds
 shifted by N: other noise, same prompts); --no-unrelated skips it.
 

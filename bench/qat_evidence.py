@@ -11,9 +11,10 @@
   a'_kv a' evaluated with the quantized KV history (high-precision weights, not trained for it)
   c_kv  c's run on high-precision weights (quant.exclude=["*"]: no W4A4), the history alone
         fake-quantized in training: (c_kv - a') vs (a'_kv - a') is QAT on the KV gap by itself
+  a_noise a with the history K/V replaced by noise: (a_noise - a) is how much a reads its history
 
-`--kv-format` is the KV cache the history is fake-quantized as, in the evaluation (b, b_kv, c)
-and in QAT's training (c): nvfp4 (the default, the weights' format) or kv2 (the 2-bit cache,
+`--kv-format` is the KV cache the history is fake-quantized as, in the evaluation (b, b_kv, c,
+c_w, a'_kv, c_kv) and in QAT's training (c, c_kv): nvfp4 (the default, the weights' format) or kv2 (the 2-bit cache,
 `vidtrain.formats.kv2`; QAT runs with `quant.kv_format=kv2`). Either way `KVFakeQuantHook` groups
 the clean history by chunk (token metadata), so each chunk's K/V is quantized as one block, as
 the sampler's cache stores it chunk by chunk. kv2's k-means is not differentiable: QAT's
@@ -31,9 +32,9 @@ mix from the caption, so the second chunk can learn them from the first one's hi
     python bench/qat_evidence.py --kv-format kv2 --hide phase,mix --base-steps 1500 --ft-steps 300 \
         --heldout-samples 32 --out runs/qat_evidence/kv2_seed0.json
 
-(At the default 150 base steps the model barely reads its history: replacing the history K/V by
-noise moves the held-out loss by 0.002, so no KV format can show an effect; at 1500 steps with
---hide it moves it by 0.047.)
+(At the default 150 base steps the model barely reads its history: a_noise - a, the history K/V
+replaced by noise, is about 0.002, so no KV format can show an effect; at 1500 steps with --hide
+it is about 0.05.)
 """
 
 from __future__ import annotations
@@ -101,8 +102,36 @@ def heldout_set(n: int, seed: int, proj: np.ndarray, hide: tuple[str, ...] = ())
     return x0, torch.from_numpy(np.stack(ts)), noise
 
 
+def noise_history_hook(seed: int = 0):
+    """A KV hook that replaces every clean-history K/V with Gaussian noise of the tensor's std
+    (seeded): the loss it gives, against the plain one, is how much the model reads its history."""
+    from vidtrain.quant.kv import KVFakeQuantHook
+
+    g = torch.Generator().manual_seed(seed)
+
+    class NoiseHistory(KVFakeQuantHook):
+        def __call__(self, layer_idx, q_BHLD, k_BHLD, v_BHLD, ctx):
+            p = self.plan(ctx)
+            if p is None or p.clean_idx.numel() == 0:
+                return k_BHLD, v_BHLD, ctx.mask()
+
+            def noise(x: torch.Tensor) -> torch.Tensor:
+                shape = (*x.shape[:2], p.clean_idx.numel(), x.shape[3])
+                return torch.randn(shape, generator=g, dtype=x.dtype) * x.std()
+
+            k = torch.cat([noise(k_BHLD), k_BHLD], dim=2)
+            v = torch.cat([noise(v_BHLD), v_BHLD], dim=2)
+            return k, v, p.mask
+
+    return NoiseHistory()
+
+
 @torch.no_grad()
-def heldout_loss(model, data, quantized_kv: bool, kv_format: str = "nvfp4") -> float:
+def heldout_loss(
+    model, data, quantized_kv: bool, kv_format: str = "nvfp4", noise_history: bool = False
+) -> float:
+    """Mean held-out TF loss; `quantized_kv`: the history K/V through `kv_format`'s fake-quant;
+    `noise_history`: replaced by noise instead (`noise_history_hook`)."""
     from vidtrain.forcing.teacher import build_tf_sequence, tf_loss_terms
     from vidtrain.models.wan.attention import AttentionContext
     from vidtrain.quant.kv import KVFakeQuantHook
@@ -111,10 +140,11 @@ def heldout_loss(model, data, quantized_kv: bool, kv_format: str = "nvfp4") -> f
     x0, text, noise = data
     model.eval()
     total, count = 0.0, 0.0
-    for t_chunks in EVAL_TIMESTEPS:
+    for i, t_chunks in enumerate(EVAL_TIMESTEPS):
         sigma_BF = torch.tensor(t_chunks).repeat_interleave(FPC).expand(x0.shape[0], F) / 1000.0
         seq = build_tf_sequence(x0, noise, sigma_BF, FPC)
         hook = KVFakeQuantHook(kv_format=kv_format) if quantized_kv else None
+        hook = noise_history_hook(i) if noise_history else hook
         attn = AttentionContext(rule=MaskRule("teacher_forcing", FPC), meta=seq.meta, kv_hook=hook)
         pred = model(seq.x_BLP, seq.t_BL, text, meta=seq.meta, attn=attn)
         sq, n = tf_loss_terms(pred, seq)
@@ -167,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--kv-format",
         choices=("nvfp4", "kv2"),
         default="nvfp4",
-        help="KV cache format the history is fake-quantized as (eval of b, b_kv, c; QAT of c)",
+        help="KV cache format the history is fake-quantized as (eval of b, b_kv, c, c_w, a'_kv, c_kv; QAT of c, c_kv)",
     )
     p.add_argument(
         "--hide",
@@ -229,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
     what = f"high-precision weights fine-tuned with the {kvf} KV history (QAT of the history alone)"
     add("c_kv", what, full, heldout_loss(c_kv, data, True, kvf), t_ckv)
     kv_gap_ckv = rows[-1][3] - heldout_loss(c_kv, data, False)
+    # how much a reads its history at all: a KV format can cost at most about this much
+    what = "a with the history K/V replaced by noise (how much the model reads its history)"
+    add("a_noise", what, n_base, heldout_loss(a, data, False, noise_history=True), 0.0)
 
     ref = {r[0]: r[3] for r in rows}
     print("\n| model | what | train steps | held-out loss | vs a' | train time (s) |")
@@ -264,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": "cpu", "torch": torch.__version__,
         "kv_format": kvf, "gap_w4a4": gap_w, "gap_kv": gap_kv, "gap_closed": closed, "hide": list(hide),
         "kv_qat_gain": ref["c_w"] - ref["c"], "kv_gap_c": kv_gap_c, "kv_gap_c_w": kv_gap_cw,
-        "kv_gap_ptq": kv_ptq, "kv_gap_qat": kv_qat, "kv_gap_closed": kv_closed, "kv_gap_c_kv": kv_gap_ckv,
+        "history_use": ref["a_noise"] - ref["a"], "kv_gap_ptq": kv_ptq, "kv_gap_qat": kv_qat, "kv_gap_closed": kv_closed, "kv_gap_c_kv": kv_gap_ckv,
         "wall_s": time.perf_counter() - t_start,
     }  # fmt: skip
     if args.out:

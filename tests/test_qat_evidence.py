@@ -17,7 +17,7 @@ import qat_evidence as qe
 
 
 def test_kv2_rows_gaps_and_qat_recipe(tmp_path):
-    """--kv-format kv2: every row (a, a', b, b_w, b_kv, c, c_w, a'_kv, c_kv) has a finite held-out
+    """--kv-format kv2: every row (a, a', b, b_w, b_kv, c, c_w, a'_kv, c_kv, a_noise) has a finite held-out
     loss, the gaps and the fractions closed are in the JSON with the format, the kv2 history
     changes a's loss (b_kv != a), the QAT run trained with quant.kv_format=kv2, its ablation c_w
     without the history fake-quant, and c_kv on high-precision weights with the kv2 history."""
@@ -33,7 +33,7 @@ def test_kv2_rows_gaps_and_qat_recipe(tmp_path):
     finally:
         torch.set_num_threads(threads)
     loss = {r["model"]: r["heldout_loss"] for r in res["rows"]}
-    assert list(loss) == ["a", "a'", "b", "b_w", "b_kv", "c", "c_w", "a'_kv", "c_kv"]
+    assert list(loss) == ["a", "a'", "b", "b_w", "b_kv", "c", "c_w", "a'_kv", "c_kv", "a_noise"]
     assert all(math.isfinite(v) for v in loss.values())
     assert loss["b_kv"] != loss["a"]  # the kv2 hook reaches the prediction
     assert res["kv_format"] == "kv2" and res["args"]["kv_format"] == "kv2"
@@ -49,6 +49,7 @@ def test_kv2_rows_gaps_and_qat_recipe(tmp_path):
     assert all(math.isfinite(res[k]) for k in ("kv_gap_c", "kv_gap_c_w", "kv_gap_c_kv"))
     assert res["kv_gap_ptq"] == pytest.approx(loss["a'_kv"] - loss["a'"])
     assert res["kv_gap_qat"] == pytest.approx(loss["c_kv"] - loss["a'"])
+    assert res["history_use"] == pytest.approx(loss["a_noise"] - loss["a"]) and loss["a_noise"] != loss["a"]
     assert json.loads(out.read_text())["rows"] == res["rows"]
     recipe = yaml.safe_load((tmp_path / "w" / "c" / "recipe.yaml").read_text())
     assert recipe["method"]["name"] == "qat" and recipe["quant"]["kv_format"] == "kv2"
