@@ -28,15 +28,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# import-linter sees the package as setup.py installs it (kernels/, data_tools/, launch/ inside
-# vidtrain/): a tree of symlinked files under the venv, rebuilt each time
-IMPORT_TREE := $(VENV)/import-tree
+# vidtrain/kernels, vidtrain/data_tools and vidtrain/launch are links to the top-level folders, so
+# the source tree has the installed layout (setup.py's package_dir) and lint-imports reads it as is
 imports: $(STAMP)
-	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)
-	cp -rs $(abspath vidtrain) $(IMPORT_TREE)/vidtrain
-	for m in kernels data_tools launch; do cp -rs $(abspath .)/$$m $(IMPORT_TREE)/vidtrain/$$m; done
-	find $(IMPORT_TREE) -name __pycache__ -prune -exec rm -rf {} +
-	cd $(IMPORT_TREE) && PYTHONPATH=. $(abspath $(BIN))/lint-imports $(abspath pyproject.toml)
+	$(BIN)/lint-imports
 	$(BIN)/python tools/check_imports.py vidtrain kernels data_tools launch
 
 test: lint imports
