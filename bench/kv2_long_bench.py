@@ -77,7 +77,8 @@ class RTN2Cache(KVCache):
 
     def nbytes(self) -> int:
         elements = super().nbytes() // 4  # fp32 storage
-        return elements // 4 + elements // self.block * 4
+        # the format's own count, each block of channels taken as one row of `block` elements
+        return kv2.rtn2_nbytes_per_block(elements // self.block, self.block, self.block)
 
 
 class RTN2Sampler(StreamingSampler):

@@ -84,23 +84,30 @@ def _summary(args, rows: list[dict], lat: dict) -> dict:
     for (kv, _), r in by.items():
         sync = by.get((kv, "sync"))
         r["async_over_sync_fps"] = r["fps_end_to_end"] / sync["fps_end_to_end"] if sync else None
-    kv_ratio = rel_l2 = equal = None
-    if ("nvfp4", "sync") in by and ("bf16", "sync") in by:
-        kv_ratio = by[("nvfp4", "sync")]["kv_cache_bytes"] / by[("bf16", "sync")]["kv_cache_bytes"]
-    if ("bf16", "sync") in lat and ("nvfp4", "sync") in lat:
-        a, b = lat[("bf16", "sync")], lat[("nvfp4", "sync")]
-        rel_l2 = float((a - b).norm() / a.norm())
-    fp8_ratio = None
-    if ("fp8", "async") in by and ("bf16", "async") in by:
-        fp8_ratio = by[("fp8", "async")]["kv_cache_bytes"] / by[("bf16", "async")]["kv_cache_bytes"]
+
+    def vs_bf16(kv: str, decode: str) -> tuple[float | None, float | None]:
+        """(KV bytes over bf16's, latent rel L2 against bf16) at one decode mode, None if missing."""
+        if (kv, decode) not in by or ("bf16", decode) not in by:
+            return None, None
+        ratio = by[(kv, decode)]["kv_cache_bytes"] / by[("bf16", decode)]["kv_cache_bytes"]
+        if (kv, decode) not in lat or ("bf16", decode) not in lat:
+            return ratio, None
+        a, b = lat[("bf16", decode)], lat[(kv, decode)]
+        return ratio, float((a - b).norm() / a.norm())
+
+    equal = None
+    kv_ratio, rel_l2 = vs_bf16("nvfp4", "sync")
+    fp8_ratio = vs_bf16("fp8", "async")[0]
     # every cache format against bf16 at the same decode mode (sync first): KV bytes, latent rel L2
     ratio_over_bf16, rel_l2_vs_bf16 = {}, {}
-    for (kv, d), r in by.items():
-        if kv != "bf16" and ("bf16", d) in by and kv not in ratio_over_bf16:
-            ratio_over_bf16[kv] = r["kv_cache_bytes"] / by[("bf16", d)]["kv_cache_bytes"]
-            if (kv, d) in lat and ("bf16", d) in lat:
-                a, b = lat[("bf16", d)], lat[(kv, d)]
-                rel_l2_vs_bf16[kv] = float((a - b).norm() / a.norm())
+    for kv in dict.fromkeys(k for k, _ in by if k != "bf16"):
+        for d in ("sync", "async"):
+            ratio, rel = vs_bf16(kv, d)
+            if ratio is not None:
+                ratio_over_bf16[kv] = ratio
+                if rel is not None:
+                    rel_l2_vs_bf16[kv] = rel
+                break
     if ("bf16", "sync") in lat and ("bf16", "async") in lat:
         equal = bool(torch.equal(lat[("bf16", "sync")], lat[("bf16", "async")]))
     return {
